@@ -1,0 +1,63 @@
+"""`autocloud`: the command line. Global options pick the cache; each command lives in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from comfy_autocloud import __version__
+from comfy_autocloud.cli.context import AppContext
+from comfy_autocloud.cli.output import err_console
+from comfy_autocloud.config import load_settings
+from comfy_autocloud.errors import AutoCloudError
+
+# (module, attribute) of every command; imported when the CLI starts.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("comfy_autocloud.cli.config_cmd", "config_cmd"),
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="autocloud")
+@click.option("--cache-dir", envvar=None, default=None, metavar="DIR",
+              help="Model cache directory [env AUTOCLOUD_CACHE; default ~/.cache/autocloud/models].")
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="Cache size cap, e.g. 200G [env AUTOCLOUD_MAX_SIZE; default: no cap].")
+@click.option("--policy", default=None, type=click.Choice(["default", "lru"]),
+              help="Eviction policy [env AUTOCLOUD_POLICY; default: size/frequency aware].")
+@click.pass_context
+def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None) -> None:
+    """Fetch, verify, cache and evict model files for ComfyUI on cloud GPUs."""
+    ctx.obj = AppContext(load_settings({"cache_dir": cache_dir, "max_size": max_size, "policy": policy}))
+
+
+def _register() -> None:
+    for module_name, attr in COMMANDS:
+        cli.add_command(getattr(importlib.import_module(module_name), attr))
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="autocloud", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("[red]aborted[/red]")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except AutoCloudError as exc:
+        err_console.print(f"[red]error:[/red] {exc.subject}: {exc.reason}", markup=True, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red] (partial downloads are kept and resume next time)")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
