@@ -18,6 +18,15 @@ from comfy_autocloud.units import parse_rate, parse_size
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "autocloud" / "models"
 
 
+POLICIES = ("default", "lru", "lfuda", "gdsf")
+
+
+def _policy(value: str) -> str:
+    if value not in POLICIES:
+        raise ValueError(f"unknown eviction policy (known: {', '.join(POLICIES)})")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -32,11 +41,13 @@ SETTINGS: tuple[Setting, ...] = (
             "where model files live (<cache>/<folder>/<filename>)"),
     Setting("max_size", "AUTOCLOUD_MAX_SIZE", None, lambda v: None if v in (None, "", "0") else parse_size(v),
             "cache size cap; eviction keeps usage below it"),
-    Setting("policy", "AUTOCLOUD_POLICY", "default", str, "eviction policy: default (size/frequency aware) or lru"),
+    Setting("policy", "AUTOCLOUD_POLICY", "default", _policy,
+            "eviction policy: default (size/frequency aware), lru, lfuda or gdsf"),
     Setting("connections", "AUTOCLOUD_CONNECTIONS", None, lambda v: None if v in (None, "") else int(v),
             "connections per download (unset: adaptive)"),
     Setting("rate_limit", "AUTOCLOUD_RATE_LIMIT", None, lambda v: None if v in (None, "", "0") else parse_rate(v),
             "process-wide download rate limit in bytes/s"),
+    Setting("retries", "AUTOCLOUD_RETRIES", 6, int, "attempts per byte range on 5xx/429/reset/timeout"),
     Setting("keep_days", "AUTOCLOUD_KEEP_DAYS", None, lambda v: None if v in (None, "") else float(v),
             "`clean` removes files not used for this many days"),
 )

@@ -15,7 +15,18 @@ from comfy_autocloud.errors import AutoCloudError
 
 # (module, attribute) of every command; imported when the CLI starts.
 COMMANDS: tuple[tuple[str, str], ...] = (
+    ("comfy_autocloud.cli.fetch_cmd", "fetch_cmd"),
+    ("comfy_autocloud.cli.manifest_cmd", "manifest_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "status_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "list_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "clean_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "verify_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "pin_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "unpin_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "evict_cmd"),
+    ("comfy_autocloud.cli.store_cmds", "simulate_eviction_cmd"),
     ("comfy_autocloud.cli.config_cmd", "config_cmd"),
+    ("comfy_autocloud.cli.demo_cmd", "demo_cmd"),
 )
 
 
@@ -25,7 +36,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
               help="Model cache directory [env AUTOCLOUD_CACHE; default ~/.cache/autocloud/models].")
 @click.option("--max-size", default=None, metavar="SIZE",
               help="Cache size cap, e.g. 200G [env AUTOCLOUD_MAX_SIZE; default: no cap].")
-@click.option("--policy", default=None, type=click.Choice(["default", "lru"]),
+@click.option("--policy", default=None, type=click.Choice(["default", "lru", "lfuda", "gdsf"]),
               help="Eviction policy [env AUTOCLOUD_POLICY; default: size/frequency aware].")
 @click.pass_context
 def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None) -> None:
@@ -43,7 +54,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="autocloud", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="autocloud", standalone_mode=False)
     except click.exceptions.Abort:
         err_console.print("[red]aborted[/red]")
         return 130
@@ -56,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red] (partial downloads are kept and resume next time)")
         return 130
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

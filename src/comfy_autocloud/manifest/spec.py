@@ -1,4 +1,4 @@
-"""ModelSpec: the one record every input format (seed JSON, warmup conf, preload config, workflows) becomes."""
+"""ModelSpec: the one record every input format (seed JSON, warmup, preload config, workflows) becomes."""
 
 from __future__ import annotations
 

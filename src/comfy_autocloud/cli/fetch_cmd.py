@@ -1,0 +1,93 @@
+"""`autocloud fetch`: URLs or manifests -> verified files in the cache, with progress bars or JSON lines."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from comfy_autocloud.cli.context import AppContext, pass_app
+from comfy_autocloud.cli.output import console, emit_json, err_console
+from comfy_autocloud.cli.progress_view import FetchProgress
+from comfy_autocloud.errors import AutoCloudError
+from comfy_autocloud.fetch import FetchResult, FetchService, specs_from_urls
+from comfy_autocloud.manifest import load_manifests
+from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.progress import CancelToken
+from comfy_autocloud.units import human_rate, human_size, parse_rate
+
+
+def build_service(app: AppContext, connections: int | None = None, rate_limit: str | None = None) -> FetchService:
+    """The fetch service with this invocation's transfer options (flags over settings)."""
+    from comfy_autocloud.transfer import RateLimiter, RetryPolicy, TransferOptions
+
+    s = app.settings
+    rate = parse_rate(rate_limit) if rate_limit else s.rate_limit
+    options = TransferOptions(connections=connections or s.connections,
+                              limiter=RateLimiter(rate) if rate else None,
+                              retry=RetryPolicy(attempts=max(1, s.retries)))
+    return FetchService(app.store(), options=options)
+
+
+def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, parallel: int) -> int:
+    """Fetch and report; returns the exit code (1 if any file failed)."""
+    cancel = CancelToken()
+    view = FetchProgress(err_console if as_json else console, enabled=sys.stderr.isatty() or not as_json)
+    try:
+        with view:
+            results = service.fetch_many(specs, parallel=parallel, progress=view, cancel=cancel)
+    except KeyboardInterrupt:
+        cancel.cancel()
+        raise
+    failed = 0
+    for spec, res in zip(specs, results, strict=True):
+        if isinstance(res, FetchResult):
+            if as_json:
+                emit_json(res.as_json())
+            else:
+                rate = res.bytes_downloaded / res.seconds if res.seconds > 0 and res.bytes_downloaded else 0
+                how = "cached" if res.cached else f"{human_size(res.bytes_downloaded)} in {res.seconds:.2f}s" + (
+                    f" ({human_rate(rate)})" if rate else "")
+                console.print(f"[green]✓[/green] {res.key}  {human_size(res.size)}  sha256 {res.sha256[:12]}…  {how}")
+        else:
+            failed += 1
+            assert isinstance(res, AutoCloudError)
+            if as_json:
+                emit_json({"key": spec.key, "error": f"{res.subject}: {res.reason}"})
+            else:
+                err_console.print(f"[red]✗[/red] {res.subject}: {res.reason}", soft_wrap=True)
+    return 1 if failed else 0
+
+
+@click.command("fetch")
+@click.argument("urls", nargs=-1)
+@click.option("--folder", "-f", metavar="FOLDER", help="Model folder for URLs, e.g. checkpoints, loras, vae.")
+@click.option("--name", "-n", metavar="NAME", help="File name (default: the URL's last path segment).")
+@click.option("--sha256", metavar="HEX", help="Expected sha256; a mismatch is an error and nothing is stored.")
+@click.option("--manifest", "-m", "manifests", multiple=True, type=click.Path(path_type=Path),
+              help="Manifest file or directory (repeatable): fetch every entry.")
+@click.option("--connections", "-c", type=click.IntRange(1, 256), default=None,
+              help="Connections per download (default: adaptive).")
+@click.option("--rate-limit", metavar="RATE", default=None, help="Total download rate limit, e.g. 50M (bytes/s).")
+@click.option("--parallel", "-p", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="Files downloaded at the same time.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
+@pass_app
+def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: str | None, sha256: str | None,
+              manifests: tuple[Path, ...], connections: int | None, rate_limit: str | None, parallel: int,
+              as_json: bool) -> None:
+    """Download model files into the cache (verified, resumable, once per key)."""
+    if not urls and not manifests:
+        raise click.UsageError("give URLs (with --folder) or --manifest FILE")
+    if urls and not folder:
+        raise click.UsageError("--folder is required with URLs (e.g. --folder checkpoints)")
+    specs: list[ModelSpec] = []
+    if urls:
+        specs += specs_from_urls(urls, folder or "", name, sha256)
+    if manifests:
+        specs += [s for s in load_manifests(manifests) if s.sources]
+    service = build_service(app, connections, rate_limit)
+    code = run_fetch(service, specs, as_json=as_json, parallel=parallel)
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,249 @@
+"""The one entry point every feature uses: `ensure(spec) -> Path`.
+
+Hit: touch the index and return (no hashing). Miss: single-flight per key, make room before the
+first byte, try each source in order, verify size and sha256, commit by atomic rename. A failed or
+corrupt download never replaces what is already cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from comfy_autocloud.errors import (
+    AutoCloudError,
+    Cancelled,
+    IntegrityError,
+    ManifestError,
+    NotEnoughSpace,
+    SourceError,
+    TransferError,
+)
+from comfy_autocloud.fetch.singleflight import single_flight
+from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
+from comfy_autocloud.redact import redact_url
+from comfy_autocloud.sources import ResolvedSource, resolve
+from comfy_autocloud.store import Store
+from comfy_autocloud.transfer import TransferOptions, TransferResult, copy_file, discard_partial, download, probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    key: str
+    path: Path
+    size: int
+    sha256: str
+    seconds: float
+    bytes_downloaded: int
+    cached: bool  # True when served from the cache without downloading
+    source: str  # redacted
+
+    def as_json(self) -> dict[str, object]:
+        return {"key": self.key, "path": str(self.path), "size": self.size, "sha256": self.sha256,
+                "seconds": round(self.seconds, 4), "bytes_downloaded": self.bytes_downloaded,
+                "cached": self.cached, "source": self.source}
+
+
+class FetchService:
+    """Produces verified model files in a Store; safe to share between threads."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        options: TransferOptions | None = None,
+        integrity_attempts: int = 2,
+    ) -> None:
+        self.store = store
+        self.options = options or TransferOptions()
+        self.integrity_attempts = max(1, integrity_attempts)
+        self._inflight: dict[str, ProgressEvent] = {}
+        self._inflight_lock = threading.Lock()
+
+    # -- public -------------------------------------------------------------------------------------------
+
+    def ensure(self, spec: ModelSpec, *, progress: ProgressCallback | None = None,
+               cancel: CancelToken | None = None) -> Path:
+        return self.fetch(spec, progress=progress, cancel=cancel).path
+
+    def fetch(self, spec: ModelSpec, *, progress: ProgressCallback | None = None,
+              cancel: CancelToken | None = None) -> FetchResult:
+        t0 = time.perf_counter()
+        hit = self._hit(spec, t0, progress)
+        if hit is not None:
+            return hit
+        if not spec.sources:
+            raise SourceError(spec.key, "not in the cache and no source is known for it (add it to a manifest)")
+
+        def on_wait() -> None:
+            self._emit(progress, ProgressEvent(spec.key, "wait", message="another download of this file is running"))
+
+        with single_flight(spec.key, self.store.lock_path(spec.key), cancel=cancel, on_wait=on_wait):
+            hit = self._hit(spec, t0, progress)  # whoever held the lock may have finished it
+            if hit is not None:
+                return hit
+            try:
+                return self._download(spec, t0, progress, cancel)
+            finally:
+                with self._inflight_lock:
+                    self._inflight.pop(spec.key, None)
+
+    def fetch_many(self, specs: Sequence[ModelSpec], *, parallel: int = 4, progress: ProgressCallback | None = None,
+                   cancel: CancelToken | None = None) -> list[FetchResult | AutoCloudError]:
+        """Fetch several files at once; failures are returned in place so one bad file doesn't stop the rest."""
+
+        def one(spec: ModelSpec) -> FetchResult | AutoCloudError:
+            try:
+                return self.fetch(spec, progress=progress, cancel=cancel)
+            except AutoCloudError as exc:
+                self._emit(progress, ProgressEvent(spec.key, "error", message=exc.reason))
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(specs) or 1)),
+                                thread_name_prefix="autocloud-fetch") as pool:
+            return list(pool.map(one, specs))
+
+    def inflight(self) -> list[ProgressEvent]:
+        """Downloads in progress in this process (for status pages)."""
+        with self._inflight_lock:
+            return list(self._inflight.values())
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _emit(self, progress: ProgressCallback | None, event: ProgressEvent) -> None:
+        if event.phase in ("start", "download", "verify"):
+            with self._inflight_lock:
+                self._inflight[event.key] = event
+        if progress is not None:
+            progress(event)
+
+    def _hit(self, spec: ModelSpec, t0: float, progress: ProgressCallback | None) -> FetchResult | None:
+        entry = self.store.lookup(spec.key)
+        if entry is None:
+            return None
+        if spec.sha256 is not None and entry.sha256 != spec.sha256:
+            return None  # the manifest moved on: download the new version, keep serving the old until then
+        self.store.touch(spec.key)
+        self._emit(progress, ProgressEvent(spec.key, "hit", entry.size, entry.size))
+        return FetchResult(spec.key, entry.path, entry.size, entry.sha256, time.perf_counter() - t0, 0, True,
+                           entry.source)
+
+    def _adopt_existing(self, spec: ModelSpec) -> FetchResult | None:
+        """A file a person put at the final path by hand: index it if it is what the manifest asks for."""
+        path = self.store.path_for(spec.key)
+        if not path.is_file() or self.store.lookup(spec.key) is not None:
+            return None
+        entry = self.store.adopt(spec.key)
+        if spec.sha256 is not None and entry.sha256 != spec.sha256:
+            return None
+        return FetchResult(spec.key, entry.path, entry.size, entry.sha256, 0.0, 0, True, entry.source)
+
+    def _download(self, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
+                  cancel: CancelToken | None) -> FetchResult:
+        adopted = self._adopt_existing(spec)
+        if adopted is not None:
+            return adopted
+        errors: list[str] = []
+        for source in spec.sources:
+            try:
+                resolved = resolve(source)
+            except SourceError as exc:
+                errors.append(f"{exc.subject}: {exc.reason}")
+                continue
+            try:
+                return self._download_from(spec, resolved, t0, progress, cancel)
+            except (Cancelled, IntegrityError, NotEnoughSpace):
+                raise
+            except AutoCloudError as exc:
+                if isinstance(exc, TransferError) and exc.status in (401, 403) and len(spec.sources) == 1:
+                    raise
+                errors.append(f"{exc.subject}: {exc.reason}")
+                log.warning("%s: source %s failed: %s", spec.key, resolved.display, exc.reason)
+        if len(errors) == 1:
+            subject, _, reason = errors[0].partition(": ")
+            raise TransferError(f"{spec.key} from {subject}", reason)
+        raise TransferError(spec.key, "every source failed: " + "; ".join(errors))
+
+    def _size_of(self, spec: ModelSpec, resolved: ResolvedSource, options: TransferOptions) -> int | None:
+        if spec.size is not None:
+            return spec.size
+        if resolved.expected_size is not None:
+            return resolved.expected_size
+        if resolved.kind == "file":
+            return os.stat(resolved.url).st_size
+        return probe(resolved.url, options).size
+
+    def _download_from(self, spec: ModelSpec, resolved: ResolvedSource, t0: float,
+                       progress: ProgressCallback | None, cancel: CancelToken | None) -> FetchResult:
+        key = spec.key
+        expected_sha = spec.sha256 or resolved.expected_sha256
+        options = replace(self.options, headers={**self.options.headers, **resolved.headers})
+        size = self._size_of(spec, resolved, options)
+        if size is not None:
+            options = replace(options, expected_size=size)
+        part = self.store.partial_path(key)
+        part.parent.mkdir(parents=True, exist_ok=True)
+
+        def on_bytes(done: int, total: int | None) -> None:
+            self._emit(progress, ProgressEvent(key, "download", done, total))
+
+        self._emit(progress, ProgressEvent(key, "start", 0, size, message=resolved.display))
+        downloaded = 0
+        with self.store.reserve(key, size or 0):
+            for attempt in range(1, self.integrity_attempts + 1):
+                result = self._transfer(resolved, part, options, on_bytes, cancel)
+                downloaded += result.bytes_downloaded
+                if expected_sha is None or result.sha256 == expected_sha:
+                    break
+                discard_partial(part)
+                log.warning("%s: sha256 mismatch from %s (attempt %d/%d)", key, resolved.display, attempt,
+                            self.integrity_attempts)
+            else:
+                raise IntegrityError(
+                    key, f"sha256 mismatch from {resolved.display}: expected {expected_sha}, got {result.sha256} "
+                         f"({self.integrity_attempts} attempts); the cached copy, if any, is untouched")
+            self._emit(progress, ProgressEvent(key, "commit", result.size, result.size))
+            entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
+                                      etag=result.etag, last_modified=result.last_modified, pin=spec.pin)
+        self._emit(progress, ProgressEvent(key, "done", entry.size, entry.size))
+        return FetchResult(key, entry.path, entry.size, entry.sha256, time.perf_counter() - t0, downloaded, False,
+                           resolved.display)
+
+    def _transfer(self, resolved: ResolvedSource, part: Path, options: TransferOptions, on_bytes,
+                  cancel: CancelToken | None) -> TransferResult:
+        if resolved.kind == "file":
+            return copy_file(Path(resolved.url), part, progress=on_bytes, cancel=cancel)
+        return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
+
+
+def specs_from_urls(urls: Iterable[str], folder: str, name: str | None = None, sha256: str | None = None
+                    ) -> list[ModelSpec]:
+    """`autocloud fetch URL… --folder F [--name N]`: a ModelSpec per URL, named after the URL's last segment."""
+    from urllib.parse import unquote, urlsplit
+
+    urls = list(urls)
+    if name is not None and len(urls) > 1:
+        raise SourceError("--name", "only one URL can be given a --name")
+    specs = []
+    for url in urls:
+        filename = name or unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        if not filename:
+            raise SourceError(url, "cannot derive a file name from this URL; pass --name")
+        try:
+            specs.append(ModelSpec(folder=folder, filename=filename, sources=(url,), sha256=sha256,
+                                   defined_in="command line"))
+        except ValidationError as exc:
+            reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ManifestError(f"command line {redact_url(url)}", reasons) from None
+    return specs

@@ -1,0 +1,220 @@
+"""Replay an access trace through an eviction policy to compare policies before changing a node's cache.
+
+The replay uses the Store's own `Policy.priority`, `Policy.clock_after` and `select_victims`; only the
+table of items lives in memory instead of SQLite. A miss is admitted the way `Store.reserve()` admits a
+download: evict just enough to fit, never the key itself; a file larger than the cache is not cached.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from comfy_autocloud.errors import ManifestError
+from comfy_autocloud.store.eviction import Item, bytes_freed, get_policy, select_victims
+
+Request = tuple[float, str, int]
+
+
+@dataclass(frozen=True)
+class SimResult:
+    policy: str
+    byte_hit_ratio: float
+    object_hit_ratio: float
+    evictions: int
+    requests: int
+    bytes_requested: int
+    bytes_hit: int
+    hits: int
+    capacity: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Simulator:
+    """An in-memory cache driven by the Store's policy code; `request()` returns True on a hit."""
+
+    def __init__(self, capacity: int, policy: str = "default") -> None:
+        self.capacity = capacity
+        self.policy = get_policy(policy)
+        self.table: dict[str, Item] = {}
+        self.used = 0
+        self.clock = 0.0
+        self.evictions = 0
+
+    def request(self, now: float, key: str, size: int) -> bool:
+        pol, table = self.policy, self.table
+        item = table.get(key)
+        if item is not None and item.size == size:
+            item.hits += 1
+            item.last_access = now
+            item.priority = pol.priority(item.size, item.hits, now, self.clock)
+            return True
+        if item is not None:  # same key, new content: the download replaces it
+            self.used -= item.size
+            del table[key]
+        if size > self.capacity:
+            return False
+        need = self.used + size - self.capacity
+        if need > 0:
+            victims = select_victims(pol, table.values(), need, protect=(key,))
+            if bytes_freed(victims, table.values()) < need:
+                return False
+            for v in victims:
+                del table[v.key]
+                self.used -= v.size
+            self.evictions += len(victims)
+            self.clock = pol.clock_after(self.clock, victims)
+        table[key] = Item(key=key, size=size, last_access=now, hits=1, created=now,
+                          priority=pol.priority(size, 1, now, self.clock))
+        self.used += size
+        return False
+
+
+def simulate(trace: Iterable[Request], capacity: int, policy: str = "default") -> SimResult:
+    """Replay `(timestamp, key, size)` requests against a cache of `capacity` bytes."""
+    sim = Simulator(capacity, policy)
+    requests = hits = bytes_requested = bytes_hit = 0
+    for now, key, size in trace:
+        requests += 1
+        bytes_requested += size
+        if sim.request(now, key, size):
+            hits += 1
+            bytes_hit += size
+    return SimResult(
+        policy=sim.policy.name,
+        byte_hit_ratio=bytes_hit / bytes_requested if bytes_requested else 0.0,
+        object_hit_ratio=hits / requests if requests else 0.0,
+        evictions=sim.evictions,
+        requests=requests,
+        bytes_requested=bytes_requested,
+        bytes_hit=bytes_hit,
+        hits=hits,
+        capacity=capacity,
+    )
+
+
+def read_trace(path: str | Path) -> Iterator[Request]:
+    """Stream a CSV trace with header `timestamp,key,size`; bad rows raise ManifestError 'file:line'."""
+    path = Path(path)
+    try:
+        fh = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(str(path), f"cannot read trace: {exc.strerror or exc}") from exc
+    with fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise ManifestError(f"{path}:1", "empty trace (expected header 'timestamp,key,size')")
+        if [h.strip().lower() for h in header] != ["timestamp", "key", "size"]:
+            raise ManifestError(f"{path}:1", f"header must be 'timestamp,key,size', got {','.join(header)!r}")
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 3:
+                raise ManifestError(f"{path}:{line}",
+                                    f"expected 3 columns (timestamp,key,size), got {len(row)}")
+            ts_text, key, size_text = (c.strip() for c in row)
+            try:
+                ts = float(ts_text)
+            except ValueError:
+                raise ManifestError(f"{path}:{line}", f"timestamp {ts_text!r} is not a number") from None
+            if not math.isfinite(ts):
+                raise ManifestError(f"{path}:{line}", f"timestamp {ts_text!r} is not finite")
+            if not key:
+                raise ManifestError(f"{path}:{line}", "key is empty")
+            try:
+                size = int(size_text)
+            except ValueError:
+                raise ManifestError(f"{path}:{line}",
+                                    f"size {size_text!r} is not a whole number of bytes") from None
+            if size < 0:
+                raise ManifestError(f"{path}:{line}", f"size {size} is negative")
+            yield ts, key, size
+
+
+def write_trace(path: str | Path, trace: Iterable[Request]) -> None:
+    with Path(path).open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["timestamp", "key", "size"])
+        for ts, key, size in trace:
+            w.writerow([f"{ts:.3f}", key, size])
+
+
+_KINDS = (  # (folder, share of the library, min size, max size): a typical ComfyUI model library
+    ("loras", 0.55, 100 * 2**20, 900 * 2**20),
+    ("controlnet", 0.10, 700 * 2**20, 2_500 * 2**20),
+    ("vae", 0.05, 160 * 2**20, 400 * 2**20),
+    ("checkpoints", 0.30, 2 * 2**30, 20 * 2**30),
+)
+
+
+def zipf_trace(
+    *,
+    seed: int = 0,
+    requests: int = 5000,
+    models: int = 400,
+    alpha: float = 0.9,
+    scan_share: float = 0.15,
+    interval: float = 30.0,
+) -> list[Request]:
+    """A seeded synthetic model-access trace: Zipf-popular library plus one-off scans.
+
+    Popular models follow Zipf(alpha) over a library whose sizes run from 100 MB LoRAs to 20 GB
+    checkpoints (log-uniform within each kind; popularity independent of size). `scan_share` of the
+    requests are bursts of models tried exactly once (someone browsing new checkpoints), which is what
+    flushes an LRU cache.
+    """
+    rng = random.Random(seed)
+    library: list[tuple[str, int]] = []
+    for i in range(models):
+        r, acc = rng.random(), 0.0
+        kind = _KINDS[-1]
+        for kind in _KINDS:
+            acc += kind[1]
+            if r <= acc:
+                break
+        folder, _share, lo, hi = kind
+        size = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        library.append((f"{folder}/model_{i:04d}.safetensors", size))
+    rng.shuffle(library)
+    weights = [1.0 / (rank + 1) ** alpha for rank in range(models)]
+    cum: list[float] = []
+    total = 0.0
+    for w in weights:
+        total += w
+        cum.append(total)
+    trace: list[Request] = []
+    now = 1_700_000_000.0
+    scan_id = 0
+    while len(trace) < requests:
+        now += rng.expovariate(1.0 / interval)
+        if rng.random() < scan_share / 4:
+            for _ in range(min(rng.randint(2, 6), requests - len(trace))):  # a burst of one-off models
+                folder, _share, lo, hi = _KINDS[3] if rng.random() < 0.6 else _KINDS[0]
+                size = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+                trace.append((now, f"{folder}/scan_{scan_id:05d}.safetensors", size))
+                scan_id += 1
+                now += rng.expovariate(1.0 / interval)
+            continue
+        idx = _bisect(cum, rng.random() * total)
+        key, size = library[idx]
+        trace.append((now, key, size))
+    return trace
+
+
+def _bisect(cum: list[float], x: float) -> int:
+    lo, hi = 0, len(cum) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cum[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,143 @@
+"""Copy a local file (file:// sources, warmup from a network volume) into a `.part`, hashing it.
+
+The copy itself stays in the kernel (`copy_file_range`, falling back to `sendfile`, then to plain
+reads and writes); a hasher thread reads the copied blocks back from the page cache and hashes them
+while the next block copies, so the sha256 costs little extra wall time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import Cancelled, IntegrityError, NotEnoughSpace, TransferError
+from ..progress import CancelToken
+from .engine import TransferResult
+
+BLOCK = 16 << 20
+PROGRESS_INTERVAL = 0.1
+
+
+def _copy_block(src: int, dst: int, offset: int, count: int, mode: list[str]) -> int:
+    """Copy up to `count` bytes at `offset`; `mode[0]` remembers which syscall works here."""
+    if mode[0] == "copy_file_range":
+        try:
+            return os.copy_file_range(src, dst, count, offset, offset)
+        except OSError as e:
+            if e.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: try the next way
+                raise
+            mode[0] = "sendfile"
+    if mode[0] == "sendfile":
+        try:
+            os.lseek(dst, offset, os.SEEK_SET)
+            return os.sendfile(dst, src, offset, count)
+        except OSError as e:
+            if e.errno not in (22, 38, 95):
+                raise
+            mode[0] = "readwrite"
+    data = os.pread(src, count, offset)
+    return os.pwrite(dst, data, offset) if data else 0
+
+
+def copy_file(src: Path, part_path: Path, *, progress: Callable[[int, int | None], None] | None = None,
+              cancel: CancelToken | None = None) -> TransferResult:
+    """Copy `src` to `part_path` (truncating it), return size and sha256. Cancelled keeps the part."""
+    t0 = time.monotonic()
+    src = Path(src)
+    part_path = Path(part_path)
+    try:
+        sfd = os.open(src, os.O_RDONLY)
+    except OSError as e:
+        raise TransferError(str(src), f"cannot open: {e.strerror or e}") from None
+    try:
+        st = os.fstat(sfd)
+        size = st.st_size
+        part_path.parent.mkdir(parents=True, exist_ok=True)
+        dfd = os.open(part_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if size:
+                try:
+                    os.posix_fallocate(dfd, 0, size)
+                except OSError as e:
+                    if e.errno == 28:
+                        raise NotEnoughSpace(str(part_path), f"no space for {size} bytes") from None
+            digest = _copy_and_hash(sfd, dfd, size, str(src), str(part_path), progress, cancel)
+            os.ftruncate(dfd, size)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    if progress is not None:
+        progress(size, size)
+    mtime = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(st.st_mtime))
+    return TransferResult(size=size, sha256=digest, etag=None, last_modified=mtime, bytes_downloaded=size,
+                          resumed_bytes=0, seconds=time.monotonic() - t0, connections=1 if size else 0)
+
+
+def _copy_and_hash(sfd: int, dfd: int, size: int, src_name: str, dst_name: str,
+                   progress: Callable[[int, int | None], None] | None, cancel: CancelToken | None) -> str:
+    digest = hashlib.sha256()
+    copied = 0
+    hashed = 0
+    error: list[BaseException] = []
+    wake = threading.Condition()
+    stop = False
+
+    def hash_loop() -> None:
+        nonlocal hashed
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        try:
+            while True:
+                with wake:
+                    while hashed >= copied and not stop:
+                        wake.wait(0.05)
+                    limit = copied
+                    if hashed >= limit and stop:
+                        return
+                while hashed < limit:
+                    n = os.preadv(dfd, [view[: min(BLOCK, limit - hashed)]], hashed)
+                    if n <= 0:
+                        raise OSError(f"short read-back at {hashed}")
+                    digest.update(view[:n])
+                    hashed += n
+        except BaseException as e:  # surfaced by the caller
+            error.append(e)
+
+    hasher = threading.Thread(target=hash_loop, name="autocloud-copyhash", daemon=True)
+    hasher.start()
+    mode = ["copy_file_range"]
+    last = 0.0
+    try:
+        while copied < size:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled(src_name, "copy cancelled; the partial file is kept")
+            if error:
+                break
+            try:
+                n = _copy_block(sfd, dfd, copied, min(BLOCK, size - copied), mode)
+            except OSError as e:
+                if e.errno == 28:
+                    raise NotEnoughSpace(dst_name, "disk full while copying") from None
+                raise TransferError(src_name, f"copy failed: {e.strerror or e}") from None
+            if n == 0:
+                raise IntegrityError(src_name, f"file shrank while copying ({copied} of {size} bytes)")
+            with wake:
+                copied += n
+                wake.notify()
+            now = time.monotonic()
+            if progress is not None and now - last >= PROGRESS_INTERVAL:
+                last = now
+                progress(copied, size)
+    finally:
+        with wake:
+            stop = True
+            wake.notify()
+        hasher.join()
+    if error:
+        raise TransferError(dst_name, f"cannot read back the copy: {error[0]}")
+    return digest.hexdigest()

@@ -1,0 +1,48 @@
+"""Shared fixtures: real origins on loopback (nginx, a chaos aiohttp server) and generated files."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servers import ChaosOrigin, NginxOrigin, write_random_file
+
+RandomFile = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def nginx_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxOrigin]:
+    """nginx serving `origin.data_dir`; `/slow/` is limited to 2 MB/s per connection."""
+    if not NginxOrigin.available():
+        pytest.skip("nginx is not on PATH (apt-get install -y nginx-light)")
+    base = tmp_path_factory.mktemp("nginx")
+    origin = NginxOrigin(base / "data", base / "run", limit_rate="2m")
+    origin.start()
+    try:
+        yield origin
+    finally:
+        origin.stop()
+
+
+@pytest.fixture(scope="session")
+def chaos_origin() -> Iterator[ChaosOrigin]:
+    origin = ChaosOrigin().start()
+    try:
+        yield origin
+    finally:
+        origin.stop()
+
+
+@pytest.fixture
+def random_file() -> RandomFile:
+    """`random_file(path, size, seed=0) -> sha256`: deterministic pseudo-random content."""
+
+    def make(path: Path, size: int, seed: int = 0) -> str:
+        return write_random_file(Path(path), size, seed)
+
+    return make

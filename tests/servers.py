@@ -1,0 +1,403 @@
+"""Real origins for tests and benchmarks: nginx (generated config) and a chaos aiohttp server.
+
+nginx is the honest origin (ranges, ETag, per-connection `limit_rate`, error locations, an access
+log to count what was served). Behaviour nginx cannot produce (reset mid-body, lying
+Content-Length, an ETag that changes, redirects to another host that record headers) comes from
+`ChaosOrigin`, a real aiohttp server on its own event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+AUTH_TOKEN = "Bearer s3cr3t-test-token"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_random_file(path: Path, size: int, seed: int = 0) -> str:
+    """Write `size` deterministic pseudo-random bytes (seeded PRNG, 16 MiB blocks); return the sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = rng.randbytes(min(left, 16 << 20))
+            f.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def random_bytes(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@dataclass
+class LogEntry:
+    method: str
+    uri: str
+    status: int
+    body_bytes: int
+    range: str
+    if_range: str
+
+
+class NginxOrigin:
+    """nginx serving `data_dir` on 127.0.0.1:<free port> from a config written into `work_dir`.
+
+    Locations: `/` plain files; `/slow/` the same files with `limit_rate` per connection;
+    `/norange/` without byte ranges (`max_ranges 0`); `/auth/` needing `Authorization: AUTH_TOKEN`;
+    `/s500/`, `/s503/`, `/s429/` (with `Retry-After`), `/s410/` error answers. Every request lands in
+    `access.log` (unbuffered) so tests can count requests and bytes served.
+    """
+
+    def __init__(self, data_dir: Path, work_dir: Path, *, limit_rate: str = "40m",
+                 retry_after: str = "1", workers: int = 1) -> None:
+        self.data_dir = Path(data_dir)
+        self.work_dir = Path(work_dir)
+        self.limit_rate = limit_rate
+        self.retry_after = retry_after
+        self.workers = workers
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("nginx") is not None
+
+    @property
+    def access_log(self) -> Path:
+        return self.work_dir / "access.log"
+
+    def _config(self) -> str:
+        d = self.work_dir
+        data = str(self.data_dir).rstrip("/") + "/"
+        user = "user root;" if os.geteuid() == 0 else ""
+        temps = "\n".join(
+            f"    {name}_temp_path {d}/tmp_{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        return f"""
+{user}
+worker_processes {self.workers};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    log_format ac
+        '$request_method\\t$request_uri\\t$status\\t$body_bytes_sent\\t$http_range\\t$http_if_range';
+    access_log {d}/access.log ac;
+{temps}
+    server {{
+        listen 127.0.0.1:{self.port};
+        server_name localhost;
+        root {data};
+        location /slow/ {{ alias {data}; limit_rate {self.limit_rate}; }}
+        location /norange/ {{ alias {data}; max_ranges 0; }}
+        location /auth/ {{
+            alias {data};
+            if ($http_authorization != "{AUTH_TOKEN}") {{ return 401; }}
+        }}
+        location /s500/ {{ return 500; }}
+        location /s503/ {{ return 503; }}
+        location /s410/ {{ return 410; }}
+        location /s429/ {{ add_header Retry-After {self.retry_after} always; return 429; }}
+    }}
+}}
+"""
+
+    def start(self, timeout: float = 10.0) -> NginxOrigin:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        conf = self.work_dir / "nginx.conf"
+        conf.write_text(self._config())
+        self.access_log.write_text("")
+        self.proc = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", str(self.work_dir), "-e", str(self.work_dir / "error.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"nginx exited at start: {err}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("nginx did not start listening in time")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def __enter__(self) -> NginxOrigin:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def entries(self, path: str | None = None) -> list[LogEntry]:
+        """Parsed access-log lines (optionally only those whose URI path equals `path`)."""
+        out: list[LogEntry] = []
+        want = None if path is None else "/" + path.lstrip("/")
+        for line in self.access_log.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) < 6:
+                continue
+            method, uri, status, sent, rng, if_range = parts[:6]
+            if want is not None and uri.split("?", 1)[0] != want:
+                continue
+            out.append(LogEntry(method, uri, int(status), int(sent), rng, if_range))
+        return out
+
+    def requests(self, path: str) -> int:
+        return len(self.entries(path))
+
+    def bytes_served(self, path: str) -> int:
+        return sum(e.body_bytes for e in self.entries(path))
+
+    def clear_log(self) -> None:
+        """Truncate the access log in place (nginx keeps its O_APPEND descriptor)."""
+        with open(self.access_log, "r+") as f:
+            f.truncate(0)
+
+
+@dataclass
+class Behaviour:
+    """How ChaosOrigin answers one path. Counters are per path and only ever grow."""
+
+    data: bytes = b""
+    etag: str | None = '"v1"'
+    last_modified: str | None = "Mon, 01 Jan 2024 00:00:00 GMT"
+    ranges: bool = True              # False: ignore Range, always 200 with the full body
+    head_allowed: bool = True        # False: HEAD answers 405
+    reset_after: int | None = None   # close the connection after this many body bytes ...
+    reset_times: int = 0             # ... for the first N GET responses
+    lie_length: int | None = None    # announce this Content-Length but send `data` (shorter)
+    changing_etag: bool = False      # every response carries a new ETag
+    trickle: int | None = None       # bytes per second per response
+    stall_after: int | None = None   # send this many body bytes, then go silent (idle timeout)
+    fail_first: int = 0              # the first N requests (any method) answer `fail_status`
+    fail_status: int = 503
+    retry_after: str | None = None
+    redirect_to: str | None = None   # 302 to this absolute URL
+    status: int | None = None        # always answer this status (no body)
+    requests: int = 0
+    resets_done: int = 0
+    etag_counter: int = 0
+
+
+@dataclass
+class SeenRequest:
+    host: str
+    path: str
+    method: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ChaosOrigin:
+    """A real aiohttp server (own loop in a thread) on 127.0.0.1 and 127.0.0.2, misbehaving per path."""
+
+    def __init__(self) -> None:
+        self.behaviours: dict[str, Behaviour] = {}
+        self.seen: list[SeenRequest] = []
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._lock = threading.Lock()
+
+    def add(self, path: str, behaviour: Behaviour) -> str:
+        self.behaviours["/" + path.lstrip("/")] = behaviour
+        return self.url(path)
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}/{path.lstrip('/')}"
+
+    def seen_for(self, path: str) -> list[SeenRequest]:
+        want = "/" + path.lstrip("/")
+        with self._lock:
+            return [s for s in self.seen if s.path == want]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        b = self.behaviours.get(request.path)
+        with self._lock:
+            self.seen.append(SeenRequest(request.host, request.path, request.method, dict(request.headers)))
+        if b is None:
+            return web.Response(status=404, text="not here")
+        b.requests += 1
+        if b.fail_first and b.requests <= b.fail_first:
+            headers = {"Retry-After": b.retry_after} if b.retry_after else {}
+            return web.Response(status=b.fail_status, headers=headers, text="busy")
+        if b.status is not None:
+            return web.Response(status=b.status, text="no")
+        if b.redirect_to is not None:
+            raise web.HTTPFound(b.redirect_to)
+        if request.method == "HEAD" and not b.head_allowed:
+            return web.Response(status=405)
+        etag = b.etag
+        if b.changing_etag:
+            b.etag_counter += 1
+            etag = f'"v{b.etag_counter}"'
+        data = b.data
+        total = len(data)
+        start, end = 0, total - 1
+        status = 200
+        rng = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        if rng and b.ranges and total and (if_range is None or if_range in (etag, b.last_modified)):
+            spec = rng.split("=", 1)[1].split(",")[0]
+            lo, _, hi = spec.partition("-")
+            start = int(lo)
+            end = min(int(hi), total - 1) if hi else total - 1
+            status = 206
+        headers: dict[str, str] = {}
+        if etag:
+            headers["ETag"] = etag
+        if b.last_modified:
+            headers["Last-Modified"] = b.last_modified
+        if b.ranges:
+            headers["Accept-Ranges"] = "bytes"
+        body = data[start : end + 1] if total else b""
+        length = len(body) if b.lie_length is None else b.lie_length
+        if status == 206:
+            announced = total if b.lie_length is None else b.lie_length
+            headers["Content-Range"] = f"bytes {start}-{end}/{announced}"
+        headers["Content-Length"] = str(length)
+        resp = web.StreamResponse(status=status, headers=headers)
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
+        reset_now = b.reset_after is not None and b.resets_done < b.reset_times
+        if reset_now:
+            b.resets_done += 1
+            body = body[: b.reset_after]
+        if b.stall_after is not None:
+            await resp.write(body[: b.stall_after])
+            await asyncio.sleep(3600)
+        step = 64 * 1024
+        for i in range(0, len(body), step):
+            piece = body[i : i + step]
+            await resp.write(piece)
+            if b.trickle:
+                await asyncio.sleep(len(piece) / b.trickle)
+        if reset_now or b.lie_length is not None:
+            assert request.transport is not None
+            request.transport.abort() if reset_now else request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+
+    def start(self) -> ChaosOrigin:
+        self.port = free_port()
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            runner = web.AppRunner(app, access_log=None)
+            self._runner = runner
+            try:
+                loop.run_until_complete(runner.setup())
+                for host in ("127.0.0.1", "127.0.0.2"):
+                    loop.run_until_complete(web.TCPSite(runner, host, self.port).start())
+            except BaseException as e:  # surfaced to the starting thread
+                errors.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            # Stalled handlers (slow trickles) must not hold the shutdown: cancel them first.
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(asyncio.wait_for(runner.cleanup(), 2))
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="chaos-origin", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("chaos origin did not start")
+        if errors:
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._loop = None
+        self._thread = None
+
+    def __enter__(self) -> ChaosOrigin:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def nginx_running(data_dir: Path, work_dir: Path, **kwargs: object) -> Iterator[NginxOrigin]:
+    origin = NginxOrigin(data_dir, work_dir, **kwargs)  # type: ignore[arg-type]
+    origin.start()
+    try:
+        yield origin
+    finally:
+        origin.stop()
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Blocking GET for test assertions about the origins themselves."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
