@@ -178,8 +178,20 @@ http {{
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
+    def _settle(self, quiet: float = 0.05, limit: float = 1.0) -> None:
+        """nginx logs a request just after sending its answer: wait until the log stops growing."""
+        deadline = time.monotonic() + limit
+        size = self.access_log.stat().st_size
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.access_log.stat().st_size
+            if now == size:
+                return
+            size = now
+
     def entries(self, path: str | None = None) -> list[LogEntry]:
         """Parsed access-log lines (optionally only those whose URI path equals `path`)."""
+        self._settle()
         out: list[LogEntry] = []
         want = None if path is None else "/" + path.lstrip("/")
         for line in self.access_log.read_text().splitlines():
@@ -217,6 +229,7 @@ class Behaviour:
     reset_times: int = 0             # ... for the first N GET responses
     lie_length: int | None = None    # announce this Content-Length but send `data` (shorter)
     changing_etag: bool = False      # every response carries a new ETag
+    head_etag: str | None = None     # HEAD answers with this (stale) ETag instead
     trickle: int | None = None       # bytes per second per response
     stall_after: int | None = None   # send this many body bytes, then go silent (idle timeout)
     fail_first: int = 0              # the first N requests (any method) answer `fail_status`
@@ -281,6 +294,8 @@ class ChaosOrigin:
         if b.changing_etag:
             b.etag_counter += 1
             etag = f'"v{b.etag_counter}"'
+        if request.method == "HEAD" and b.head_etag is not None:
+            etag = b.head_etag
         data = b.data
         total = len(data)
         start, end = 0, total - 1

@@ -190,3 +190,21 @@ def test_auth_header_from_url_userinfo(tmp_path: Path, origin: NginxOrigin) -> N
         svc_noauth.ensure(_spec(origin, "auth/private.bin"))
     assert exc.value.status == 401 and time.monotonic() - t0 < 5
     assert "s3cr3t" not in str(exc.value)
+
+
+def test_disk_full_refused_before_download_cached_files_intact(tmp_path: Path, origin: NginxOrigin) -> None:
+    from mounts import tmpfs
+
+    sha_small = write_random_file(origin.data_dir / "small.safetensors", 8 * MiB, seed=20)
+    write_random_file(origin.data_dir / "huge.safetensors", 72 * MiB, seed=21)
+    with tmpfs(tmp_path / "cache", "64m") as cache:
+        store = Store(cache, min_free_disk=2 * MiB)  # no cap: only the real disk limits it
+        svc = FetchService(store)
+        small = svc.ensure(_spec(origin, "small.safetensors", folder="loras"))
+        with pytest.raises(NotEnoughSpace) as exc:
+            svc.ensure(_spec(origin, "huge.safetensors"))
+        assert "checkpoints/huge.safetensors" in str(exc.value)
+        assert origin.bytes_served("/huge.safetensors") == 0
+        assert not (cache / "checkpoints" / "huge.safetensors").exists()
+        assert hashlib.sha256(small.read_bytes()).hexdigest() == sha_small
+        assert store.verify(fix=False).ok

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace
 from comfy_autocloud.store import Store
+from mounts import tmpfs
 
 MiB = 2**20
 
@@ -21,21 +18,6 @@ MiB = 2**20
 def blob(tag: str, size: int) -> bytes:
     seed = hashlib.sha256(tag.encode()).digest()
     return (seed * (size // len(seed) + 1))[:size]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "64m") -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def put(store: Store, key: str, data: bytes, **kw: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -38,10 +39,20 @@ COMMANDS: tuple[tuple[str, str], ...] = (
               help="Cache size cap, e.g. 200G [env AUTOCLOUD_MAX_SIZE; default: no cap].")
 @click.option("--policy", default=None, type=click.Choice(["default", "lru", "lfuda", "gdsf"]),
               help="Eviction policy [env AUTOCLOUD_POLICY; default: size/frequency aware].")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
 @click.pass_context
-def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None) -> None:
+def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None, verbose: int) -> None:
     """Fetch, verify, cache and evict model files for ComfyUI on cloud GPUs."""
+    _setup_logging(verbose)
     ctx.obj = AppContext(load_settings({"cache_dir": cache_dir, "max_size": max_size, "policy": policy}))
+
+
+def _setup_logging(verbose: int) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
 
 
 def _register() -> None:

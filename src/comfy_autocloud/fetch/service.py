@@ -169,7 +169,7 @@ class FetchService:
                 if isinstance(exc, TransferError) and exc.status in (401, 403) and len(spec.sources) == 1:
                     raise
                 errors.append(f"{exc.subject}: {exc.reason}")
-                log.warning("%s: source %s failed: %s", spec.key, resolved.display, exc.reason)
+                log.info("%s: source %s failed: %s", spec.key, resolved.display, exc.reason)
         if len(errors) == 1:
             subject, _, reason = errors[0].partition(": ")
             raise TransferError(f"{spec.key} from {subject}", reason)

@@ -74,7 +74,10 @@ def copy_file(src: Path, part_path: Path, *, progress: Callable[[int, int | None
     if progress is not None:
         progress(size, size)
     mtime = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(st.st_mtime))
-    return TransferResult(size=size, sha256=digest, etag=None, last_modified=mtime, bytes_downloaded=size,
+    # The source's identity when the copy started (rsync's quick check): warmup compares it with the
+    # volume file to know whether the cached copy is still the same file.
+    etag = f"{size}-{st.st_mtime_ns}"
+    return TransferResult(size=size, sha256=digest, etag=etag, last_modified=mtime, bytes_downloaded=size,
                           resumed_bytes=0, seconds=time.monotonic() - t0, connections=1 if size else 0)
 
 
