@@ -92,3 +92,28 @@ def test_kill9_at_six_points_then_resume(tmp_path: Path) -> None:
         assert not part.exists() and not state_path(part).exists()
         entry = Store(cache).lookup(KEY)
         assert entry is not None and entry.sha256 == sha and entry.size == size
+
+
+def test_ctrl_c_cancels_promptly_and_keeps_partial(tmp_path: Path) -> None:
+    size = 48 * MiB
+    with nginx_running(tmp_path / "www", tmp_path / "nginx", limit_rate="2m") as origin:
+        sha = write_random_file(origin.data_dir / "big.safetensors", size, seed=43)
+        url = origin.url("slow/big.safetensors")
+        cache = tmp_path / "cache"
+        part = Store(cache).partial_path(KEY)
+        proc = _spawn(cache, url)
+        assert _wait_for(lambda: _recorded(part) >= 0.2 * size or proc.poll() is not None, 60)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 5, "Ctrl-C must stop downloads promptly"
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        assert not (cache / "checkpoints" / "big.safetensors").exists()
+        kept = _recorded(part)
+        assert kept >= 0.2 * size
+        proc = _spawn(cache, url)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["sha256"] == sha and result["bytes_downloaded"] <= size - kept + 4 * MiB

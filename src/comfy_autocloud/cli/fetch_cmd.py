@@ -34,12 +34,8 @@ def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, p
     """Fetch and report; returns the exit code (1 if any file failed)."""
     cancel = CancelToken()
     view = FetchProgress(err_console if as_json else console, enabled=sys.stderr.isatty() or not as_json)
-    try:
-        with view:
-            results = service.fetch_many(specs, parallel=parallel, progress=view, cancel=cancel)
-    except KeyboardInterrupt:
-        cancel.cancel()
-        raise
+    with view:  # Ctrl-C: fetch_many cancels every download, keeps partials, and re-raises
+        results = service.fetch_many(specs, parallel=parallel, progress=view, cancel=cancel)
     failed = 0
     for spec, res in zip(specs, results, strict=True):
         if isinstance(res, FetchResult):

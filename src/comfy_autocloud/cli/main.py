@@ -66,8 +66,8 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="autocloud", standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("[red]aborted[/red]")
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        err_console.print("[red]interrupted[/red] (partial downloads are kept and resume next time)")
         return 130
     except click.ClickException as exc:
         exc.show()
@@ -75,9 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     except AutoCloudError as exc:
         err_console.print(f"[red]error:[/red] {exc.subject}: {exc.reason}", markup=True, soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red] (partial downloads are kept and resume next time)")
-        return 130
     return rv if isinstance(rv, int) else 0
 
 

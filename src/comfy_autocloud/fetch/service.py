@@ -3,6 +3,13 @@
 Hit: touch the index and return (no hashing). Miss: single-flight per key, make room before the
 first byte, try each source in order, verify size and sha256, commit by atomic rename. A failed or
 corrupt download never replaces what is already cached.
+
+With a fleet (`fleet=`), a miss goes local -> peers -> origin: first a peer holding a verified copy
+(announced with its sha256 in Redis; a peer whose bytes don't hash to it is marked bad and skipped),
+else the fleet-wide lease for the key: the holder downloads from the origin (within the fleet's rate
+limits) while the others stream its download in progress from its peer server and commit only when
+their bytes hash to what the holder verified. A holder that dies loses its lease by expiry and the
+next node takes over. Redis unreachable: the node downloads alone, exactly as without a fleet.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -32,10 +40,17 @@ from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
-from comfy_autocloud.store import Store
+from comfy_autocloud.store import Entry, Store
 from comfy_autocloud.transfer import TransferOptions, TransferResult, copy_file, discard_partial, download, probe
 
+if TYPE_CHECKING:
+    from comfy_autocloud.fleet.client import Fleet
+    from comfy_autocloud.fleet.lease import LeaseInfo
+    from comfy_autocloud.fleet.registry import Peer
+
 log = logging.getLogger(__name__)
+
+Expect = Callable[[TransferResult], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -64,10 +79,12 @@ class FetchService:
         *,
         options: TransferOptions | None = None,
         integrity_attempts: int = 2,
+        fleet: Fleet | None = None,
     ) -> None:
         self.store = store
         self.options = options or TransferOptions()
         self.integrity_attempts = max(1, integrity_attempts)
+        self.fleet = fleet
         self._inflight: dict[str, ProgressEvent] = {}
         self._inflight_lock = threading.Lock()
 
@@ -101,18 +118,30 @@ class FetchService:
 
     def fetch_many(self, specs: Sequence[ModelSpec], *, parallel: int = 4, progress: ProgressCallback | None = None,
                    cancel: CancelToken | None = None) -> list[FetchResult | AutoCloudError]:
-        """Fetch several files at once; failures are returned in place so one bad file doesn't stop the rest."""
+        """Fetch several files at once; failures are returned in place so one bad file doesn't stop the rest.
+
+        Ctrl-C (or any exception in the caller's thread) cancels every download promptly; partial files
+        stay for resuming.
+        """
+        token = cancel or CancelToken()
 
         def one(spec: ModelSpec) -> FetchResult | AutoCloudError:
             try:
-                return self.fetch(spec, progress=progress, cancel=cancel)
+                return self.fetch(spec, progress=progress, cancel=token)
             except AutoCloudError as exc:
                 self._emit(progress, ProgressEvent(spec.key, "error", message=exc.reason))
                 return exc
 
-        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(specs) or 1)),
-                                thread_name_prefix="autocloud-fetch") as pool:
-            return list(pool.map(one, specs))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(specs) or 1)),
+                                  thread_name_prefix="autocloud-fetch")
+        try:
+            futures = [pool.submit(one, spec) for spec in specs]
+            return [f.result() for f in futures]
+        except BaseException:
+            token.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def inflight(self) -> list[ProgressEvent]:
         """Downloads in progress in this process (for status pages)."""
@@ -153,7 +182,28 @@ class FetchService:
                   cancel: CancelToken | None) -> FetchResult:
         adopted = self._adopt_existing(spec)
         if adopted is not None:
+            self._announce(adopted.key, adopted.sha256, adopted.size)
             return adopted
+        if self.fleet is not None:
+            from comfy_autocloud.fleet.conn import FleetUnavailable
+
+            try:
+                shared = self._fleet_download(spec, t0, progress, cancel)
+            except FleetUnavailable:
+                shared = None  # logged once by the fleet; this node goes on alone
+            if shared is not None:
+                return shared
+        return self._from_origin(spec, t0, progress, cancel)
+
+    def _from_origin(self, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
+                     cancel: CancelToken | None) -> FetchResult:
+        """Try each source of the spec in order (within the fleet's origin limits when there is one)."""
+        options = self.options
+        if self.fleet is not None:
+            if self.fleet.downloads is not None:
+                self.fleet.downloads.acquire(cancel, on_wait=lambda s: self._emit(progress, ProgressEvent(
+                    spec.key, "wait", message=f"download rate limit: next download in {s:.1f}s")))
+            options = self.fleet.origin_options(options)
         errors: list[str] = []
         for source in spec.sources:
             try:
@@ -162,7 +212,7 @@ class FetchService:
                 errors.append(f"{exc.subject}: {exc.reason}")
                 continue
             try:
-                return self._download_from(spec, resolved, t0, progress, cancel)
+                return self._download_from(spec, resolved, t0, progress, cancel, options=options)
             except (Cancelled, IntegrityError, NotEnoughSpace):
                 raise
             except AutoCloudError as exc:
@@ -185,10 +235,15 @@ class FetchService:
         return probe(resolved.url, options).size
 
     def _download_from(self, spec: ModelSpec, resolved: ResolvedSource, t0: float,
-                       progress: ProgressCallback | None, cancel: CancelToken | None) -> FetchResult:
+                       progress: ProgressCallback | None, cancel: CancelToken | None, *,
+                       options: TransferOptions | None = None, expect: Expect | None = None,
+                       attempts: int | None = None) -> FetchResult:
+        """Download, verify (sha256 known up front, or `expect(result)` after the transfer), commit."""
         key = spec.key
         expected_sha = spec.sha256 or resolved.expected_sha256
-        options = replace(self.options, headers={**self.options.headers, **resolved.headers})
+        base = options or self.options
+        attempts = attempts or self.integrity_attempts
+        options = replace(base, headers={**base.headers, **resolved.headers})
         size = self._size_of(spec, resolved, options)
         if size is not None:
             options = replace(options, expected_size=size)
@@ -200,25 +255,124 @@ class FetchService:
 
         self._emit(progress, ProgressEvent(key, "start", 0, size, message=resolved.display))
         downloaded = 0
-        with self.store.reserve(key, size or 0):
-            for attempt in range(1, self.integrity_attempts + 1):
+        with self.store.reserve(key, size or 0) as reservation:
+            for attempt in range(1, attempts + 1):
                 result = self._transfer(resolved, part, options, on_bytes, cancel)
                 downloaded += result.bytes_downloaded
+                if expect is not None:
+                    expected_sha = spec.sha256 or expect(result)
                 if expected_sha is None or result.sha256 == expected_sha:
                     break
                 discard_partial(part)
                 log.warning("%s: sha256 mismatch from %s (attempt %d/%d)", key, resolved.display, attempt,
-                            self.integrity_attempts)
+                            attempts)
             else:
                 raise IntegrityError(
                     key, f"sha256 mismatch from {resolved.display}: expected {expected_sha}, got {result.sha256} "
-                         f"({self.integrity_attempts} attempts); the cached copy, if any, is untouched")
+                         f"({attempts} attempts); the cached copy, if any, is untouched")
             self._emit(progress, ProgressEvent(key, "commit", result.size, result.size))
             entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
                                       etag=result.etag, last_modified=result.last_modified, pin=spec.pin)
+        self._announce(key, entry.sha256, entry.size, reservation.evicted)
         self._emit(progress, ProgressEvent(key, "done", entry.size, entry.size))
         return FetchResult(key, entry.path, entry.size, entry.sha256, time.perf_counter() - t0, downloaded, False,
                            resolved.display)
+
+    # -- fleet ----------------------------------------------------------------------------------------------
+
+    def _announce(self, key: str, sha256: str, size: int, evicted: Iterable[Entry] = ()) -> None:
+        """Tell the fleet what this node now holds (and what making room for it evicted)."""
+        if self.fleet is None:
+            return
+        for gone in evicted:
+            self.fleet.withdraw(gone.key)
+        self.fleet.announce(key, sha256, size)
+
+    def _fleet_download(self, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
+                        cancel: CancelToken | None) -> FetchResult | None:
+        """Peers, then the lease (origin), else stream the lease holder's download; None: go alone."""
+        fleet = self.fleet
+        assert fleet is not None
+        key = spec.key
+        deadline = time.monotonic() + fleet.config.max_wait
+        failed: set[str] = set()  # "files:<node>" / "partial:<node>:<fence>" that failed this time
+        announced_wait = False
+        while True:
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled(key, "cancelled while waiting for the fleet")
+            for peer in fleet.registry.holders(key, spec.sha256):
+                if f"files:{peer.node}" not in failed:
+                    got = self._from_peer(spec, peer, t0, progress, cancel, failed)
+                    if got is not None:
+                        return got
+            lease = fleet.leases.try_acquire(key)
+            if lease is not None:
+                with lease:
+                    return self._from_origin(spec, t0, progress, cancel)
+            holder = fleet.leases.holder(key)
+            if holder is not None and holder.node != fleet.node_id and \
+                    f"partial:{holder.node}:{holder.fence}" not in failed:
+                base_url = fleet.registry.node_url(holder.node)
+                if base_url:
+                    got = self._from_holder(spec, holder, base_url, t0, progress, cancel, failed)
+                    if got is not None:
+                        return got
+            if time.monotonic() >= deadline:
+                log.warning("%s: waited %.0fs for the fleet; downloading alone", key, fleet.config.max_wait)
+                return None
+            if not announced_wait:
+                announced_wait = True
+                who = f"node {holder.node}" if holder is not None else "another node"
+                self._emit(progress, ProgressEvent(key, "wait", message=f"{who} is fetching it from the origin"))
+            time.sleep(fleet.config.poll)
+
+    def _from_peer(self, spec: ModelSpec, peer: Peer, t0: float, progress: ProgressCallback | None,
+                   cancel: CancelToken | None, failed: set[str]) -> FetchResult | None:
+        """A verified copy from one peer; a wrong hash marks the peer bad fleet-wide."""
+        fleet = self.fleet
+        assert fleet is not None
+        source = fleet.peer_source(peer, spec.key)
+        try:
+            return self._download_from(spec, source, t0, progress, cancel, options=fleet.peer_options(self.options),
+                                       attempts=1)
+        except IntegrityError as exc:
+            fleet.registry.mark_bad(peer.node, f"{spec.key}: {exc.reason}"[:200])
+        except (Cancelled, NotEnoughSpace):
+            raise
+        except AutoCloudError as exc:
+            if isinstance(exc, TransferError) and exc.status == 404:
+                fleet.withdraw(spec.key, peer.node)  # it evicted the file since announcing it
+            log.info("%s: peer %s failed: %s", spec.key, peer.node, exc.reason)
+        discard_partial(self.store.partial_path(spec.key))
+        failed.add(f"files:{peer.node}")
+        return None
+
+    def _from_holder(self, spec: ModelSpec, holder: LeaseInfo, base_url: str, t0: float,
+                     progress: ProgressCallback | None, cancel: CancelToken | None,
+                     failed: set[str]) -> FetchResult | None:
+        """Stream the lease holder's download in progress; commit only bytes that hash to what it verified."""
+        fleet = self.fleet
+        assert fleet is not None
+        source = fleet.partial_source(base_url, holder, spec.key)
+
+        def expect(result: TransferResult) -> str | None:
+            held = fleet.wait_holding(spec.key, holder.node, result.size, timeout=max(10.0, fleet.config.lease_ttl))
+            if held is None:
+                raise TransferError(source.display, "the holder finished but never announced a verified copy")
+            return held.sha256
+
+        try:
+            return self._download_from(spec, source, t0, progress, cancel, options=fleet.peer_options(self.options),
+                                       expect=expect, attempts=1)
+        except (Cancelled, NotEnoughSpace):
+            raise
+        except AutoCloudError as exc:
+            if isinstance(exc, TransferError) and exc.status == 404:
+                return None  # its download has not started writing yet (or just ended): look again
+            log.info("%s: streaming from %s failed: %s", spec.key, holder.node, exc.reason)
+        discard_partial(self.store.partial_path(spec.key))
+        failed.add(f"partial:{holder.node}:{holder.fence}")
+        return None
 
     def _transfer(self, resolved: ResolvedSource, part: Path, options: TransferOptions, on_bytes,
                   cancel: CancelToken | None) -> TransferResult:
