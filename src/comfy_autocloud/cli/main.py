@@ -26,6 +26,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("comfy_autocloud.cli.store_cmds", "unpin_cmd"),
     ("comfy_autocloud.cli.store_cmds", "evict_cmd"),
     ("comfy_autocloud.cli.store_cmds", "simulate_eviction_cmd"),
+    ("comfy_autocloud.cli.warmup_cmd", "warmup_cmd"),
+    ("comfy_autocloud.cli.start_cmd", "start_cmd"),
     ("comfy_autocloud.cli.config_cmd", "config_cmd"),
     ("comfy_autocloud.cli.demo_cmd", "demo_cmd"),
 )

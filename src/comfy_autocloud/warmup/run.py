@@ -1,0 +1,426 @@
+"""Warmup (seed 001): copy hot models from the slow volume into a Store on local NVMe, then warm RAM.
+
+Every copy goes through the fetch service with a file:// source, so the store's guarantees hold here
+too: single-flight across processes, room reserved before the first byte, sha256 while copying,
+atomic rename (a killed warmup never leaves a half file at a final path). "Already identical" is the
+volume file's size + mtime recorded as the entry's etag when it was copied (rsync's quick check), so
+a rerun stats 2 files per entry and copies nothing; a changed volume file is copied again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from comfy_autocloud.errors import AutoCloudError, ManifestError, StoreError
+from comfy_autocloud.fetch import FetchResult, FetchService
+from comfy_autocloud.manifest.warmup_conf import WarmupEntry, parse_warmup_conf
+from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
+from comfy_autocloud.store import Entry, Store
+from comfy_autocloud.store.index import proc_alive
+from comfy_autocloud.warmup import pagecache
+from comfy_autocloud.warmup.extra_paths import MergeResult, merge_extra_paths, search_order, section_folders
+from comfy_autocloud.warmup.plan import Plan, WarmupItem, build_plan, volume_identity
+
+DEFAULT_COMFYUI = "/workspace/ComfyUI"
+DEFAULT_CACHE = "/root/fast_cache"
+DEFAULT_CONF = "warmup_models.conf"
+STATE_DIR = "warmup"  # inside the store's private dir: never a model key, skipped by `verify`
+
+Status = Literal["copied", "recopied", "cached", "failed", "missing"]
+
+
+@dataclass(frozen=True)
+class WarmupPaths:
+    """Where the volume's ComfyUI and the fast cache are (seed env: COMFYUI_PATH, CACHE_PATH)."""
+
+    comfyui: Path
+    cache: Path
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, comfyui: str | Path | None = None,
+                 cache: str | Path | None = None) -> WarmupPaths:
+        env = os.environ if env is None else env
+        c = comfyui or env.get("COMFYUI_PATH") or DEFAULT_COMFYUI
+        k = cache or env.get("CACHE_PATH") or DEFAULT_CACHE
+        return cls(Path(c).expanduser().absolute(), Path(k).expanduser().absolute())
+
+    @property
+    def models(self) -> Path:
+        return self.comfyui / "models"
+
+    @property
+    def extra_paths_yaml(self) -> Path:
+        return self.comfyui / "extra_model_paths.yaml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cache / ".autocloud" / STATE_DIR
+
+    @property
+    def volume_prefix(self) -> str:
+        """How the store's `source` column starts for files warmup copied from this volume."""
+        return f"file://{self.models}/"
+
+
+def runpod_dir() -> Path | None:
+    """`runpod/` of a cloned checkout (the wrappers also export AUTOCLOUD_RUNPOD_DIR)."""
+    env = os.environ.get("AUTOCLOUD_RUNPOD_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[3] / "runpod"  # <repo>/src/comfy_autocloud/warmup/run.py
+    return here if here.is_dir() else None
+
+
+def resolve_conf(name: str | Path | None, paths: WarmupPaths, env: Mapping[str, str] | None = None) -> Path:
+    """The warmup list: as given (or $WARMUP_CONFIG), tried in cwd, the runpod dir, then COMFYUI_PATH."""
+    env = os.environ if env is None else env
+    raw = Path(str(name or env.get("WARMUP_CONFIG") or DEFAULT_CONF)).expanduser()
+    if raw.is_absolute():
+        candidates = [raw]
+    else:
+        rp = runpod_dir()
+        candidates = [Path.cwd() / raw, *([rp / raw] if rp else []), paths.comfyui / raw]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ManifestError(str(raw), "warmup list not found; looked in " + ", ".join(str(c) for c in candidates))
+
+
+def load_plan(conf: Path, paths: WarmupPaths) -> Plan:
+    return build_plan(parse_warmup_conf(conf), paths.models)
+
+
+# ------------------------------------------------------------------------------------------------- copy
+
+@dataclass
+class FileOutcome:
+    key: str
+    status: Status
+    size: int = 0
+    bytes_copied: int = 0
+    seconds: float = 0.0
+    source: str = ""
+    error: str = ""
+    line: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.bytes_copied / self.seconds if self.seconds > 0 and self.bytes_copied else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seconds"] = round(self.seconds, 4)
+        d["rate"] = round(self.rate)
+        return d
+
+
+@dataclass
+class WarmupReport:
+    outcomes: list[FileOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+    warmed_bytes: int = 0
+    setup: MergeResult | None = None
+
+    @property
+    def failed(self) -> list[FileOutcome]:
+        return [o for o in self.outcomes if o.status in ("failed", "missing")]
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(o.bytes_copied for o in self.outcomes)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for o in self.outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+        return {"files": len(self.outcomes), **counts, "bytes_copied": self.bytes_copied,
+                "bytes_total": sum(o.size for o in self.outcomes if o.status not in ("failed", "missing")),
+                "seconds": round(self.seconds, 4),
+                "rate": round(self.bytes_copied / self.seconds) if self.seconds > 0 else 0,
+                "page_cache_bytes": self.warmed_bytes,
+                "setup": self.setup.as_dict() if self.setup else None}
+
+
+class TotalProgress:
+    """Forwards per-file events and adds one 'total' bar (bytes over all files, so its speed is the total)."""
+
+    def __init__(self, inner: ProgressCallback, total: int, label: str) -> None:
+        self.inner = inner
+        self.total = total
+        self.label = label
+        self._done: dict[str, int] = {}
+        self._lock = threading.Lock()
+        inner(ProgressEvent(label, "start", 0, total))  # the total bar first, above the files
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        self.inner(ev)
+        with self._lock:
+            if ev.phase == "error":
+                self._done.pop(ev.key, None)
+            elif ev.phase in ("hit", "start", "download", "commit", "done"):
+                self._done[ev.key] = ev.bytes_done
+            done = sum(self._done.values())
+        self.inner(ProgressEvent(self.label, "download", min(done, self.total), self.total))
+
+
+def _stale(store: Store, item: WarmupItem) -> Entry | None:
+    """The cached entry for `item` if it is not a copy of the volume file as it is now."""
+    entry = store.lookup(item.key)
+    if entry is None or entry.etag == item.identity:
+        return None
+    return entry
+
+
+def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: ProgressCallback | None = None,
+               cancel: CancelToken | None = None, warm_page_cache: bool = True,
+               service: FetchService | None = None) -> WarmupReport:
+    """Copy every planned file not already cached as it is on the volume; report each file.
+
+    A cached entry whose recorded identity differs (the volume file changed, or the entry came from
+    another source such as a download) is evicted and copied again: the list names the volume file.
+    """
+    t0 = time.perf_counter()
+    service = service or FetchService(store)
+    report = WarmupReport()
+    by_key: dict[str, FileOutcome] = {}
+    replaced: set[str] = set()
+    todo: list[WarmupItem] = []
+    for item in plan.items:
+        try:
+            old = _stale(store, item)
+            if old is not None:
+                store.evict(item.key)  # pinned/in-use copies raise: reported, the old copy stays
+                replaced.add(item.key)
+            todo.append(item)
+        except AutoCloudError as exc:
+            by_key[item.key] = FileOutcome(item.key, "failed", item.size, error=f"cached copy differs from the "
+                                           f"volume file and cannot be replaced: {exc.reason}", line=item.line)
+
+    results = service.fetch_many([i.spec() for i in todo], parallel=parallel, progress=progress, cancel=cancel)
+    for item, res in zip(todo, results, strict=True):
+        if isinstance(res, FetchResult) and res.cached and _stale(store, item) is not None:
+            # A file found at the final path that nobody indexed (adopted) or a hit of another version.
+            try:
+                store.evict(item.key)
+                replaced.add(item.key)
+                res = service.fetch(item.spec(), progress=progress, cancel=cancel)
+            except AutoCloudError as exc:
+                res = exc
+        by_key[item.key] = _outcome(item, res, item.key in replaced)
+
+    report.outcomes = [by_key[i.key] for i in plan.items]
+    report.outcomes += [FileOutcome(m.key, "missing", error=m.reason, line=m.line) for m in plan.missing]
+    if warm_page_cache:
+        report.warmed_bytes = pagecache.warm(store.path_for(o.key) for o in report.outcomes
+                                             if o.status in ("copied", "recopied", "cached"))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _outcome(item: WarmupItem, res: FetchResult | AutoCloudError, replaced: bool) -> FileOutcome:
+    if isinstance(res, AutoCloudError):
+        return FileOutcome(item.key, "failed", item.size, error=f"{res.subject}: {res.reason}", line=item.line)
+    if res.cached:
+        return FileOutcome(item.key, "cached", res.size, 0, res.seconds, res.source, line=item.line)
+    return FileOutcome(item.key, "recopied" if replaced else "copied", res.size, res.bytes_downloaded, res.seconds,
+                       res.source, line=item.line)
+
+
+def setup_extra_paths(paths: WarmupPaths, plan: Plan | None = None) -> MergeResult:
+    """Merge our cache-first section into `<COMFYUI_PATH>/extra_model_paths.yaml`."""
+    if not paths.comfyui.is_dir():
+        raise ManifestError(str(paths.comfyui), "ComfyUI not found here, so there is no extra_model_paths.yaml "
+                                                "to set up (set COMFYUI_PATH)")
+    cached_folders: list[str] = []
+    if paths.cache.is_dir():
+        cached_folders = [p.name for p in paths.cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders = section_folders(plan.folders if plan else (), cached_folders)
+    return merge_extra_paths(paths.extra_paths_yaml, paths.cache, folders)
+
+
+# ------------------------------------------------------------------------------------------------- --list
+
+@dataclass(frozen=True)
+class ListRow:
+    line: str  # 'conf:line'
+    pattern: str  # 'folder/pattern' as written
+    key: str  # the file ('folder/filename'); the pattern itself for a line that selected nothing
+    on_volume: bool
+    cache: Literal["yes", "stale", "no"]
+    size: int | None
+    in_ram: int | None  # bytes of the cached copy resident in the page cache
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def list_rows(plan: Plan, store: Store) -> list[ListRow]:
+    """For each list line (globs expanded): on the volume? in the cache, and is it the same file?"""
+    rows: list[ListRow] = []
+    reasons = {(m.line, m.key): m.reason for m in plan.missing}
+    for entry, items in plan.lines:
+        for item in items:
+            e = store.lookup(item.key)
+            state: Literal["yes", "stale", "no"] = "no" if e is None else (
+                "yes" if e.etag == item.identity else "stale")
+            rows.append(ListRow(entry.defined_in, entry.key, item.key, True, state, item.size,
+                                _in_ram(e), "" if state != "stale" else "the volume file changed since the copy"))
+        if not items:
+            rows.append(_missing_row(entry, store, reasons))
+    return rows
+
+
+def _missing_row(entry: WarmupEntry, store: Store, reasons: dict[tuple[str, str], str]) -> ListRow:
+    e = None
+    if not entry.is_glob:
+        try:
+            e = store.lookup(entry.key)
+        except StoreError:
+            e = None
+    reason = next((r for (line, _k), r in reasons.items() if line == entry.defined_in), "not on the volume")
+    return ListRow(entry.defined_in, entry.key, entry.key, False, "no" if e is None else "yes",
+                   e.size if e else None, _in_ram(e), reason)
+
+
+def _in_ram(e: Entry | None) -> int | None:
+    if e is None:
+        return None
+    try:
+        return pagecache.resident_bytes(e.path)
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------- --status / --clean
+
+def warmup_entries(store: Store, paths: WarmupPaths) -> list[Entry]:
+    """Cache entries warmup copied from this volume (file:// sources under `<COMFYUI_PATH>/models/`)."""
+    return [e for e in store.entries() if e.source.startswith(paths.volume_prefix)]
+
+
+def status_info(store: Store, paths: WarmupPaths) -> dict[str, Any]:
+    """Space on both sides, what warmup holds, whether ComfyUI is set to read the cache first, any job."""
+    usage = store.usage()
+    ours = warmup_entries(store, paths)
+    info: dict[str, Any] = {
+        "cache": {"path": str(paths.cache), "disk_free": usage.disk_free, "disk_total": usage.disk_total,
+                  "entries": usage.entries, "bytes": usage.bytes, "cap": usage.cap,
+                  "warmup_entries": len(ours), "warmup_bytes": sum(e.size for e in ours)},
+        "volume": {"path": str(paths.models), "exists": paths.models.is_dir()},
+        "extra_model_paths": _yaml_state(paths),
+        "background": background_state(paths),
+    }
+    if paths.models.is_dir():
+        du = shutil.disk_usage(paths.models)
+        info["volume"].update(disk_free=du.free, disk_total=du.total)
+    return info
+
+
+def _yaml_state(paths: WarmupPaths) -> dict[str, Any]:
+    y = paths.extra_paths_yaml
+    state: dict[str, Any] = {"path": str(y), "exists": y.is_file(), "cache_first": False}
+    if y.is_file():
+        try:
+            order = search_order(y.read_text(encoding="utf-8"), y.parent, "checkpoints", paths.models / "checkpoints")
+            state["cache_first"] = order[0] == paths.cache / "checkpoints"
+        except (OSError, UnicodeDecodeError, ManifestError) as exc:
+            state["error"] = str(exc)
+    return state
+
+
+@dataclass
+class CleanResult:
+    removed: list[Entry] = field(default_factory=list)
+    kept: list[tuple[Entry, str]] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(e.size for e in self.removed)
+
+
+def clean(store: Store, paths: WarmupPaths) -> CleanResult:
+    """Remove what warmup copied from this volume; pinned or in-use files stay (and are reported)."""
+    result = CleanResult()
+    for e in warmup_entries(store, paths):
+        try:
+            result.removed.append(store.evict(e.key))
+        except StoreError as exc:
+            result.kept.append((e, exc.reason))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- --background
+
+def _pid_file(paths: WarmupPaths) -> Path:
+    return paths.state_dir / "background.pid"
+
+
+def log_file(paths: WarmupPaths) -> Path:
+    return paths.state_dir / "background.log"
+
+
+def background_state(paths: WarmupPaths) -> dict[str, Any] | None:
+    """The detached warmup job: pid, whether it still runs, its log; None if there never was one."""
+    try:
+        pid_s, _, pstart = _pid_file(paths).read_text().strip().partition(" ")
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return None
+    return {"pid": pid, "running": proc_alive(pid, pstart), "log": str(log_file(paths))}
+
+
+def start_background(argv: list[str], paths: WarmupPaths, env: Mapping[str, str]) -> dict[str, Any]:
+    """Start `argv` (a foreground warmup) detached from this process and terminal; record its pid.
+
+    The child rewrites the pid file with its start time (`record_pid`) so a recycled pid never looks
+    like a running warmup.
+    """
+    import subprocess
+
+    state = background_state(paths)
+    if state and state["running"]:
+        return {**state, "started": False}
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    log = log_file(paths)
+    with open(log, "ab") as out:
+        out.write(f"--- warmup started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(env), start_new_session=True, close_fds=True)
+    state = background_state(paths)
+    if not state or state["pid"] != proc.pid:  # the child may already have written it, with its start time
+        _write_pid(paths, proc.pid, "")
+    return {"pid": proc.pid, "running": True, "log": str(log), "started": True}
+
+
+def _write_pid(paths: WarmupPaths, pid: int, pstart: str) -> None:
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = _pid_file(paths).with_name(f"background.pid.{pid}.tmp")
+    tmp.write_text(f"{pid} {pstart}\n")
+    os.replace(tmp, _pid_file(paths))
+
+
+def record_pid(paths: WarmupPaths) -> None:
+    """Called in the background child: the pid file names this process with its start time."""
+    from comfy_autocloud.store.index import self_proc
+
+    pid, pstart = self_proc()
+    _write_pid(paths, pid, pstart)
+
+
+def identity_of(path: Path) -> str:
+    """Volume identity of a file now (what a fresh copy would record)."""
+    st = os.stat(path)
+    return volume_identity(st.st_size, st.st_mtime_ns)
