@@ -233,8 +233,10 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
     wenv.list("checkpoints/big*.safetensors")
     partial_dir = wenv.cache / PRIVATE_DIR / "partial"
     interrupted = mid_copy = 0
-    # Kill at a few moments after the first byte lands in a partial file: parallel and one at a time.
-    for parallel, delay in ((4, 0.0), (4, 0.03), (1, 0.0), (1, 0.04), (1, 0.1), (1, 0.2)):
+    # Kill at a few moments: after the first byte lands in a partial file (parallel and one at a time),
+    # and right after the first file is committed (one at a time), so some kills land mid-copy for sure.
+    for parallel, wait_for, delay in ((4, "part", 0.0), (4, "part", 0.03), (1, "part", 0.0), (1, "commit", 0.0),
+                                      (1, "commit", 0.02), (1, "part", 0.2)):
         for p in final_files(wenv.cache):
             p.unlink()
         argv = [sys.executable, "-m", "comfy_autocloud.cli.warmup_cmd", "--no-setup", "--no-page-cache",
@@ -242,7 +244,11 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
         proc = subprocess.Popen(argv, env=wenv.subprocess_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while not any(partial_dir.glob("*.part")) and proc.poll() is None and time.monotonic() < deadline:
+
+        def reached(what: str = wait_for) -> bool:
+            return bool(final_files(wenv.cache)) if what == "commit" else any(partial_dir.glob("*.part"))
+
+        while not reached() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
@@ -253,6 +259,7 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
             assert os.path.getsize(p) == 64 * MiB and sha(p) == want[key], (parallel, delay, key)
         interrupted += len(present) < len(want)
         mid_copy += 0 < len(present) < len(want)  # killed after some commits, before the others
+        assert wait_for != "commit" or present, "the first commit was never seen"
         code, out = wenv.json_lines("--no-setup", "--no-page-cache")
         assert code == 0, out
         assert final_files(wenv.cache) == sorted(wenv.cache / k for k in want)
