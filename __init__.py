@@ -1,7 +1,9 @@
 """ComfyUI custom node pack entry point (this repository cloned into ComfyUI/custom_nodes/).
 
-Makes the bundled `src/` importable when the pack was cloned rather than pip-installed, then exports
-the mappings ComfyUI reads. Import-safe: any failure is logged and ComfyUI starts without the pack.
+Makes the bundled `src/` importable when the pack was cloned rather than pip-installed, installs the
+AutoCloud adapter (model folders, on-demand downloads, prefetch, /autocloud routes) and exports what
+ComfyUI reads, including WEB_DIRECTORY for the cache panel. Import-safe: any failure is logged and
+ComfyUI starts without the pack's features.
 """
 
 import logging
@@ -14,11 +16,17 @@ if os.path.isdir(_SRC) and _SRC not in sys.path:
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+WEB_DIRECTORY = "./web"
 
 try:
-    from comfy_autocloud import __version__  # noqa: F401  (fails loudly here if dependencies are missing)
+    from comfy_autocloud.comfy.setup import setup as _setup
 except Exception:  # pragma: no cover - only reached inside a broken ComfyUI environment
     logging.getLogger("comfy_autocloud").exception(
         "ComfyUI-AutoCloud could not be imported; install it with `pip install -r requirements.txt`")
+else:
+    try:
+        _setup()
+    except Exception:  # setup guards itself; this is the last line of defence for ComfyUI's start-up
+        logging.getLogger("comfy_autocloud").exception("ComfyUI-AutoCloud adapter failed to start")
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,94 @@ def _policy(value: str) -> str:
     if value not in POLICIES:
         raise ValueError(f"unknown eviction policy (known: {', '.join(POLICIES)})")
     return value
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    """A YAML list, or a comma/newline separated string (environment variables)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).replace("\n", ",").split(",")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"expected text, got {type(item).__name__}")
+        if item.strip():
+            out.append(item.strip())
+    return tuple(out)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true/false (1/0, yes/no, on/off)")
+
+
+def _positive_int(value: Any) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+class Secret:
+    """A setting that must never be printed (a token, a URL with a password): `str()` shows a masked form."""
+
+    __slots__ = ("shown", "value")
+
+    def __init__(self, value: str, shown: str = "***") -> None:
+        self.value = value
+        self.shown = shown
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def __repr__(self) -> str:
+        return f"Secret({self.shown!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def _redis_url(value: str) -> Secret:
+    from comfy_autocloud.redact import redact_url
+
+    text = str(value).strip()
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected redis://host:port[/db], rediss://… or unix:///path")
+    return Secret(text, redact_url(text))
+
+
+def _token(value: str) -> Secret:
+    text = str(value).strip()
+    if len(text) < 8:
+        raise ValueError("the peer token must be at least 8 characters")
+    return Secret(text)
+
+
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_node_id(node_id: str) -> str:
+    """Node ids go into Redis keys and lease values: a short name without spaces or colons."""
+    if not NODE_ID_RE.match(node_id):
+        raise ValueError(f"node id {node_id!r} must be 1-64 of A-Z a-z 0-9 . _ - (starting alphanumeric)")
+    return node_id
+
+
+def _node_id(value: str) -> str:
+    return check_node_id(str(value))
+
+
+def _optional(parse: Any) -> Any:
+    return lambda v: None if v in (None, "", "0", 0) else parse(v)
 
 
 @dataclass(frozen=True)
@@ -50,6 +139,49 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retries", "AUTOCLOUD_RETRIES", 6, int, "attempts per byte range on 5xx/429/reset/timeout"),
     Setting("keep_days", "AUTOCLOUD_KEEP_DAYS", None, lambda v: None if v in (None, "") else float(v),
             "`clean` removes files not used for this many days"),
+    # ComfyUI adapter (comfy_autocloud.comfy)
+    Setting("manifest", "AUTOCLOUD_MANIFEST", (), _str_list,
+            "model lists ComfyUI offers: files, directories or http(s) URLs, comma separated"),
+    Setting("allowed_hosts", "AUTOCLOUD_ALLOWED_HOSTS", ("huggingface.co", "civitai.com"), _str_list,
+            "hosts (and their subdomains) whose URLs in a workflow's models[] are downloaded"),
+    Setting("prefetch", "AUTOCLOUD_PREFETCH", True, _bool,
+            "fetch every missing model of a queued prompt at once, before its loaders run"),
+    Setting("parallel", "AUTOCLOUD_PARALLEL", 4, _positive_int, "model downloads at once in ComfyUI"),
+    Setting("preload", "AUTOCLOUD_PRELOAD", False, _bool,
+            "keep pinned and most-used models present in the background (popular-model preloader)"),
+    Setting("preload_rate", "AUTOCLOUD_PRELOAD_RATE", 50 * 2**20, lambda v: parse_rate(v),
+            "byte rate the preloader may use; on-demand downloads always go first"),
+    Setting("preload_interval", "AUTOCLOUD_PRELOAD_INTERVAL", 3600.0, float,
+            "seconds between preloader passes"),
+    Setting("preload_top", "AUTOCLOUD_PRELOAD_TOP", 10, int,
+            "how many of the most-used models the preloader keeps present"),
+    # fleet (seed 004 §5): nodes share files through Redis and each other's peer servers
+    Setting("redis_url", "AUTOCLOUD_REDIS_URL", None, _optional(_redis_url),
+            "Redis of the fleet; unset: this node works alone"),
+    Setting("peer_token", "AUTOCLOUD_PEER_TOKEN", None, _optional(_token),
+            "shared secret every node's peer server requires (bearer token)"),
+    Setting("node_id", "AUTOCLOUD_NODE_ID", None, _optional(_node_id),
+            "this node's name in the fleet (default: host name)"),
+    Setting("peer_host", "AUTOCLOUD_PEER_HOST", "0.0.0.0", str, "address `serve-peer` listens on"),
+    Setting("peer_port", "AUTOCLOUD_PEER_PORT", 8765, int, "port `serve-peer` listens on"),
+    Setting("peer_url", "AUTOCLOUD_PEER_URL", None, _optional(str),
+            "URL other nodes reach this node's peer server at (default: http://<host name>:<port>)"),
+    Setting("peer_requests_per_s", "AUTOCLOUD_PEER_REQUESTS_PER_SECOND", 200.0, float,
+            "requests a second one peer may make to this node's peer server"),
+    Setting("peer_rate_limit", "AUTOCLOUD_PEER_RATE_LIMIT", None, _optional(parse_rate),
+            "bytes/s one peer may take from this node's peer server"),
+    Setting("fleet_downloads_per_minute", "AUTOCLOUD_FLEET_DOWNLOADS_PER_MINUTE", 10.0, _optional(float),
+            "origin downloads a minute per node (GCRA in Redis; 0: no limit)"),
+    Setting("fleet_download_burst", "AUTOCLOUD_FLEET_DOWNLOAD_BURST", 10, int,
+            "origin downloads a node may start at once before the per-minute rate applies"),
+    Setting("fleet_origin_rate", "AUTOCLOUD_FLEET_ORIGIN_RATE", None, _optional(parse_rate),
+            "origin bytes/s for the whole fleet together (GCRA in Redis)"),
+    Setting("fleet_lease_ttl", "AUTOCLOUD_FLEET_LEASE_TTL", 30.0, float,
+            "seconds a crashed origin-fetching node blocks others before its lease expires"),
+    Setting("fleet_heartbeat_ttl", "AUTOCLOUD_FLEET_HEARTBEAT_TTL", 15.0, float,
+            "seconds after its last heartbeat a node's files stop being offered"),
+    Setting("fleet_max_wait", "AUTOCLOUD_FLEET_MAX_WAIT", 900.0, float,
+            "longest wait for another node's download before fetching from the origin alone"),
 )
 
 
@@ -93,18 +225,25 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
-    """Resolve every setting; `overrides` are command-line flags (None means 'not given')."""
+def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                  extra_config: Path | None = None) -> Settings:
+    """Resolve every setting; `overrides` are command-line flags (None means 'not given').
+
+    `extra_config` (ComfyUI's `user/autocloud.yaml`) sits between the environment and the global file.
+    """
     env = dict(os.environ) if env is None else env
     overrides = overrides or {}
     cfg_path = config_file_path()
     file_values = _read_config_file(cfg_path)
+    extra_values = _read_config_file(extra_config) if extra_config is not None else {}
     settings = Settings()
     for s in SETTINGS:
         if overrides.get(s.name) is not None:
             raw, origin = overrides[s.name], "command line"
         elif env.get(s.env) not in (None, ""):
             raw, origin = env[s.env], f"env {s.env}"
+        elif s.name in extra_values:
+            raw, origin = extra_values[s.name], f"{extra_config}"
         elif s.name in file_values:
             raw, origin = file_values[s.name], f"{cfg_path}"
         else:

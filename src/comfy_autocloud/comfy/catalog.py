@@ -1,0 +1,93 @@
+"""What ComfyUI may offer: manifest entries indexed by ComfyUI folder name and file name.
+
+ComfyUI knows `clip` as `text_encoders` and `unet` as `diffusion_models` (folder_paths.map_legacy);
+a manifest may use either, so lookups go through the same mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Collection, Iterable
+
+from comfy_autocloud.errors import ManifestError
+from comfy_autocloud.manifest.merge import merge_pair
+from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.manifest.workflow import LEGACY_FOLDERS
+
+log = logging.getLogger(__name__)
+
+
+def comfy_folder(folder: str) -> str:
+    """ComfyUI's canonical name for a model folder (what its loaders pass to folder_paths)."""
+    return LEGACY_FOLDERS.get(folder, folder)
+
+
+def normalize_name(filename: str) -> str:
+    """File names as ComfyUI compares them: '/'-separated (Windows UIs send backslashes)."""
+    return filename.replace("\\", "/")
+
+
+def extension_ok(filename: str, extensions: Collection[str]) -> bool:
+    """folder_paths.filter_files_extensions' rule: empty set means every extension."""
+    return not extensions or os.path.splitext(filename)[1].lower() in extensions
+
+
+def merge_names(on_disk: Iterable[str], offered: Iterable[str], extensions: Collection[str]) -> list[str]:
+    """The list a loader shows: files on disk plus manifest entries, sorted, each once."""
+    names = set(on_disk)
+    names.update(n for n in offered if extension_ok(n, extensions))
+    return sorted(names)
+
+
+class Catalog:
+    """Thread-safe index of ModelSpecs by (ComfyUI folder, filename); later additions merge sources."""
+
+    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+        self._lock = threading.Lock()
+        self._by_name: dict[tuple[str, str], ModelSpec] = {}
+        self.add(specs)
+
+    def add(self, specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+        """Add or merge specs (sources of the same key are combined); returns the stored versions.
+
+        An entry that contradicts one already known (other sha256, unproven other URL) is logged and
+        ignored: the first definition (the operator's manifest) keeps serving.
+        """
+        out = []
+        with self._lock:
+            for spec in specs:
+                k = (comfy_folder(spec.folder), spec.filename)
+                old = self._by_name.get(k)
+                if old is not None:
+                    try:
+                        spec = merge_pair(old, spec)
+                    except ManifestError as exc:
+                        log.warning("autocloud: ignoring %s", exc)
+                        spec = old
+                self._by_name[k] = spec
+                out.append(spec)
+        return out
+
+    def lookup(self, folder: str, filename: str) -> ModelSpec | None:
+        with self._lock:
+            return self._by_name.get((comfy_folder(folder), normalize_name(filename)))
+
+    def names(self, folder: str) -> list[str]:
+        folder = comfy_folder(folder)
+        with self._lock:
+            return sorted(name for (f, name) in self._by_name if f == folder)
+
+    def folders(self) -> list[str]:
+        """Store folder names used by the manifest (as written, so the cache layout matches)."""
+        with self._lock:
+            return sorted({s.folder for s in self._by_name.values()})
+
+    def specs(self) -> list[ModelSpec]:
+        with self._lock:
+            return list(self._by_name.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_name)

@@ -1,0 +1,34 @@
+"""Runs the popular-model preloader for the adapter: its downloads show up in status and the panel
+as reason 'preload', and it steps aside whenever a prefetch, loader or API download runs."""
+
+from __future__ import annotations
+
+from comfy_autocloud.comfy.runtime import Adapter
+from comfy_autocloud.errors import AutoCloudError
+from comfy_autocloud.fetch.service import FetchResult
+from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.preload_popular import PopularPreloader
+
+
+def preloader_for(adapter: Adapter) -> PopularPreloader:
+    s = adapter.settings.values
+    tracker = adapter.tracker
+
+    def on_start(spec: ModelSpec) -> None:
+        tracker.begin(spec.key, "preload")
+
+    def on_done(spec: ModelSpec, result: FetchResult | None, error: AutoCloudError | None) -> None:
+        if error is not None:
+            tracker.finish(spec.key, error=str(error))
+        elif result is None:
+            tracker.finish(spec.key, error=f"{spec.key}: preload stopped")
+        else:
+            tracker.finish(spec.key, bytes_downloaded=result.bytes_downloaded, seconds=result.seconds,
+                           cached=result.cached)
+            adapter._changed(spec.key)
+
+    return PopularPreloader(adapter.store, adapter.fetch_service, adapter.catalog.specs,
+                            rate=s.get("preload_rate") or 50 * 2**20, top=int(s.get("preload_top", 10)),
+                            interval=float(s.get("preload_interval", 3600.0)),
+                            busy=lambda: tracker.busy(ignore=("preload",)), progress=tracker.callback("preload"),
+                            on_start=on_start, on_done=on_done)

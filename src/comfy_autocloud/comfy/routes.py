@@ -1,0 +1,100 @@
+"""HTTP routes under /autocloud/ (aiohttp handlers, added to ComfyUI's PromptServer.routes).
+
+Store and index work runs in a worker thread so the server's event loop never waits on SQLite or
+the disk. Errors answer 400/404/409 with {"error": "thing: reason"}; secrets are already redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from comfy_autocloud.comfy.metrics import CONTENT_TYPE, render_metrics
+from comfy_autocloud.comfy.runtime import Adapter
+from comfy_autocloud.errors import AutoCloudError, ManifestError, StoreError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise ManifestError("request body", "expected JSON") from None
+    if not isinstance(data, dict):
+        raise ManifestError("request body", "expected a JSON object")
+    return data
+
+
+def _key(data: dict[str, Any]) -> str:
+    key = data.get("key")
+    if not isinstance(key, str) or not key:
+        raise ManifestError("request.key", "missing; give the model key 'folder/filename'")
+    return key
+
+
+def _status_for(exc: AutoCloudError) -> int:
+    if isinstance(exc, StoreError) and "not in the cache" in exc.reason:
+        return 404
+    if isinstance(exc, StoreError):
+        return 409
+    return 400
+
+
+def _guard(fn: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        try:
+            return await fn(request)
+        except AutoCloudError as exc:
+            return _error(_status_for(exc), str(exc))
+
+    return handler
+
+
+def route_defs(adapter: Adapter) -> list[web.RouteDef]:
+    """The adapter's routes; `setup` adds them to PromptServer.instance.routes, tests to a bare app."""
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        return web.json_response(await asyncio.to_thread(adapter.status))
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        text = render_metrics(await asyncio.to_thread(adapter.status))
+        return web.Response(text=text, headers={"Content-Type": CONTENT_TYPE})
+
+    async def fetch(request: web.Request) -> web.StreamResponse:
+        key = await asyncio.to_thread(adapter.request_fetch, await _body(request))
+        return web.json_response({"key": key, "started": True}, status=202)
+
+    async def evict(request: web.Request) -> web.StreamResponse:
+        data = await _body(request)
+        removed = await asyncio.to_thread(adapter.evict, _key(data), bool(data.get("force", False)))
+        return web.json_response({"evicted": removed})
+
+    async def pin(request: web.Request) -> web.StreamResponse:
+        data = await _body(request)
+        pinned = bool(data.get("pinned", True))
+        key = _key(data)
+        await asyncio.to_thread(adapter.set_pinned, key, pinned)
+        return web.json_response({"key": key, "pinned": pinned})
+
+    return [
+        web.get("/autocloud/status", _guard(status)),
+        web.get("/autocloud/metrics", _guard(metrics)),
+        web.post("/autocloud/fetch", _guard(fetch)),
+        web.post("/autocloud/evict", _guard(evict)),
+        web.post("/autocloud/pin", _guard(pin)),
+    ]
+
+
+def add_to(routes: web.RouteTableDef, adapter: Adapter) -> None:
+    """Register on a RouteTableDef (ComfyUI's PromptServer.routes also serves them under /api)."""
+    for rd in route_defs(adapter):
+        routes.route(rd.method, rd.path)(rd.handler)

@@ -1,0 +1,336 @@
+"""The adapter's state inside one ComfyUI process: store, fetch service, catalog, downloads.
+
+No ComfyUI import here: `hooks` and `setup` wire these methods into ComfyUI, tests call them directly.
+Every download goes through `FetchService.fetch` on this adapter's thread pool, once per key: a
+loader that needs a model a prefetch is already downloading waits on that same future.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from comfy_autocloud.comfy.catalog import Catalog
+from comfy_autocloud.comfy.prefetch import IsPresent, PrefetchPlan, host_allowed, plan_prefetch
+from comfy_autocloud.comfy.tracker import Tracker
+from comfy_autocloud.config import Settings
+from comfy_autocloud.errors import AutoCloudError, ManifestError, StoreError
+from comfy_autocloud.fetch.service import FetchResult, FetchService
+from comfy_autocloud.keys import split_key
+from comfy_autocloud.manifest import load_manifests
+from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.progress import CancelToken
+from comfy_autocloud.redact import redact_url
+from comfy_autocloud.store import Store
+from comfy_autocloud.transfer import RetryPolicy, TransferOptions, probe
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FOLDER = "autocloud-manifests"
+FAILURE_MEMORY = 15.0  # seconds a failed download's error is reused (prefetch error -> the same prompt's loader)
+STATUS_ENTRIES = 500
+
+
+class ModelUnavailable(FileNotFoundError):
+    """A listed model could not be downloaded; ComfyUI shows the message as the node's error."""
+
+
+ProgressSink = Callable[[int, int], None]  # (bytes done, bytes total); may raise to stop waiting
+
+
+def is_url(text: str) -> bool:
+    return text.lower().startswith(("http://", "https://"))
+
+
+def manifest_paths(entries: Iterable[str], fetch: FetchService) -> list[Path]:
+    """AUTOCLOUD_MANIFEST entries as local paths; URLs are fetched into the cache by the FetchService.
+
+    A URL is stored under a name derived from the origin's validator (ETag or Last-Modified + size), so a
+    changed list is a new file and the previous one is kept until the new one is verified; if the origin
+    cannot be reached the newest cached copy is used.
+    """
+    paths: list[Path] = []
+    for entry in entries:
+        if not is_url(entry):
+            paths.append(Path(entry).expanduser())
+            continue
+        paths.append(_fetch_manifest_url(entry, fetch))
+    return paths
+
+
+def _fetch_manifest_url(url: str, fetch: FetchService) -> Path:
+    url_id = hashlib.sha256(url.encode()).hexdigest()[:16]
+    base = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or "manifest.json"
+    base = "".join(c if c.isalnum() or c in "._-" else "_" for c in base)[:80]
+    prefix = f"{MANIFEST_FOLDER}/{url_id}/"
+    cached = sorted((e for e in fetch.store.entries() if e.key.startswith(prefix)), key=lambda e: -e.created)
+    options = replace(fetch.options, retry=RetryPolicy(attempts=2, backoff_base=0.2, backoff_max=1.0),
+                      connect_timeout=5.0, read_timeout=15.0)
+    try:
+        info = probe(url, options)
+    except AutoCloudError as exc:
+        if cached:
+            log.warning("autocloud: manifest %s unreachable (%s); using the copy from %s", redact_url(url),
+                        exc.reason, time.ctime(cached[0].created))
+            return cached[0].path
+        raise
+    validator = f"{info.etag}|{info.last_modified}|{info.size}"
+    version = hashlib.sha256(validator.encode()).hexdigest()[:12]
+    spec = ModelSpec(folder=MANIFEST_FOLDER, filename=f"{url_id}/{version}-{base}", sources=(url,),
+                     defined_in="AUTOCLOUD_MANIFEST")
+    result = fetch.fetch(spec)
+    for old in cached:
+        if old.key != spec.key:
+            try:
+                fetch.store.evict(old.key, force=True)
+            except StoreError:
+                pass
+    return result.path
+
+
+class Adapter:
+    """Ties the core services to ComfyUI's needs; every public method is safe from any thread."""
+
+    def __init__(self, settings: Settings, store: Store, fetch: FetchService, catalog: Catalog, *,
+                 is_present: IsPresent | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.fetch_service = fetch
+        self.catalog = catalog
+        self.tracker = Tracker()
+        self.is_present: IsPresent = is_present or self._in_store
+        self.allowed_hosts: tuple[str, ...] = tuple(settings.values.get("allowed_hosts", ()))
+        parallel = int(settings.values.get("parallel") or 4)
+        # Room for a full prefetch plus on-demand fetches that arrive meanwhile.
+        self._pool = ThreadPoolExecutor(max_workers=parallel + 2, thread_name_prefix="autocloud-fetch")
+        self._lock = threading.Lock()
+        self._futures: dict[str, Future[FetchResult]] = {}
+        self._failed: dict[str, tuple[float, AutoCloudError]] = {}
+        self._on_commit: list[Callable[[str], None]] = []
+        self.manifest_error: str | None = None
+        # Cancelled when the interpreter exits, before the pool's threads are joined: quitting ComfyUI
+        # must not wait for a 10 GB download (its partial file is kept and resumed next time).
+        self._cancel = CancelToken()
+        register = getattr(threading, "_register_atexit", None)
+        if callable(register):
+            try:
+                register(self._cancel.cancel)
+            except RuntimeError:  # already shutting down
+                pass
+
+    @classmethod
+    def create(cls, settings: Settings, *, is_present: IsPresent | None = None) -> Adapter:
+        """Open the store and load the manifests; a broken manifest is reported, not fatal."""
+        store = Store(settings.cache_path, max_size=settings.max_size, policy=settings.policy)
+        options = TransferOptions(connections=settings.connections, rate_limit=settings.rate_limit,
+                                  retry=RetryPolicy(attempts=settings.retries))
+        fetch = FetchService(store, options=options)
+        catalog = Catalog()
+        adapter = cls(settings, store, fetch, catalog, is_present=is_present)
+        adapter.load_manifests()
+        return adapter
+
+    def load_manifests(self) -> int:
+        """(Re)load AUTOCLOUD_MANIFEST into the catalog; returns how many entries it has."""
+        entries = tuple(self.settings.values.get("manifest", ()))
+        if not entries:
+            return len(self.catalog)
+        try:
+            specs = load_manifests(manifest_paths(entries, self.fetch_service))
+        except AutoCloudError as exc:
+            self.manifest_error = str(exc)
+            log.error("autocloud: manifest not loaded: %s", exc)
+            return len(self.catalog)
+        self.manifest_error = None
+        self.catalog.add(specs)
+        log.info("autocloud: %d models offered from %s", len(self.catalog), ", ".join(map(redact_url, entries)))
+        return len(self.catalog)
+
+    def on_commit(self, fn: Callable[[str], None]) -> None:
+        """Call `fn(key)` after a file lands in (or leaves) the cache (ComfyUI's file-list cache)."""
+        self._on_commit.append(fn)
+
+    def _changed(self, key: str) -> None:
+        for fn in self._on_commit:
+            try:
+                fn(key)
+            except Exception:
+                log.debug("autocloud: commit listener failed", exc_info=True)
+
+    def _in_store(self, folder: str, filename: str) -> bool:
+        spec = self.catalog.lookup(folder, filename)
+        key = spec.key if spec is not None else f"{folder}/{filename}"
+        try:
+            return self.store.path_for(key).is_file()
+        except StoreError:
+            return False
+
+    # ------------------------------------------------------------------ downloads
+    def submit(self, spec: ModelSpec, reason: str) -> Future[FetchResult]:
+        """Start (or join) the download of `spec` on the adapter's pool; one future per key."""
+        with self._lock:
+            fut = self._futures.get(spec.key)
+            if fut is not None:
+                return fut
+            failed = self._failed.get(spec.key)
+            if failed is not None and time.monotonic() - failed[0] < FAILURE_MEMORY:
+                fut = Future()
+                fut.set_exception(failed[1])
+                return fut
+            self._failed.pop(spec.key, None)
+            self.tracker.begin(spec.key, reason)
+            fut = self._pool.submit(self._run, spec, reason)
+            self._futures[spec.key] = fut
+            return fut
+
+    def _run(self, spec: ModelSpec, reason: str) -> FetchResult:
+        try:
+            result = self.fetch_service.fetch(spec, progress=self.tracker.callback(reason), cancel=self._cancel)
+        except AutoCloudError as exc:
+            with self._lock:
+                self._failed[spec.key] = (time.monotonic(), exc)
+                self._futures.pop(spec.key, None)
+            self.tracker.finish(spec.key, error=str(exc))
+            log.error("autocloud: %s", exc)
+            raise
+        except BaseException as exc:
+            with self._lock:
+                self._futures.pop(spec.key, None)
+            self.tracker.finish(spec.key, error=f"{spec.key}: {type(exc).__name__}: {exc}")
+            raise
+        with self._lock:
+            self._futures.pop(spec.key, None)
+        self.tracker.finish(spec.key, bytes_downloaded=result.bytes_downloaded, seconds=result.seconds,
+                            cached=result.cached)
+        self._changed(spec.key)
+        return result
+
+    def wait(self, spec: ModelSpec, reason: str, progress: ProgressSink | None = None, poll: float = 0.1) -> Path:
+        """Block until `spec` is in the cache (joining a running download); ModelUnavailable on failure."""
+        fut = self.submit(spec, reason)
+        while True:
+            try:
+                return fut.result(timeout=poll).path
+            except FutureTimeout:
+                if progress is not None:
+                    st = self.tracker.state(spec.key)
+                    if st is not None and st.bytes_total:
+                        progress(st.bytes_done, st.bytes_total)
+            except AutoCloudError as exc:
+                raise ModelUnavailable(f"AutoCloud could not download {spec.key}: {exc.reason} "
+                                       f"[{type(exc).__name__}]") from exc
+
+    def resolve_missing(self, folder: str, filename: str, progress: ProgressSink | None = None) -> Path | None:
+        """get_full_path's fallback: a catalog entry that is not on disk is downloaded now."""
+        spec = self.catalog.lookup(folder, filename)
+        if spec is None or not spec.sources:
+            return None
+        return self.wait(spec, "on-demand", progress)
+
+    def record_access(self, path: str | os.PathLike[str]) -> None:
+        """A file ComfyUI resolved: if it is ours, count a hit and touch its index row (eviction order)."""
+        try:
+            rel = Path(path).resolve().relative_to(self.store.root.resolve())
+        except (ValueError, OSError):
+            return
+        try:
+            key = rel.as_posix()
+            split_key(key)
+            self.store.touch(key)
+            self.tracker.hit()
+        except (ValueError, StoreError):
+            pass
+
+    def prefetch(self, json_data: Any) -> PrefetchPlan:
+        """Start every missing model of a queued prompt now, in parallel; returns the plan."""
+        plan = plan_prefetch(json_data, self.catalog, self.is_present, self.allowed_hosts)
+        for spec in plan.fetch:
+            self.submit(spec, "prefetch")
+        if plan.fetch:
+            log.info("autocloud: prefetching %d models: %s", len(plan.fetch), ", ".join(s.key for s in plan.fetch))
+        if plan.unknown:
+            log.info("autocloud: no source for %s", ", ".join(plan.unknown))
+        return plan
+
+    # ------------------------------------------------------------------ actions (routes)
+    def spec_for_request(self, body: Any) -> ModelSpec:
+        """`{key}` (a catalog entry) or `{url, folder, name?}` (an allowlisted URL) as a ModelSpec."""
+        if not isinstance(body, dict):
+            raise ManifestError("request", "expected a JSON object {key} or {url, folder, name}")
+        if body.get("key"):
+            key = str(body["key"])
+            try:
+                folder, filename = split_key(key)
+            except ValueError as exc:
+                raise ManifestError("request.key", str(exc)) from None
+            spec = self.catalog.lookup(folder, filename)
+            if spec is None:
+                raise ManifestError("request.key", f"{key} is not in any manifest; give {{url, folder, name}}")
+            return spec
+        url, folder = body.get("url"), body.get("folder")
+        if not isinstance(url, str) or not isinstance(folder, str) or not url or not folder:
+            raise ManifestError("request", "give {key} or {url, folder, name}")
+        if not host_allowed(url, self.allowed_hosts):
+            raise ManifestError("request.url", f"{redact_url(url)}: host not in AUTOCLOUD_ALLOWED_HOSTS "
+                                               f"({', '.join(self.allowed_hosts) or 'empty'})")
+        name = body.get("name") or unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        try:
+            spec = ModelSpec(folder=folder, filename=str(name), sources=(url,), sha256=body.get("sha256"),
+                             defined_in="POST /autocloud/fetch")
+        except ValueError as exc:
+            raise ManifestError("request", str(exc).splitlines()[0] if str(exc) else "invalid") from None
+        return self.catalog.add([spec])[0]
+
+    def request_fetch(self, body: Any) -> str:
+        spec = self.spec_for_request(body)
+        self.submit(spec, "api")
+        return spec.key
+
+    def evict(self, key: str, force: bool = False) -> dict[str, Any]:
+        entry = self.store.evict(key, force=force)
+        self._changed(key)
+        return {"key": entry.key, "size": entry.size}
+
+    def set_pinned(self, key: str, pinned: bool) -> None:
+        (self.store.pin if pinned else self.store.unpin)(key)
+
+    # ------------------------------------------------------------------ reading
+    def status(self) -> dict[str, Any]:
+        """The JSON of GET /autocloud/status (shape of `autocloud status --json`, plus downloads)."""
+        usage = self.store.usage()
+        entries = self.store.entries()
+        cached = {e.key for e in entries}
+        files = sorted(entries, key=lambda e: -e.last_access)[:STATUS_ENTRIES]
+        available = [{"key": s.key, "size": s.size} for s in self.catalog.specs()
+                     if s.key not in cached and s.sources and not s.key.startswith(MANIFEST_FOLDER + "/")]
+        return {
+            "cache_dir": str(self.store.root),
+            "policy": self.store.policy.name,
+            **usage.as_dict(),
+            "pinned": sum(e.pinned for e in entries),
+            "in_use": sum(e.in_use for e in entries),
+            "files": [{"key": e.key, "size": e.size, "hits": e.hits, "last_access": e.last_access,
+                       "created": e.created, "pinned": e.pinned, "in_use": e.in_use, "source": e.source}
+                      for e in files],
+            "downloads": self.tracker.active(),
+            "recent": self.tracker.recent(),
+            "available": sorted(available, key=lambda a: a["key"])[:STATUS_ENTRIES],
+            "catalog_entries": len(self.catalog),
+            "manifest_error": self.manifest_error,
+            "counters": self.tracker.counters_dict(),
+        }
+
+    def close(self) -> None:
+        self._cancel.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
