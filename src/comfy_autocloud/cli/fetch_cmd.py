@@ -27,7 +27,12 @@ def build_service(app: AppContext, connections: int | None = None, rate_limit: s
     options = TransferOptions(connections=connections or s.connections,
                               limiter=RateLimiter(rate) if rate else None,
                               retry=RetryPolicy(attempts=max(1, s.retries)))
-    return FetchService(app.store(), options=options)
+    fleet = None
+    if s.redis_url is not None:  # a fleet node: peers first, one origin download per file fleet-wide
+        from comfy_autocloud.fleet.client import Fleet
+
+        fleet = Fleet.from_settings(s)
+    return FetchService(app.store(), options=options, fleet=fleet)
 
 
 def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, parallel: int) -> int:

@@ -30,6 +30,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("comfy_autocloud.cli.start_cmd", "start_cmd"),
     ("comfy_autocloud.cli.config_cmd", "config_cmd"),
     ("comfy_autocloud.cli.demo_cmd", "demo_cmd"),
+    ("comfy_autocloud.cli.fleet_cmd", "serve_peer_cmd"),
+    ("comfy_autocloud.cli.fleet_cmd", "fleet_group"),
 )
 
 
@@ -41,12 +43,16 @@ COMMANDS: tuple[tuple[str, str], ...] = (
               help="Cache size cap, e.g. 200G [env AUTOCLOUD_MAX_SIZE; default: no cap].")
 @click.option("--policy", default=None, type=click.Choice(["default", "lru", "lfuda", "gdsf"]),
               help="Eviction policy [env AUTOCLOUD_POLICY; default: size/frequency aware].")
+@click.option("--redis-url", default=None, metavar="URL",
+              help="Join the fleet in this Redis: peers first, one origin download per file [env AUTOCLOUD_REDIS_URL].")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
 @click.pass_context
-def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None, verbose: int) -> None:
+def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None, redis_url: str | None,
+        verbose: int) -> None:
     """Fetch, verify, cache and evict model files for ComfyUI on cloud GPUs."""
     _setup_logging(verbose)
-    ctx.obj = AppContext(load_settings({"cache_dir": cache_dir, "max_size": max_size, "policy": policy}))
+    ctx.obj = AppContext(load_settings({"cache_dir": cache_dir, "max_size": max_size, "policy": policy,
+                                        "redis_url": redis_url}))
 
 
 def _setup_logging(verbose: int) -> None:

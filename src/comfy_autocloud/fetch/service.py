@@ -356,10 +356,10 @@ class FetchService:
         source = fleet.partial_source(base_url, holder, spec.key)
 
         def expect(result: TransferResult) -> str | None:
-            held = fleet.wait_holding(spec.key, holder.node, result.size, timeout=max(10.0, fleet.config.lease_ttl))
-            if held is None:
-                raise TransferError(source.display, "the holder finished but never announced a verified copy")
-            return held.sha256
+            sha = fleet.verified_sha(base_url, spec.key, result.size, timeout=max(10.0, fleet.config.lease_ttl))
+            if sha is None:
+                raise TransferError(source.display, "the holder never produced a verified copy to compare with")
+            return sha
 
         try:
             return self._download_from(spec, source, t0, progress, cancel, options=fleet.peer_options(self.options),

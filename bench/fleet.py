@@ -1,0 +1,99 @@
+"""Benchmark: four fleet nodes warming the same model vs four independent downloads, same origin, same run.
+
+    python bench/fleet.py [--size 1G] [--nodes 4] [--limit-rate 40m]
+
+The origin is nginx with `limit_rate` per connection (how CDNs throttle). Three cases, each on fresh
+cache directories (page cache dropped first when /proc/sys/vm/drop_caches is writable):
+
+- one:         one node alone, no fleet (the time to beat: all four should have it within 1.5x of it);
+- independent: N nodes, no fleet, all at once (what happens without this feature);
+- ours:        N nodes with Redis + peer servers, all at once (one origin download, the rest streamed
+               from the node holding the lease while it downloads).
+
+Each node is real processes (`autocloud serve-peer` + `autocloud fetch`) with its own cache. Prints
+one line: origin bytes of ours / independent (target <= 0.3) and time until all N have it / one node
+alone (target <= 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from comfy_autocloud.units import human_size, parse_size  # noqa: E402
+from redis_server import FleetNode, RedisServer, redis_running  # noqa: E402
+from servers import NginxOrigin, nginx_running, write_random_file  # noqa: E402
+
+KEY = "checkpoints/model.safetensors"
+
+
+def drop_caches() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def run_case(base: Path, origin: NginxOrigin, url: str, n: int, redis_url: str | None, sha: str) -> tuple[float, int]:
+    """Start n nodes fetching `url` at once; (seconds until the last has it verified, origin bytes)."""
+    nodes = [FleetNode(f"node{i}", base, redis_url) for i in range(n)]
+    try:
+        if redis_url is not None:
+            for node in nodes:
+                node.start_peer()
+        drop_caches()
+        origin.clear_log()
+        t0 = time.monotonic()
+        procs = [node.fetch(url) for node in nodes]
+        for p in procs:
+            out, err = p.communicate(timeout=1800)
+            if p.returncode != 0:
+                raise SystemExit(f"a fetch failed ({p.returncode}): {err[-2000:]}")
+            got = json.loads(out.strip().splitlines()[-1])
+            if got["sha256"] != sha:
+                raise SystemExit(f"wrong sha256 {got['sha256']}")
+        took = time.monotonic() - t0
+        return took, origin.bytes_served(url.split(f":{origin.port}", 1)[1])
+    finally:
+        for node in nodes:
+            node.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1G", help="model size (default 1G)")
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--limit-rate", default="40m", help="nginx limit_rate per connection (default 40m)")
+    args = ap.parse_args()
+    if not NginxOrigin.available() or not RedisServer.available():
+        print("needs nginx and redis-server: apt-get install -y nginx-light redis-server", file=sys.stderr)
+        return 2
+    size = parse_size(args.size)
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        t = Path(tmp)
+        with nginx_running(t / "www", t / "nginx", limit_rate=args.limit_rate) as origin, \
+                redis_running(t / "redis") as redis:
+            sha = write_random_file(origin.data_dir / "model.safetensors", size, seed=7)
+            url = origin.url("slow/model.safetensors")
+            one_s, one_bytes = run_case(t / "one", origin, url, 1, None, sha)
+            print(f"# one node alone: {one_s:.2f}s, origin {human_size(one_bytes)}", flush=True)
+            indep_s, indep_bytes = run_case(t / "indep", origin, url, args.nodes, None, sha)
+            print(f"# {args.nodes} independent: {indep_s:.2f}s, origin {human_size(indep_bytes)}", flush=True)
+            ours_s, ours_bytes = run_case(t / "ours", origin, url, args.nodes, redis.url, sha)
+            print(f"# {args.nodes} fleet nodes: {ours_s:.2f}s, origin {human_size(ours_bytes)}", flush=True)
+    print(f"fleet nodes={args.nodes} size={human_size(size)} origin_bytes_ratio={ours_bytes / indep_bytes:.3f} "
+          f"time_all_vs_one={ours_s / one_s:.2f} ours_s={ours_s:.2f} independent_s={indep_s:.2f} one_s={one_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Fleet pieces against a real redis-server: registry, leases, GCRA limits, peer server, Redis loss."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from comfy_autocloud.fetch import FetchService
+from comfy_autocloud.fleet.client import Fleet, FleetConfig
+from comfy_autocloud.fleet.conn import FleetUnavailable, RedisGate
+from comfy_autocloud.fleet.lease import Leases
+from comfy_autocloud.fleet.peer_server import PeerLimits, PeerServer, PeerServerThread, parse_range
+from comfy_autocloud.fleet.ratelimit import DownloadLimit, FleetByteLimiter
+from comfy_autocloud.fleet.registry import Heartbeat, Holding, Registry
+from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.store import Store
+from redis_server import TOKEN, RedisServer, redis_running
+from servers import NginxOrigin, free_port, nginx_running, write_random_file
+
+MiB = 2**20
+pytestmark = pytest.mark.skipif(not RedisServer.available(),
+                                reason="redis-server is not installed (apt-get install redis-server)")
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with redis_running(tmp_path / "redis") as server:
+        yield server
+
+
+def config(redis_url: str, node: str, **kw: object) -> FleetConfig:
+    base: dict[str, object] = {"redis_url": redis_url, "token": TOKEN, "node_id": node, "downloads_per_minute": None,
+                               "lease_ttl": 3.0, "heartbeat_ttl": 3.0}
+    base.update(kw)
+    return FleetConfig(**base)  # type: ignore[arg-type]
+
+
+def committed(store: Store, key: str, data: bytes) -> str:
+    part = store.partial_path(key)
+    part.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    store.commit(key, part, size=len(data), sha256=sha, source="test")
+    return sha
+
+
+def raw_get(port: int, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+            ) -> tuple[int, dict[str, str], bytes]:
+    """http.client sends the path byte for byte (no client-side normalisation of `..`)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+# ---------------------------------------------------------------------------------------------- peer server
+
+@pytest.fixture
+def peer(tmp_path: Path) -> Iterator[tuple[PeerServerThread, Store, bytes, str]]:
+    store = Store(tmp_path / "cache")
+    data = os.urandom(3 * MiB + 17)
+    sha = committed(store, "checkpoints/a.safetensors", data)
+    with PeerServerThread(PeerServer(store, TOKEN, node_id="p1")) as srv:
+        yield srv, store, data, sha
+
+
+def test_peer_token_required(peer) -> None:  # type: ignore[no-untyped-def]
+    srv, _store, data, sha = peer
+    path = "/v1/files/checkpoints/a.safetensors"
+    for headers in ({}, {"Authorization": "Bearer wrong-token-xxxxxx"}, {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": TOKEN}):
+        status, hdrs, body = raw_get(srv.port, path, headers)
+        assert status == 401, headers
+        assert TOKEN.encode() not in body
+        assert hdrs.get("WWW-Authenticate", "").startswith("Bearer")
+    assert raw_get(srv.port, "/metrics")[0] == 401
+    status, hdrs, body = raw_get(srv.port, path, AUTH)
+    assert status == 200 and body == data and hdrs["ETag"] == f'"{sha}"'
+    status, hdrs, body = raw_get(srv.port, path, {**AUTH, "Range": "bytes=100-1099"})
+    assert status == 206 and body == data[100:1100]
+    assert hdrs["Content-Range"] == f"bytes 100-1099/{len(data)}"
+    status, hdrs, body = raw_get(srv.port, path, {**AUTH, "Range": "bytes=100-1099", "If-Range": '"other"'})
+    assert status == 200 and body == data
+    status, hdrs, _ = raw_get(srv.port, path, AUTH, method="HEAD")
+    assert status == 200 and int(hdrs["Content-Length"]) == len(data)
+    assert raw_get(srv.port, path, {**AUTH, "Range": f"bytes={len(data)}-"})[0] == 416
+    status, _, text = raw_get(srv.port, "/metrics", AUTH)
+    assert status == 200
+    assert 'autocloud_peer_requests_total{node="p1",route="files",status="401"} 5' in text.decode()
+    served = [ln for ln in text.decode().splitlines() if ln.startswith("autocloud_peer_bytes_served_total")
+              and 'route="files"' in ln]
+    assert served and int(served[0].rsplit(" ", 1)[1]) == 2 * len(data) + 1000
+    assert TOKEN not in text.decode()
+
+
+def test_peer_refuses_traversal_and_unverified(peer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv, store, _data, _sha = peer
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    # a file placed in the cache by hand is not verified/indexed: not served
+    (store.root / "checkpoints" / "unindexed.safetensors").write_bytes(b"x" * 100)
+    # a symlink inside the cache pointing outside, and a folder symlinked outside
+    os.symlink(secret, store.root / "checkpoints" / "link.safetensors")
+    os.symlink(tmp_path, store.root / "evil")
+    paths = [
+        "/v1/files/../../secret.txt", "/v1/files/checkpoints/../../secret.txt",
+        "/v1/files/checkpoints/..%2F..%2Fsecret.txt", "/v1/files/%2E%2E/%2E%2E/secret.txt",
+        "/v1/files/%2Fetc%2Fpasswd", "/v1/files//etc/passwd", "/v1/files/checkpoints/link.safetensors",
+        "/v1/files/evil/secret.txt", "/v1/files/.autocloud/index.sqlite", "/v1/files/checkpoints/unindexed.safetensors",
+        "/v1/partial/checkpoints/a.safetensors/../../../secret.txt", "/v1/files/checkpoints%5C..%5C..%5Csecret.txt",
+        "/v1/partial/evil/secret.txt", "/v1/partial/checkpoints/nothing.safetensors",
+    ]
+    for path in paths:
+        status, _h, body = raw_get(srv.port, path, AUTH)
+        assert status in (400, 404), (path, status)
+        assert b"top secret" not in body and b"root:" not in body and b"SQLite" not in body
+
+
+def test_peer_rate_limit_per_peer(tmp_path: Path) -> None:
+    store = Store(tmp_path / "cache")
+    committed(store, "loras/x.safetensors", b"abc" * 1000)
+    with PeerServerThread(PeerServer(store, TOKEN, limits=PeerLimits(requests_per_s=10, burst=5))) as srv:
+        t0 = time.monotonic()
+        codes = []
+        while time.monotonic() - t0 < 1.0:
+            codes.append(raw_get(srv.port, "/v1/files/loras/x.safetensors", AUTH, method="HEAD")[0])
+        elapsed = time.monotonic() - t0
+    ok = codes.count(200)
+    assert set(codes) <= {200, 429}
+    assert ok <= 5 + 10 * elapsed + 1, (ok, elapsed)
+    assert ok >= 5 + 10 * (elapsed - 0.3) - 1, (ok, elapsed)
+
+
+def test_parse_range() -> None:
+    assert parse_range("bytes=0-9", 100) == (0, 9)
+    assert parse_range("bytes=90-", 100) == (90, 99)
+    assert parse_range("bytes=-10", 100) == (90, 99)
+    assert parse_range("bytes=50-500", 100) == (50, 99)
+    assert parse_range("bytes=100-", 100) == "unsatisfiable"
+    assert parse_range("bytes=0-1,5-6", 100) is None
+    assert parse_range("bytes=x-y", 100) is None
+    assert parse_range("items=0-1", 100) is None
+
+
+# ---------------------------------------------------------------------------------------------- registry, leases
+
+def test_registry_heartbeat_ttl_and_reconcile(redis: RedisServer, tmp_path: Path) -> None:
+    gate = RedisGate(redis.url)
+    reg = Registry(gate, "a", heartbeat_ttl=0.6)
+    other = Registry(gate, "b", heartbeat_ttl=0.6)
+    store = Store(tmp_path / "cache")
+    sha = committed(store, "vae/v.safetensors", b"v" * 4096)
+    beat = Heartbeat(reg, "http://127.0.0.1:1", lambda: [Holding(e.key, e.sha256, e.size) for e in store.entries()],
+                     interval=0.1)
+    beat.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not other.holders("vae/v.safetensors") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [p] = other.holders("vae/v.safetensors")
+        assert (p.node, p.sha256, p.size) == ("a", sha, 4096)
+        assert other.holders("vae/v.safetensors", "0" * 64) == []
+        store.evict("vae/v.safetensors")  # any process may evict: the heartbeat reconciles
+        deadline = time.monotonic() + 5
+        while other.holders("vae/v.safetensors") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert other.holders("vae/v.safetensors") == []
+        assert "a" in other.nodes()
+    finally:
+        beat.stop(leave=False)  # a crash: no goodbye
+    time.sleep(0.8)
+    assert "a" not in other.nodes(), "a node that stops heartbeating must drop out after its TTL"
+    reg.announce("vae/w.safetensors", "1" * 64, 10)
+    assert other.holders("vae/w.safetensors") == [], "holdings of a dead node are not offered"
+
+
+def test_lease_exclusive_renewed_fenced(redis: RedisServer) -> None:
+    a = Leases(RedisGate(redis.url), "a", ttl=0.6)
+    b = Leases(RedisGate(redis.url), "b", ttl=0.6)
+    la = a.try_acquire("k/x")
+    assert la is not None
+    assert b.try_acquire("k/x") is None
+    time.sleep(1.5)  # more than twice the TTL: renewal keeps it
+    assert b.try_acquire("k/x") is None
+    holder = b.holder("k/x")
+    assert holder is not None and holder.node == "a" and holder.fence == la.fence
+    la.release()
+    lb = b.try_acquire("k/x")
+    assert lb is not None and lb.fence == la.fence + 1
+    lb._stop.set()  # simulate a holder that stopped renewing (crashed process)
+    lb._thread.join()
+    time.sleep(0.8)
+    lc = a.try_acquire("k/x")
+    assert lc is not None and lc.fence == lb.fence + 1
+    lb.release()  # the stale holder's release must not free the new holder's lease
+    assert b.holder("k/x") is not None and b.holder("k/x").fence == lc.fence  # type: ignore[union-attr]
+    lc.release()
+
+
+# ---------------------------------------------------------------------------------------------- rate limits
+
+def test_download_limit_gcra_measured(redis: RedisServer) -> None:
+    # Two processes of one node share the limit: 120/min = 2/s, burst 3.
+    lims = [DownloadLimit(RedisGate(redis.url), "n1", per_minute=120, burst=3) for _ in range(2)]
+    t0 = time.monotonic()
+    allowed = 0
+    i = 0
+    while time.monotonic() - t0 < 2.0:
+        if lims[i % 2].try_acquire() == 0.0:
+            allowed += 1
+        i += 1
+        time.sleep(0.005)
+    elapsed = time.monotonic() - t0
+    assert 3 + int(2 * elapsed) - 1 <= allowed <= 3 + int(2 * elapsed), (allowed, elapsed)
+    # another node has its own budget
+    assert DownloadLimit(RedisGate(redis.url), "n2", per_minute=120, burst=3).try_acquire() == 0.0
+    # the wait it reports is right: after waiting it, one more is allowed
+    while lims[0].try_acquire() == 0.0:
+        pass
+    wait = lims[0].try_acquire()
+    assert 0 < wait <= 0.5 + 0.05
+    time.sleep(wait + 0.01)
+    assert lims[1].try_acquire() == 0.0
+
+
+def test_fleet_byte_rate_measured(redis: RedisServer) -> None:
+    rate = 24 * MiB
+    limiters = [FleetByteLimiter(RedisGate(redis.url), "origin", rate) for _ in range(3)]  # three nodes
+    total = [0, 0, 0]
+    stop_at = time.monotonic() + 2.0
+
+    def consume(i: int) -> None:
+        while time.monotonic() < stop_at:
+            limiters[i].acquire_blocking(256 * 1024)
+            total[i] += 256 * 1024
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    measured = sum(total) / (time.monotonic() - t0)
+    assert 0.85 * rate <= measured <= 1.15 * rate + 3 * limiters[0].grant / 2.0, measured / rate
+    assert all(t > 0 for t in total)
+
+
+@pytest.mark.skipif(not NginxOrigin.available(), reason="nginx is not installed")
+def test_origin_byte_rate_holds_across_nodes(redis: RedisServer, tmp_path: Path) -> None:
+    """Two nodes download different files from an unthrottled origin under a 20 MiB/s fleet-wide limit."""
+    rate = 20 * MiB
+    size = 24 * MiB
+    with nginx_running(tmp_path / "www", tmp_path / "nginx") as origin:
+        specs = []
+        for i in range(2):
+            write_random_file(origin.data_dir / f"f{i}.bin", size, seed=i)
+            specs.append(ModelSpec(folder="checkpoints", filename=f"f{i}.bin", sources=(origin.url(f"f{i}.bin"),)))
+        services = [FetchService(Store(tmp_path / f"c{i}"), fleet=Fleet(config(redis.url, f"n{i}", origin_rate=rate)))
+                    for i in range(2)]
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=s.fetch, args=(spec,)) for s, spec in zip(services, specs, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - t0
+        for i, s in enumerate(services):
+            assert s.store.lookup(f"checkpoints/f{i}.bin") is not None
+    measured = 2 * size / elapsed
+    assert measured <= 1.1 * rate, f"{measured / MiB:.1f} MiB/s over a {rate / MiB:.0f} MiB/s fleet limit"
+    assert measured >= 0.6 * rate, f"only {measured / MiB:.1f} MiB/s"
+
+
+# ---------------------------------------------------------------------------------------------- Redis down
+
+def test_redis_never_started_node_works_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if not NginxOrigin.available():
+        pytest.skip("nginx is not installed")
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with nginx_running(tmp_path / "www", tmp_path / "nginx") as origin:
+        specs = []
+        for i in range(3):
+            write_random_file(origin.data_dir / f"g{i}.bin", MiB, seed=i)
+            specs.append(ModelSpec(folder="loras", filename=f"g{i}.bin", sources=(origin.url(f"g{i}.bin"),)))
+        fleet = Fleet(config(dead, "alone", downloads_per_minute=60, origin_rate=100 * MiB))
+        service = FetchService(Store(tmp_path / "cache"), fleet=fleet)
+        with caplog.at_level(logging.WARNING, logger="comfy_autocloud.fleet"):
+            t0 = time.monotonic()
+            for spec in specs:
+                assert service.fetch(spec).size == MiB
+            took = time.monotonic() - t0
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 1, [r.getMessage() for r in caplog.records]
+    assert took < 5.0
+    with pytest.raises(FleetUnavailable):
+        fleet.registry.nodes()
+
+
+def test_redis_comes_back(redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    gate = RedisGate(redis.url, pause=0.2)
+    reg = Registry(gate, "r1")
+    reg.heartbeat("http://x")
+    port = redis.port
+    redis.kill()
+    with caplog.at_level(logging.WARNING, logger="comfy_autocloud.fleet"):
+        for _ in range(5):
+            with pytest.raises(FleetUnavailable):
+                reg.heartbeat("http://x")
+        redis.start(port=port)
+        time.sleep(0.3)
+        reg.heartbeat("http://x")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in messages) == 1, messages
+    assert sum("reachable again" in m for m in messages) == 1, messages
+    assert "r1" in reg.nodes()
