@@ -190,3 +190,12 @@ def test_token_pasted_into_a_url_is_used_but_never_recorded(env: FakeCivitai, tm
     out = capsys.readouterr()
     assert rc == 1 and "carries credentials" in out.err and "hunter2xyz" not in out.out + out.err
     assert "x.bin" not in manifest.read_text()
+
+
+def test_cli_fetch_names_a_civitai_file_after_the_version_file(env: FakeCivitai, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("--cache-dir", str(tmp_path / "cache"), "fetch", "civitai:456", "--folder", "checkpoints",
+               "--json") == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["key"] == "checkpoints/dreamy_v2.safetensors"
+    assert (tmp_path / "cache" / "checkpoints" / "dreamy_v2.safetensors").read_bytes() == CKPT

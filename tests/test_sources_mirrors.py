@@ -188,3 +188,13 @@ def test_writer_refuses_broken_or_foreign_files(tmp_path: Path) -> None:
     listy.write_text("{}")
     add_entries(listy, [_spec("b.safetensors", "https://x/b")])
     assert os.stat(listy).st_mode & 0o777 == 0o600  # the file's mode survives the rename
+
+
+def test_a_mirror_publishing_another_hash_is_skipped_before_download(env: tuple[FakeHub, FakeCivitai],
+                                                                     tmp_path: Path) -> None:
+    """A wrong mirror listed first costs no download: the next mirror serves the file."""
+    spec = ModelSpec(folder="checkpoints", filename="m.safetensors", sha256=SHA,
+                     sources=("civitai:20", "hf://acme/mirror/m.safetensors"))
+    res = FetchService(Store(tmp_path / "cache")).fetch(spec)
+    assert res.sha256 == SHA and res.source.startswith("hf://acme/mirror/m.safetensors")
+    assert res.bytes_downloaded == len(DATA)

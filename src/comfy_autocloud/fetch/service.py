@@ -211,6 +211,12 @@ class FetchService:
             except SourceError as exc:
                 errors.append(f"{exc.subject}: {exc.reason}")
                 continue
+            if spec.sha256 and resolved.expected_sha256 and resolved.expected_sha256 != spec.sha256:
+                # Not a mirror of this file: skip it before downloading a byte.
+                errors.append(f"{resolved.display}: publishes sha256 {resolved.expected_sha256}, but the entry "
+                              f"asks for {spec.sha256}; not a mirror of this file")
+                log.info("%s: skipping %s: it publishes another sha256", spec.key, resolved.display)
+                continue
             try:
                 return self._download_from(spec, resolved, t0, progress, cancel, options=options)
             except (Cancelled, IntegrityError, NotEnoughSpace):
@@ -381,17 +387,27 @@ class FetchService:
         return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
 
 
+def _name_from_source(url: str) -> str:
+    """The file name a source stands for: Civitai ids name a version, so ask its API; else the last segment."""
+    from urllib.parse import unquote, urlsplit
+
+    from comfy_autocloud.sources.civitai import is_civitai_url
+
+    if url.lower().startswith("civitai:") or is_civitai_url(url):
+        return resolve(url).filename or ""
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+
+
 def specs_from_urls(urls: Iterable[str], folder: str, name: str | None = None, sha256: str | None = None
                     ) -> list[ModelSpec]:
     """`autocloud fetch URL… --folder F [--name N]`: a ModelSpec per URL, named after the URL's last segment."""
-    from urllib.parse import unquote, urlsplit
 
     urls = list(urls)
     if name is not None and len(urls) > 1:
         raise SourceError("--name", "only one URL can be given a --name")
     specs = []
     for url in urls:
-        filename = name or unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        filename = name or _name_from_source(url)
         if not filename:
             raise SourceError(url, "cannot derive a file name from this URL; pass --name")
         try:
