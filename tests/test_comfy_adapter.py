@@ -26,6 +26,7 @@ from comfy_autocloud.config import load_settings
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.preload_popular import Popularity, plan_popular
 from comfy_autocloud.store import Store
+from comfy_autocloud.transfer.ranges import PartState, state_path
 from comfy_env import TimedNginx
 
 MiB = 2**20
@@ -330,6 +331,52 @@ def test_routes_status_fetch_pin_evict_metrics(origin: TimedNginx, tmp_path: Pat
     finally:
         a.close()
 
+
+
+def test_cancel_route_stops_a_download_and_keeps_its_partial(origin: TimedNginx, tmp_path: Path,
+                                                             random_file) -> None:
+    random_file(origin.data_dir / "c.safetensors", 6 * MiB, seed=13)
+    spec = _spec("checkpoints", "c.safetensors", origin.url("/slow/c.safetensors"))
+    a = _adapter(tmp_path, [spec], connections=1)
+
+    async def body(http: aiohttp.ClientSession) -> None:
+        async def call(method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+            async with http.request(method, path, json=payload) as r:
+                return r.status, await r.json()
+
+        assert (await call("POST", "/autocloud/cancel", {"key": spec.key}))[0] == 404  # nothing running
+        assert (await call("POST", "/autocloud/fetch", {"key": spec.key}))[0] == 202
+        for _ in range(200):
+            downloads = (await call("GET", "/autocloud/status"))[1]["downloads"]
+            if downloads and downloads[0].get("bytes_done", 0) >= MiB:
+                break
+            await asyncio.sleep(0.05)
+        status, out = await call("POST", "/autocloud/cancel", {"key": spec.key})
+        assert status == 200 and out == {"key": spec.key, "cancelled": True}
+        for _ in range(100):
+            if not (await call("GET", "/autocloud/status"))[1]["downloads"]:
+                break
+            await asyncio.sleep(0.05)
+        assert not (await call("GET", "/autocloud/status"))[1]["downloads"]
+
+    try:
+        _serve(a, body)
+        assert not (tmp_path / "cache" / "checkpoints" / "c.safetensors").exists()
+        state = PartState.load(state_path(a.store.partial_path(spec.key)))
+        kept = state.done_bytes() if state else 0
+        assert kept >= MiB  # the partial file and its record are kept for resuming
+        before = -1
+        for _ in range(50):  # nginx logs the cancelled request when it notices the closed connection
+            if before == (before := len(origin.entries("/slow/c.safetensors"))):
+                break
+            time.sleep(0.1)
+        # asked for again at once (a cancel is not remembered as a failure) and resumed, not restarted
+        path = a.resolve_missing("checkpoints", "c.safetensors")
+        assert path is not None and path.stat().st_size == 6 * MiB
+        again = sum(e.body_bytes for e in origin.entries("/slow/c.safetensors")[before:] if e.method == "GET")
+        assert again <= 6 * MiB - kept + MiB, (again, kept)
+    finally:
+        a.close()
 
 # ------------------------------------------------------------------ popular-model preloader
 

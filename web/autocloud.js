@@ -80,7 +80,10 @@ function downloadRow(d) {
   return el("div", { class: "autocloud-download", "data-key": d.key, style: { marginBottom: "8px" } },
     el("div", { style: { display: "flex", justifyContent: "space-between", gap: "6px" } },
       el("span", { style: { overflow: "hidden", textOverflow: "ellipsis", whiteSpace: "nowrap" }, title: d.key }, d.key),
-      el("span", { style: { opacity: 0.7, whiteSpace: "nowrap" } }, d.reason)),
+      el("span", { style: { opacity: 0.7, whiteSpace: "nowrap" } }, d.reason,
+        d.finished ? "" : el("button", { class: "autocloud-btn autocloud-cancel", title: "stop this download (the partial file is kept and resumes later)",
+          style: { fontSize: "11px", padding: "0 5px", marginLeft: "6px", cursor: "pointer" },
+          onclick: () => post("/autocloud/cancel", { key: d.key }) }, "cancel"))),
     bar(frac, d.phase === "error" ? "#c55" : undefined),
     el("div", { style: { fontSize: "11px", opacity: 0.75 } },
       d.phase === "queued" ? "queued" :

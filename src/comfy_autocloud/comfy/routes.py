@@ -85,12 +85,19 @@ def route_defs(adapter: Adapter) -> list[web.RouteDef]:
         await asyncio.to_thread(adapter.set_pinned, key, pinned)
         return web.json_response({"key": key, "pinned": pinned})
 
+    async def cancel(request: web.Request) -> web.StreamResponse:
+        key = _key(await _body(request))
+        if not await asyncio.to_thread(adapter.cancel, key):
+            return _error(404, f"{key}: no download of it is running")
+        return web.json_response({"key": key, "cancelled": True})
+
     return [
         web.get("/autocloud/status", _guard(status)),
         web.get("/autocloud/metrics", _guard(metrics)),
         web.post("/autocloud/fetch", _guard(fetch)),
         web.post("/autocloud/evict", _guard(evict)),
         web.post("/autocloud/pin", _guard(pin)),
+        web.post("/autocloud/cancel", _guard(cancel)),
     ]
 
 

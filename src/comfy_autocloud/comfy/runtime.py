@@ -24,7 +24,7 @@ from comfy_autocloud.comfy.catalog import Catalog
 from comfy_autocloud.comfy.prefetch import IsPresent, PrefetchPlan, host_allowed, plan_prefetch
 from comfy_autocloud.comfy.tracker import Tracker
 from comfy_autocloud.config import Settings
-from comfy_autocloud.errors import AutoCloudError, ManifestError, StoreError
+from comfy_autocloud.errors import AutoCloudError, Cancelled, ManifestError, StoreError
 from comfy_autocloud.fetch.service import FetchResult, FetchService
 from comfy_autocloud.keys import split_key
 from comfy_autocloud.manifest import load_manifests
@@ -120,11 +120,11 @@ class Adapter:
         self.manifest_error: str | None = None
         # Cancelled when the interpreter exits, before the pool's threads are joined: quitting ComfyUI
         # must not wait for a 10 GB download (its partial file is kept and resumed next time).
-        self._cancel = CancelToken()
+        self._tokens: dict[str, CancelToken] = {}  # one per running download: the panel's cancel button
         register = getattr(threading, "_register_atexit", None)
         if callable(register):
             try:
-                register(self._cancel.cancel)
+                register(self.cancel_all)
             except RuntimeError:  # already shutting down
                 pass
 
@@ -189,27 +189,47 @@ class Adapter:
                 return fut
             self._failed.pop(spec.key, None)
             self.tracker.begin(spec.key, reason)
-            fut = self._pool.submit(self._run, spec, reason)
+            token = self._tokens[spec.key] = CancelToken()
+            fut = self._pool.submit(self._run, spec, reason, token)
             self._futures[spec.key] = fut
             return fut
 
-    def _run(self, spec: ModelSpec, reason: str) -> FetchResult:
+    def cancel(self, key: str) -> bool:
+        """Stop a running download (its partial file is kept for resuming); False if none is running."""
+        with self._lock:
+            token = self._tokens.get(key)
+        if token is None:
+            return False
+        token.cancel()
+        return True
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            tokens = list(self._tokens.values())
+        for token in tokens:
+            token.cancel()
+
+    def _run(self, spec: ModelSpec, reason: str, token: CancelToken) -> FetchResult:
         try:
-            result = self.fetch_service.fetch(spec, progress=self.tracker.callback(reason), cancel=self._cancel)
+            result = self.fetch_service.fetch(spec, progress=self.tracker.callback(reason), cancel=token)
         except AutoCloudError as exc:
             with self._lock:
-                self._failed[spec.key] = (time.monotonic(), exc)
+                if not isinstance(exc, Cancelled):  # a cancelled download may be asked for again at once
+                    self._failed[spec.key] = (time.monotonic(), exc)
                 self._futures.pop(spec.key, None)
+                self._tokens.pop(spec.key, None)
             self.tracker.finish(spec.key, error=str(exc))
             log.error("autocloud: %s", exc)
             raise
         except BaseException as exc:
             with self._lock:
                 self._futures.pop(spec.key, None)
+                self._tokens.pop(spec.key, None)
             self.tracker.finish(spec.key, error=f"{spec.key}: {type(exc).__name__}: {exc}")
             raise
         with self._lock:
             self._futures.pop(spec.key, None)
+            self._tokens.pop(spec.key, None)
         self.tracker.finish(spec.key, bytes_downloaded=result.bytes_downloaded, seconds=result.seconds,
                             cached=result.cached)
         self._changed(spec.key)
@@ -331,6 +351,6 @@ class Adapter:
         }
 
     def close(self) -> None:
-        self._cancel.cancel()
+        self.cancel_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
