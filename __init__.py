@@ -6,6 +6,7 @@ ComfyUI reads, including WEB_DIRECTORY for the cache panel. Import-safe: any fai
 ComfyUI starts without the pack's features.
 """
 
+import importlib
 import logging
 import os
 import sys
@@ -28,5 +29,16 @@ else:
         _setup()
     except Exception:  # setup guards itself; this is the last line of defence for ComfyUI's start-up
         logging.getLogger("comfy_autocloud").exception("ComfyUI-AutoCloud adapter failed to start")
+
+# Node modules import ComfyUI (and torch) only when a node runs; one that fails to import is logged
+# and skipped so the others still load.
+for _name in ("nodes_stepcache",):
+    try:
+        _mod = importlib.import_module(f"comfy_autocloud.comfy.{_name}")
+    except Exception:  # pragma: no cover - only reached inside a broken environment
+        logging.getLogger("comfy_autocloud").exception("ComfyUI-AutoCloud: %s not available", _name)
+    else:
+        NODE_CLASS_MAPPINGS.update(_mod.NODE_CLASS_MAPPINGS)
+        NODE_DISPLAY_NAME_MAPPINGS.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

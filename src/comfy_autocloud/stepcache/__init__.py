@@ -1,0 +1,181 @@
+"""Step cache (seed 003): skip transformer work on sampling steps whose result barely changes.
+
+Drop-in for code written against the seed's CacheDiT API::
+
+    import comfy_autocloud.stepcache as cache_dit
+    model = cache_dit.enable_cache(model, skip_interval=3, warmup_steps=5, strategy="adaptive")
+    print(cache_dit.summary(model))
+
+Targets: torch modules and diffusers transformers are cached in place (their forwards are wrapped, as
+diffusers' own cache hooks do) and returned; a diffusers pipeline caches its ``transformer``; a ComfyUI
+MODEL is never mutated: ``enable_cache`` returns a clone carrying the cache (use the return value).
+Requires the ``torch`` extra; ComfyUI is imported only for ComfyUI models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .state import CacheConfig, CacheStats, StepCacheState, global_config, global_stats, reset_stats
+from .strategies import STRATEGIES, AdaptiveStrategy, DynamicStrategy, FixedStrategy, make_strategy
+
+__all__ = [
+    "STRATEGIES",
+    "AdaptiveStrategy",
+    "CacheConfig",
+    "CacheStats",
+    "DynamicStrategy",
+    "FixedStrategy",
+    "StepCacheState",
+    "disable_cache",
+    "enable_cache",
+    "get_global_stats",
+    "make_strategy",
+    "reset_cache_stats",
+    "set_global_config",
+    "state_of",
+    "summary",
+]
+
+
+def _is_model_patcher(model: Any) -> bool:
+    """ComfyUI MODEL (ModelPatcher) by duck type, so this module never imports ComfyUI itself."""
+    return hasattr(model, "model_options") and hasattr(model, "clone") and hasattr(model, "add_wrapper_with_key")
+
+
+def _is_pipeline(model: Any) -> bool:
+    import torch
+
+    return not isinstance(model, torch.nn.Module) and isinstance(getattr(model, "transformer", None), torch.nn.Module)
+
+
+def enable_cache(
+    model: Any,
+    skip_interval: int | None = None,
+    warmup_steps: int | None = None,
+    strategy: str | None = None,
+    noise_scale: float = 0.0,
+    debug: bool = False,
+    *,
+    threshold: float | None = None,
+    max_reuse: int | None = None,
+    extrapolate: bool | None = None,
+    level: str = "block",
+    blocks: Any = None,
+    seed: int = 0,
+    label: str | None = None,
+) -> Any:
+    """Cache ``model`` and return the model to sample with (the same object, or a clone for ComfyUI).
+
+    ``strategy``: ``fixed`` (reuse 1 step in every ``skip_interval``), ``dynamic`` (reuse more often as
+    sampling goes on), ``adaptive`` (reuse while the first block's accumulated relative change stays below
+    ``threshold``, at most ``max_reuse`` in a row, residuals extrapolated). ``warmup_steps`` first steps
+    always compute. ``noise_scale`` adds ``noise_scale * std`` Gaussian noise to reused residuals (the
+    seed's anti-artifact noise; it lowers PSNR, keep it 0 unless you see banding). ``level="output"``
+    caches the whole model output instead of the blocks. Unset arguments take ``set_global_config``'s
+    defaults.
+    """
+    g = global_config()
+    cfg = CacheConfig(
+        strategy=strategy or g.default_strategy,
+        skip_interval=g.default_skip_interval if skip_interval is None else int(skip_interval),
+        warmup_steps=g.default_warmup_steps if warmup_steps is None else int(warmup_steps),
+        noise_scale=float(noise_scale),
+        debug=bool(debug),
+        threshold=threshold,
+        max_reuse=max_reuse,
+        extrapolate=extrapolate,
+        seed=seed,
+    ).validate()
+    if level not in ("block", "output"):
+        raise ValueError(f"level must be 'block' or 'output', got {level!r}")
+    if _is_model_patcher(model):
+        from .comfy_wrappers import apply_to_model_patcher
+
+        return apply_to_model_patcher(model, cfg, label=label, level=level)
+    if _is_pipeline(model):
+        enable_cache(model.transformer, cfg.skip_interval, cfg.warmup_steps, cfg.strategy, cfg.noise_scale,
+                     cfg.debug, threshold=threshold, max_reuse=max_reuse, extrapolate=extrapolate, level=level,
+                     blocks=blocks, seed=seed, label=label)
+        return model
+    import torch
+
+    from . import torch_hooks
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"enable_cache: unsupported model type {type(model).__name__} "
+                        "(expected a torch module, a diffusers pipeline or a ComfyUI MODEL)")
+    state = StepCacheState(cfg, label=label or type(model).__name__)
+    return torch_hooks.apply(model, state, level=level, blocks=blocks)
+
+
+def state_of(model: Any) -> StepCacheState | None:
+    """The cache state attached to ``model`` (None when it is not cached)."""
+    if _is_model_patcher(model):
+        from .comfy_wrappers import holder_of
+
+        h = holder_of(model)
+        return h.state if h is not None else None
+    if _is_pipeline(model):
+        model = model.transformer
+    from . import torch_hooks
+
+    handle = torch_hooks.handle_of(model) if hasattr(model, "__dict__") else None
+    return handle.state if handle is not None else None
+
+
+def summary(model: Any) -> dict[str, Any]:
+    """Per-model stats: runs, steps, computed/reused steps and calls, hit rate, measured time saved."""
+    st = state_of(model)
+    if st is None:
+        return {"enabled": False, "model": type(model).__name__}
+    return st.summary()
+
+
+def disable_cache(model: Any) -> Any:
+    """Remove the cache; returns the uncached model (in place for torch, a clone for ComfyUI MODELs)."""
+    if _is_model_patcher(model):
+        from .comfy_wrappers import remove_from_model_patcher
+
+        return remove_from_model_patcher(model)
+    target = model.transformer if _is_pipeline(model) else model
+    from . import torch_hooks
+
+    torch_hooks.remove(target)
+    return model
+
+
+def set_global_config(
+    default_skip_interval: int | None = None,
+    default_strategy: str | None = None,
+    global_debug: bool | None = None,
+    default_warmup_steps: int | None = None,
+) -> dict[str, Any]:
+    """Set defaults for later ``enable_cache`` calls; ``global_debug`` logs every model's decisions."""
+    g = global_config()
+    if default_strategy is not None and default_strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {default_strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if default_skip_interval is not None:
+        make_strategy("fixed", skip_interval=int(default_skip_interval), warmup_steps=0)
+        g.default_skip_interval = int(default_skip_interval)
+    if default_strategy is not None:
+        g.default_strategy = default_strategy
+    if default_warmup_steps is not None:
+        if default_warmup_steps < 0:
+            raise ValueError(f"default_warmup_steps must be >= 0, got {default_warmup_steps}")
+        g.default_warmup_steps = int(default_warmup_steps)
+    if global_debug is not None:
+        g.global_debug = bool(global_debug)
+    return dict(g.__dict__)
+
+
+def get_global_stats() -> dict[str, Any]:
+    """Totals over every cached model in this process (``total_cache_hits`` = reused steps)."""
+    return global_stats()
+
+
+def reset_cache_stats() -> None:
+    """Zero every counter (cached tensors are per run and already released between runs)."""
+    reset_stats()
+
+

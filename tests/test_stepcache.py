@@ -1,0 +1,441 @@
+"""Step cache: step rules, correctness on real (tiny) torch DiTs and diffusers transformers, stats, API."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import comfy_autocloud.stepcache as sc  # noqa: E402
+from comfy_autocloud.stepcache import state as sc_state  # noqa: E402
+from comfy_autocloud.stepcache.strategies import (  # noqa: E402
+    AdaptiveStrategy,
+    DynamicStrategy,
+    FixedStrategy,
+    make_strategy,
+)
+
+# ---------------------------------------------------------------- tiny real models
+
+
+class Block(nn.Module):
+    """adaLN DiT block (attention + MLP), counting how often it really computes."""
+
+    computed = 0
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d, elementwise_affine=False), nn.LayerNorm(d, elementwise_affine=False)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.mod = nn.Linear(d, 4 * d)
+        self.count = 0
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        s1, g1, s2, g2 = self.mod(c)[:, None].chunk(4, -1)
+        h = self.norm1(x) * (1 + s1)
+        x = x + g1 * self.attn(h, h, h, need_weights=False)[0]
+        return x + g2 * self.mlp(self.norm2(x) * (1 + s2))
+
+
+class TinyDiT(nn.Module):
+    """Class-conditional DiT on token sequences: ``forward(x, t, y) -> velocity``."""
+
+    def __init__(self, d: int = 32, depth: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp, self.out = nn.Linear(4, d), nn.Linear(d, 4)
+        self.temb = nn.Sequential(nn.Linear(1, d), nn.SiLU(), nn.Linear(d, d))
+        self.yemb = nn.Embedding(11, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.temb(t.reshape(-1, 1).expand(x.shape[0], 1)) + self.yemb(y)
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h, c)
+        return self.out(h)
+
+    def counts(self) -> list[int]:
+        return [b.count for b in self.blocks]
+
+
+STEPS = 10
+TS = torch.linspace(1.0, 0.0, STEPS + 1)
+
+
+def euler(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: float = 2.0, separate: bool = False,
+          start: int = 0) -> torch.Tensor:
+    """Euler flow sampling with CFG either as one batch (cond + uncond) or as two calls per step."""
+    x = x.clone()
+    null = torch.full_like(y, 10)
+    with torch.no_grad():
+        for i in range(start, STEPS):
+            t = TS[i]
+            if separate:
+                vc, vu = model(x, t.expand(len(y)), y), model(x, t.expand(len(y)), null)
+            else:
+                vc, vu = model(torch.cat([x, x]), t.expand(2 * len(y)), torch.cat([y, null])).chunk(2)
+            x = x + (TS[i + 1] - t) * (vu + cfg * (vc - vu))
+    return x
+
+
+def heun(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Second-order sampler: two model calls per step (at t_i and at t_{i+1}), Euler on the last step."""
+    x = x.clone()
+    with torch.no_grad():
+        for i in range(STEPS):
+            dt = TS[i + 1] - TS[i]
+            v1 = model(x, TS[i].expand(len(y)), y)
+            if i == STEPS - 1:
+                x = x + dt * v1
+                continue
+            v2 = model(x + dt * v1, TS[i + 1].expand(len(y)), y)
+            x = x + dt * (v1 + v2) / 2
+    return x
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Tiny models run fastest (and deterministically) on one thread, even on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 16, 4, generator=g), torch.tensor([1, 5, 7])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------- step rules
+
+
+def pattern(strategy: object, n: int = 14, signals: list[float] | None = None) -> str:
+    return "".join("R" if strategy.reuse(i, None, None if signals is None else signals[i]) else "C" for i in range(n))
+
+
+def test_fixed_rule_skips_one_in_every_interval() -> None:
+    assert pattern(FixedStrategy(skip_interval=2, warmup_steps=2)) == "CCCRCRCRCRCRCR"
+    assert pattern(FixedStrategy(skip_interval=3, warmup_steps=5)) == "CCCCCCCRCCRCCR"
+    assert pattern(FixedStrategy(skip_interval=1, warmup_steps=0)) == "C" * 14
+
+
+def test_dynamic_rule_reuses_more_often_later() -> None:
+    s = DynamicStrategy(skip_interval=4, warmup_steps=1)
+    assert pattern(s, 16) == "CCCCRCCRCRCRCRCR"
+    s.reset()
+    assert pattern(s, 16) == "CCCCRCCRCRCRCRCR"  # reset restores the first period
+    assert pattern(DynamicStrategy(skip_interval=1, warmup_steps=0)) == "C" * 14
+
+
+def test_adaptive_rule_accumulates_signal_against_threshold() -> None:
+    s = AdaptiveStrategy(threshold=0.1, warmup_steps=2, max_reuse=2)
+    sig = [0.5, 0.5, 0.04, 0.04, 0.04, 0.2, 0.01, 0.01, 0.01, 0.01, 0.095, 0.09, 0.0, 0.0]
+    # steps 2,3: 0.04, 0.08 < 0.1 -> reuse; 4: 0.12 -> compute; 5: 0.2 -> compute; 6,7 reuse; 8: max_reuse -> compute
+    assert pattern(s, 14, sig) == "CCRRCCRRCRCRRC"
+    s2 = AdaptiveStrategy(threshold=0.0, warmup_steps=0, max_reuse=5)
+    assert pattern(s2, 6, [0.0] * 6) == "C" * 6  # budget 0: never reuse
+    assert not AdaptiveStrategy(warmup_steps=0).reuse(3, None, None)  # no signal yet -> compute
+
+
+def test_make_strategy_validates() -> None:
+    assert make_strategy("adaptive", skip_interval=4, warmup_steps=1).max_reuse == 3
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        make_strategy("nope", skip_interval=2, warmup_steps=0)
+    with pytest.raises(ValueError, match="skip_interval"):
+        make_strategy("fixed", skip_interval=0, warmup_steps=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        make_strategy("fixed", skip_interval=2, warmup_steps=-1)
+
+
+def test_taylor_extrapolation_is_first_order_in_timestep() -> None:
+    st = sc.StepCacheState(sc.CacheConfig(strategy="adaptive"))
+    ctx = st.begin_call(1.0, "k")
+    st.store(ctx, {"h": torch.tensor([3.0])}, {"h": torch.tensor([1.0])})  # residual 2 at t=1.0
+    ctx = st.begin_call(0.9, "k")
+    st.store(ctx, {"h": torch.tensor([3.5])}, {"h": torch.tensor([1.0])})  # residual 2.5 at t=0.9
+    ctx = st.begin_call(0.7, "k")
+    out = st.cached(ctx, {"h": torch.tensor([10.0])})
+    assert out["h"].item() == pytest.approx(10.0 + 3.5)  # 2.5 + 0.5/0.1 * 0.2
+
+
+# ---------------------------------------------------------------- plain torch DiT
+
+
+def test_fixed_computes_exactly_the_rule_steps(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT()
+    ref = euler(m, x, y)
+    base = m.counts()
+    assert sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2) is m
+    out = euler(m, x, y)
+    st = sc.state_of(m)
+    assert st.last_run_decisions == [c == "R" for c in "CCCRCRCRCR"]
+    used = [a - b for a, b in zip(m.counts(), base, strict=True)]
+    assert used == [10, 6, 6, 6]  # block 0 always runs, the rest only on the 6 computed steps
+    assert 0 < rel(out, ref) < 0.05
+    s = sc.summary(m)
+    assert (s["steps"], s["computed_steps"], s["reused_steps"], s["hit_rate"]) == (10, 6, 4, 0.4)
+    sc.disable_cache(m)
+    assert torch.equal(euler(m, x, y), ref)
+    assert sc.summary(m)["enabled"] is False
+
+
+def test_never_reusing_is_bit_exact(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT()
+    ref = euler(m, x, y)
+    sc.enable_cache(m, strategy="fixed", skip_interval=1, warmup_steps=0)
+    assert torch.equal(euler(m, x, y), ref)
+    sc.enable_cache(m, strategy="adaptive", threshold=0.0)
+    assert torch.equal(euler(m, x, y), ref)
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "dynamic", "adaptive"])
+def test_cfg_separate_calls_match_one_batch(data: tuple, strategy: str) -> None:
+    """Cond and uncond as two calls keep their own residuals and follow the step's one decision."""
+    x, y = data
+    m = TinyDiT()
+    sc.enable_cache(m, strategy=strategy, skip_interval=3, warmup_steps=2, threshold=0.3)
+    batched = euler(m, x, y)
+    dec_b = list(sc.state_of(m).last_run_decisions)
+    sep = euler(m, x, y, separate=True)
+    dec_s = sc.state_of(m).last_run_decisions
+    assert dec_b == dec_s and any(dec_b)
+    assert torch.allclose(batched, sep, atol=1e-4)
+    s = sc.summary(m)
+    assert s["runs"] == 2 and s["calls"] == 30 and s["steps"] == 20
+
+
+def test_batch_members_are_independent(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT()
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=1)
+    whole = euler(m, x, y)
+    for i in range(len(y)):
+        assert torch.allclose(euler(m, x[i:i + 1], y[i:i + 1]), whole[i:i + 1], atol=1e-4)
+
+
+def test_several_models_interleaved_keep_separate_state(data: tuple) -> None:
+    x, y = data
+    a, b = TinyDiT(seed=0), TinyDiT(seed=1)
+    ra, rb = euler(a, x, y), euler(b, x, y)
+    sc.reset_cache_stats()
+    sc.enable_cache(a, strategy="fixed", skip_interval=2, warmup_steps=2, label="a")
+    sc.enable_cache(b, strategy="fixed", skip_interval=3, warmup_steps=2, label="b")
+    xa, xb = x.clone(), x.clone()
+    null = torch.full_like(y, 10)
+    with torch.no_grad():
+        for i in range(STEPS):  # one step of a, then one of b: a refiner-style interleaving
+            t, dt = TS[i].expand(2 * len(y)), TS[i + 1] - TS[i]
+            for m, xx in ((a, xa), (b, xb)):
+                vc, vu = m(torch.cat([xx, xx]), t, torch.cat([y, null])).chunk(2)
+                xx += dt * (vu + 2.0 * (vc - vu))
+    sa, sb = sc.summary(a), sc.summary(b)
+    assert (sa["reused_steps"], sb["reused_steps"]) == (4, 2)
+    assert torch.allclose(xa, euler(a, x, y), atol=1e-5)  # same as a run of a alone
+    assert rel(xa, ra) < 0.05 and rel(xb, rb) < 0.05
+    g = sc.get_global_stats()
+    assert g["total_cache_hits"] >= 6 and g["total_models"] >= 2
+    names = {d["model"] for d in g["models"]}
+    assert {"a", "b"} <= names
+
+
+def test_new_run_resets_and_memory_does_not_grow(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT()
+    sc.enable_cache(m, strategy="adaptive", skip_interval=3, warmup_steps=2, threshold=0.5)
+    first = euler(m, x, y)
+    st = sc.state_of(m)
+    held = st.cached_bytes()
+    for _ in range(4):
+        assert torch.equal(euler(m, x, y), first)  # state from the last run never leaks into the next
+    assert st.cached_bytes() == held and len(st._streams) == 1
+    assert sc.summary(m)["runs"] == 5
+    euler(m, x, y, separate=True)
+    assert len(st._streams) == 2  # cond + uncond streams, nothing from earlier runs
+
+
+def test_img2img_starting_mid_schedule(data: tuple, caplog: pytest.LogCaptureFixture) -> None:
+    x, y = data
+    m = TinyDiT()
+    ref = euler(m, x, y, start=4)
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=1, debug=True)
+    euler(m, x, y)
+    with caplog.at_level(logging.INFO, logger="comfy_autocloud.stepcache"):
+        out = euler(m, x, y, start=4)
+    assert "new run" in caplog.text
+    assert sc.state_of(m).last_run_decisions == [c == "R" for c in "CCRCRC"]
+    assert rel(out, ref) < 0.05
+    assert "step 2 t=0.4: reuse (signal=" in caplog.text
+
+
+def test_second_order_sampler(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT()
+    ref = heun(m, x, y)
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2)
+    out = heun(m, x, y)
+    s = sc.summary(m)
+    assert s["steps"] == STEPS and s["calls"] == 2 * STEPS - 1  # two calls per timestep after the first
+    assert s["reused_steps"] == 4 and s["reused_calls"] >= 6
+    assert rel(out, ref) < 0.05
+
+
+def test_output_level_and_noise(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT()
+    ref = euler(m, x, y)
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2, level="output")
+    base = m.counts()
+    out = euler(m, x, y)
+    assert [a - b for a, b in zip(m.counts(), base, strict=True)] == [6, 6, 6, 6]
+    assert rel(out, ref) < 0.1
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2, noise_scale=0.05)
+    n1, n2 = euler(m, x, y), euler(m, x, y)
+    assert torch.equal(n1, n2)  # seeded per run
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2)
+    assert not torch.equal(euler(m, x, y), n1)
+
+
+def test_stats_time_saved_and_global_api(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT(d=64, depth=6)
+    sc.reset_cache_stats()
+    sc.set_global_config(default_skip_interval=2, default_strategy="fixed", global_debug=False)
+    try:
+        sc.set_global_config(default_skip_interval=3, default_strategy="dynamic", default_warmup_steps=1)
+        sc.enable_cache(m)
+        s = sc.summary(m)
+        assert (s["strategy"], s["skip_interval"], s["warmup_steps"]) == ("dynamic", 3, 1)
+        euler(m, x, y)
+        s = sc.summary(m)
+        assert s["reused_steps"] > 0 and s["time_saved_s"] > 0 and s["time_computed_s"] > 0
+        g = sc.get_global_stats()
+        assert g["total_cache_hits"] == s["reused_steps"] and g["total_steps"] == s["steps"]
+        sc.reset_cache_stats()
+        assert sc.get_global_stats()["total_cache_hits"] == 0 and sc.summary(m)["steps"] == 0
+        with pytest.raises(ValueError, match="unknown strategy"):
+            sc.set_global_config(default_strategy="turbo")
+        with pytest.raises(ValueError, match="noise_scale"):
+            sc.enable_cache(m, noise_scale=2.0)
+        with pytest.raises(TypeError, match="unsupported model type"):
+            sc.enable_cache(object())
+    finally:
+        sc.set_global_config(default_skip_interval=2, default_strategy="fixed", default_warmup_steps=2,
+                             global_debug=False)
+
+
+def test_retired_models_fold_into_global_totals(data: tuple) -> None:
+    import gc
+
+    x, y = data
+    sc.reset_cache_stats()
+    m = TinyDiT()
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2)
+    euler(m, x, y)
+    del m
+    gc.collect()
+    g = sc.get_global_stats()
+    assert g["total_cache_hits"] == 4 and g["retired_models"] >= 1
+    assert sc_state.live_states() is not None
+
+
+# ---------------------------------------------------------------- diffusers transformers
+
+
+def _flux() -> nn.Module:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _flux_sample(m: nn.Module, separate: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    x, enc = torch.randn(2, 16, 4, generator=g), torch.randn(2, 3, 32, generator=g)
+    pooled = torch.randn(2, 16, generator=g)
+    ids = torch.zeros(16, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    with torch.no_grad():
+        for i in range(STEPS):
+            if separate:
+                v = torch.cat([m(hidden_states=x[j:j + 1], encoder_hidden_states=enc[j:j + 1],
+                                 pooled_projections=pooled[j:j + 1], timestep=TS[i].expand(1), img_ids=ids,
+                                 txt_ids=torch.zeros(3, 3), return_dict=False)[0] for j in range(2)])
+            else:
+                v = m(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                      timestep=TS[i].expand(2), img_ids=ids, txt_ids=torch.zeros(3, 3)).sample
+            x = x + (TS[i + 1] - TS[i]) * v
+    return x
+
+
+def test_diffusers_flux_transformer() -> None:
+    m = _flux()
+    ref = _flux_sample(m)
+    counts = {"n": 0}
+    m.single_transformer_blocks[0].attn.register_forward_hook(lambda *a: counts.__setitem__("n", counts["n"] + 1))
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2)
+    out = _flux_sample(m)
+    assert counts["n"] == 6  # a middle block: computed on the 6 computed steps only
+    assert sc.summary(m)["reused_steps"] == 4
+    assert 0 < rel(out, ref) < 0.05
+    assert torch.allclose(_flux_sample(m, separate=True), out, atol=1e-4)
+    sc.enable_cache(m, strategy="adaptive", threshold=0.0)
+    assert torch.allclose(_flux_sample(m), ref, atol=1e-6)
+    sc.disable_cache(m)
+    assert torch.equal(_flux_sample(m), ref)
+
+
+def test_diffusers_sd3_transformer() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    m = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=8).eval()
+    g = torch.Generator().manual_seed(0)
+    x0, enc = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 32, generator=g)
+    pooled = torch.randn(2, 16, generator=g)
+
+    def run() -> torch.Tensor:
+        x = x0.clone()
+        with torch.no_grad():
+            for i in range(STEPS):
+                v = m(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                      timestep=(TS[i] * 1000).expand(2), return_dict=False)[0]
+                x = x + (TS[i + 1] - TS[i]) * v
+        return x
+
+    ref = run()
+    sc.enable_cache(m, strategy="dynamic", skip_interval=3, warmup_steps=2)
+    out = run()
+    assert sc.summary(m)["reused_steps"] == 3
+    assert 0 < rel(out, ref) < 0.05
+    sc.disable_cache(m)
+    assert torch.equal(run(), ref)
+
+
+def test_diffusers_pipeline_like_object_caches_its_transformer() -> None:
+    m = _flux()
+
+    class Pipe:
+        transformer = m
+
+    pipe = Pipe()
+    assert sc.enable_cache(pipe, strategy="fixed") is pipe
+    assert sc.summary(pipe)["strategy"] == "fixed"
+    sc.disable_cache(pipe)
+    assert sc.state_of(m) is None
