@@ -19,8 +19,6 @@ is shared with `fake_civitai.py`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import threading
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from servers import free_port
+from comfy_autocloud.aiothread import AppThread
 
 HUB_TOKEN = "hf_FAKEtok3nNeverPrintMe0123456789"
 OTHER_TOKEN = "hf_OtherUserTok3nNotGranted98765"
@@ -70,11 +68,9 @@ class LoopServer:
     """An aiohttp server on its own loop thread, on 127.0.0.1 and 127.0.0.2 at one port."""
 
     def __init__(self) -> None:
-        self.port = 0
         self.seen: list[Seen] = []
+        self._server = AppThread(self._app, hosts=("127.0.0.1", "127.0.0.2"), name=type(self).__name__)
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:  # overridden
         raise NotImplementedError
@@ -92,49 +88,21 @@ class LoopServer:
         with self._lock:
             return [s for s in self.seen if s.host == host]
 
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._entry)
+        return app
+
     def start(self) -> LoopServer:
-        self.port = free_port()
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._entry)
-            runner = web.AppRunner(app, access_log=None)
-            try:
-                loop.run_until_complete(runner.setup())
-                for host in ("127.0.0.1", "127.0.0.2"):
-                    loop.run_until_complete(web.TCPSite(runner, host, self.port).start())
-            except BaseException as e:  # reported to the starting thread
-                errors.append(e)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                loop.run_until_complete(asyncio.wait_for(runner.cleanup(), 2))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=type(self).__name__, daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError(f"{type(self).__name__} did not start")
-        if errors:
-            raise errors[0]
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._loop = None
-        self._thread = None
+        self._server.stop()
 
 
 def git_blob_sha1(data: bytes) -> str:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from comfy_autocloud.aiothread import AppThread
+
 AUTH_TOKEN = "Bearer s3cr3t-test-token"
 
 
@@ -256,10 +258,7 @@ class ChaosOrigin:
     def __init__(self) -> None:
         self.behaviours: dict[str, Behaviour] = {}
         self.seen: list[SeenRequest] = []
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._server = AppThread(self._app, hosts=("127.0.0.1", "127.0.0.2"), name="chaos-origin")
         self._lock = threading.Lock()
 
     def add(self, path: str, behaviour: Behaviour) -> str:
@@ -345,51 +344,21 @@ class ChaosOrigin:
         await resp.write_eof()
         return resp
 
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
     def start(self) -> ChaosOrigin:
-        self.port = free_port()
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            runner = web.AppRunner(app, access_log=None)
-            self._runner = runner
-            try:
-                loop.run_until_complete(runner.setup())
-                for host in ("127.0.0.1", "127.0.0.2"):
-                    loop.run_until_complete(web.TCPSite(runner, host, self.port).start())
-            except BaseException as e:  # surfaced to the starting thread
-                errors.append(e)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            # Stalled handlers (slow trickles) must not hold the shutdown: cancel them first.
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                loop.run_until_complete(asyncio.wait_for(runner.cleanup(), 2))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="chaos-origin", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("chaos origin did not start")
-        if errors:
-            raise errors[0]
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._loop = None
-        self._thread = None
+        self._server.stop()
 
     def __enter__(self) -> ChaosOrigin:
         return self.start()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import threading
 import time
 from email.utils import formatdate
 from pathlib import Path
 
 from aiohttp import web
+
+from comfy_autocloud.aiothread import AppThread
 
 _CHUNK = 256 * 1024
 
@@ -24,48 +25,33 @@ class DemoOrigin:
         self.root = root.resolve()
         self.throttle = throttle
         self.host = host
-        self.port = 0
         self.bytes_served = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
+        self._server = AppThread(self._app, hosts=(host,), name="demo-origin")
 
     def url(self, rel: str) -> str:
         return f"http://{self.host}:{self.port}/{rel}"
 
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        return app
+
     def start(self) -> DemoOrigin:
-        self._thread = threading.Thread(target=self._serve, name="demo-origin", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("demo origin did not start")
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._loop and self._runner:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread:
-            self._thread.join(10)
+        self._server.stop()
 
     def __enter__(self) -> DemoOrigin:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _serve(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_route("*", "/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, self.host, 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._ready.set()
-        self._loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):

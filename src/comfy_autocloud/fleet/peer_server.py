@@ -29,7 +29,6 @@ import hmac
 import logging
 import os
 import stat
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from comfy_autocloud.aiothread import AppThread
 from comfy_autocloud.errors import StoreError
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer import RateLimiter
@@ -412,59 +412,23 @@ class PeerServerThread:
     def __init__(self, server: PeerServer, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = server
         self.host = host
-        self.port = port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._thread = AppThread(server.app, hosts=(host,), port=port, name="autocloud-peer-server",
+                                 shutdown_timeout=5.0)
+
+    @property
+    def port(self) -> int:
+        return self._thread.port
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> PeerServerThread:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            runner = web.AppRunner(self.server.app(), access_log=None)
-            self._runner = runner
-            try:
-                loop.run_until_complete(runner.setup())
-                site = web.TCPSite(runner, self.host, self.port)
-                loop.run_until_complete(site.start())
-                server = site._server
-                if self.port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
-                    self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-            except BaseException as exc:  # surfaced to the starting thread
-                errors.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
-            with contextlib.suppress(BaseException):
-                loop.run_until_complete(asyncio.wait_for(runner.cleanup(), 5))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="autocloud-peer-server", daemon=True)
         self._thread.start()
-        if not ready.wait(15):
-            raise RuntimeError("peer server did not start")
-        if errors:
-            raise errors[0]
         return self
 
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._loop = None
-        self._thread = None
+        self._thread.stop()
 
     def __enter__(self) -> PeerServerThread:
         return self.start()
