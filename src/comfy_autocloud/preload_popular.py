@@ -6,6 +6,11 @@ first request. The preloader downloads through its own FetchService on the same 
 same single-flight locks) whose options carry a `RateLimiter`, and it yields: while any other download
 runs it waits, and a preload that is running when one starts is cancelled (its partial file is kept
 and resumed later), so it never slows an on-demand fetch.
+
+With `predict_top` (AUTOCLOUD_PREDICT), it also learns from the store's access log which model tends to
+follow which and what is used at this hour (`predict.Predictor`); a few seconds after each new access
+it fetches the confident guesses for what comes next, after pinned and popular files, within the same
+budget (a share of the cap) and at the same low priority.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from comfy_autocloud.errors import AutoCloudError, Cancelled
 from comfy_autocloud.fetch.service import FetchResult, FetchService
+from comfy_autocloud.fsutil import write_atomic
 from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.predict import MIN_SCORE, Predictor, collapse_repeats
 from comfy_autocloud.progress import CancelToken, ProgressCallback
 from comfy_autocloud.store import Entry, Store
 from comfy_autocloud.transfer import RateLimiter
@@ -61,15 +68,15 @@ def merge_history(history: dict[str, Popularity], entries: Iterable[Entry]) -> d
 
 
 def write_history(path: Path, history: dict[str, Popularity]) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({k: {"hits": p.hits, "size": p.size} for k, p in sorted(history.items())}),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({k: {"hits": p.hits, "size": p.size} for k, p in sorted(history.items())}))
 
 
 def plan_popular(specs: Sequence[ModelSpec], cached: Iterable[Entry], history: dict[str, Popularity],
-                 cap: int | None, top: int, budget_fraction: float = BUDGET_FRACTION) -> list[ModelSpec]:
-    """Specs to download now: pinned first, then the `top` most-used, while all chosen fit the budget.
+                 cap: int | None, top: int, budget_fraction: float = BUDGET_FRACTION,
+                 predicted: Sequence[str] = (), guess_room: int | None = None) -> list[ModelSpec]:
+    """Specs to download now: pinned first, then the `top` most-used, then the `predicted` keys (lowest
+    priority: the predictive preloader's guesses), while all chosen fit the budget. Guesses must also
+    fit in `guess_room` (the cap's free room): a guess never makes the store evict anything.
 
     Chosen files already cached count against the budget too; a missing file of unknown size is only
     planned when there is no cap (we cannot promise it fits).
@@ -79,14 +86,22 @@ def plan_popular(specs: Sequence[ModelSpec], cached: Iterable[Entry], history: d
     pinned = [s for s in fetchable if s.pin]
     popular = sorted((s for s in fetchable if not s.pin and history.get(s.key, Popularity(0, None)).hits > 0),
                      key=lambda s: (-history[s.key].hits, s.key))[:max(0, top)]
+    by_key = {s.key: s for s in fetchable}
+    chosen = {s.key for s in pinned + popular}
+    guesses = [by_key[k] for k in dict.fromkeys(predicted) if k in by_key and k not in chosen]
     budget = None if cap is None else cap * budget_fraction
     used = 0
     plan: list[ModelSpec] = []
-    for spec in pinned + popular:
+    guess_keys = {s.key for s in guesses}
+    for spec in pinned + popular + guesses:
         size = sizes.get(spec.key)
         present = size is not None
         if size is None:
             size = spec.size if spec.size is not None else history.get(spec.key, Popularity(0, None)).size
+        if spec.key in guess_keys and not present and guess_room is not None:
+            if size is None or size > guess_room:
+                continue
+            guess_room -= size
         if budget is not None:
             if size is None or used + size > budget:
                 continue
@@ -104,7 +119,8 @@ class PopularPreloader:
                  progress: ProgressCallback | None = None,
                  on_done: Callable[[ModelSpec, FetchResult | None, AutoCloudError | None], None] | None = None,
                  on_start: Callable[[ModelSpec], None] | None = None,
-                 history_path: Path | None = None, poll: float = 0.2) -> None:
+                 history_path: Path | None = None, poll: float = 0.2, predict_top: int = 0,
+                 predict_poll: float = 5.0, min_score: float | None = None) -> None:
         self.store = store
         self.limiter = RateLimiter(rate)
         # Same store and locks as on-demand fetches; only the byte budget differs.
@@ -122,13 +138,41 @@ class PopularPreloader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.yielded = 0  # how many times a running preload stepped aside for another download
+        # Predictive preloading: after each new access in the store's access log, fetch the `predict_top`
+        # models most likely to be asked for next (learned from that log), at the same low priority.
+        self.predict_top = max(0, predict_top)
+        self.predict_poll = predict_poll
+        self.min_score = MIN_SCORE if min_score is None else min_score
+        self._seen_access = -1
 
-    def plan(self) -> list[ModelSpec]:
+    def predicted(self) -> list[str]:
+        """Keys likely to be asked for next, given the newest access (empty when nothing is confident)."""
+        if not self.predict_top:
+            return []
+        history = collapse_repeats(self.store.access_history())
+        if not history:
+            return []
+        model = Predictor().fit(history)
+        last = history[-1][1]
+        now = time.time()
+        scores = model.scores(last, now)
+        return [k for k in model.predict(last, now, self.predict_top) if scores[k] >= self.min_score]
+
+    def plan(self, *, predicted_only: bool = False) -> list[ModelSpec]:
         entries = self.store.entries()
         history = merge_history(read_history(self.history_path), entries)
         with contextlib.suppress(OSError):
             write_history(self.history_path, history)
-        return plan_popular(self.specs(), entries, history, self.store.max_size, self.top)
+        predicted = self.predicted()
+        room = None
+        if predicted and self.store.max_size is not None:
+            usage = self.store.usage()
+            room = int(self.store.max_size * BUDGET_FRACTION) - usage.bytes - usage.reserved_bytes
+        if predicted_only:  # a quick pass between full ones: only the guesses (pinned/popular are done)
+            return plan_popular(self.specs(), entries, {}, self.store.max_size, 0, predicted=predicted,
+                                guess_room=room)
+        return plan_popular(self.specs(), entries, history, self.store.max_size, self.top, predicted=predicted,
+                            guess_room=room)
 
     def _wait_idle(self) -> bool:
         while self.busy():
@@ -160,10 +204,12 @@ class PopularPreloader:
                 watcher.join()
         return None
 
-    def run_once(self) -> list[str]:
+    def run_once(self, *, predicted_only: bool = False) -> list[str]:
         """One pass; returns the keys it made present."""
         done: list[str] = []
-        for spec in self.plan():
+        if self.predict_top:
+            self._seen_access = self.store.last_access_id()
+        for spec in self.plan(predicted_only=predicted_only):
             if self._stop.is_set():
                 break
             if self.on_start is not None:
@@ -182,14 +228,22 @@ class PopularPreloader:
         return done
 
     def _loop(self) -> None:
+        next_full = 0.0
         while not self._stop.is_set():
             try:
-                made = self.run_once()
+                if time.monotonic() >= next_full:
+                    next_full = time.monotonic() + self.interval
+                    made = self.run_once()
+                elif self.predict_top and self.store.last_access_id() != self._seen_access:
+                    made = self.run_once(predicted_only=True)  # something was used: prefetch what follows it
+                else:
+                    made = []
                 if made:
                     log.info("autocloud: preloaded %s", ", ".join(made))
             except Exception:
                 log.exception("autocloud: preloader pass failed")
-            if self._stop.wait(self.interval):
+            wait = min(self.interval, self.predict_poll) if self.predict_top else self.interval
+            if self._stop.wait(wait):
                 return
 
     def start(self) -> PopularPreloader:

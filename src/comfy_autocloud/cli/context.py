@@ -20,7 +20,8 @@ class AppContext:
             from comfy_autocloud.store import Store
 
             s = self.settings
-            self._cache["store"] = Store(s.cache_path, max_size=s.max_size, policy=s.policy)
+            self._cache["store"] = Store(s.cache_path, max_size=s.max_size, policy=s.policy,
+                                         temp_dir=s.values.get("temp_dir"))
         return self._cache["store"]
 
 

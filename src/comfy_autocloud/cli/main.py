@@ -32,6 +32,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("comfy_autocloud.cli.demo_cmd", "demo_cmd"),
     ("comfy_autocloud.cli.fleet_cmd", "serve_peer_cmd"),
     ("comfy_autocloud.cli.fleet_cmd", "fleet_group"),
+    ("comfy_autocloud.cli.predict_cmd", "predict_cmd"),
 )
 
 
@@ -43,16 +44,19 @@ COMMANDS: tuple[tuple[str, str], ...] = (
               help="Cache size cap, e.g. 200G [env AUTOCLOUD_MAX_SIZE; default: no cap].")
 @click.option("--policy", default=None, type=click.Choice(["default", "lru", "lfuda", "gdsf"]),
               help="Eviction policy [env AUTOCLOUD_POLICY; default: size/frequency aware].")
+@click.option("--temp-dir", default=None, metavar="DIR",
+              help="Partial downloads on this RAM disk (tmpfs); the cache disk when it lacks room "
+                   "[env AUTOCLOUD_TEMP_DIR].")
 @click.option("--redis-url", default=None, metavar="URL",
               help="Join the fleet in this Redis: peers first, one origin download per file [env AUTOCLOUD_REDIS_URL].")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
 @click.pass_context
-def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None, redis_url: str | None,
-        verbose: int) -> None:
+def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy: str | None, temp_dir: str | None,
+        redis_url: str | None, verbose: int) -> None:
     """Fetch, verify, cache and evict model files for ComfyUI on cloud GPUs."""
     _setup_logging(verbose)
     ctx.obj = AppContext(load_settings({"cache_dir": cache_dir, "max_size": max_size, "policy": policy,
-                                        "redis_url": redis_url}))
+                                        "temp_dir": temp_dir, "redis_url": redis_url}))
 
 
 def _setup_logging(verbose: int) -> None:

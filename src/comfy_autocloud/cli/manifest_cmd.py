@@ -35,7 +35,7 @@ from comfy_autocloud.units import human_size
 
 def spec_record(spec: ModelSpec) -> dict[str, Any]:
     """A spec as printable JSON; sources are redacted because output ends up in logs and tickets."""
-    return {
+    record: dict[str, Any] = {
         "key": spec.key,
         "folder": spec.folder,
         "filename": spec.filename,
@@ -47,6 +47,9 @@ def spec_record(spec: ModelSpec) -> dict[str, Any]:
         "preload": spec.preload,
         "defined_in": spec.defined_in,
     }
+    if spec.bundle is not None:  # the zip this file arrives in
+        record["bundle"] = spec.bundle.name
+    return record
 
 
 @click.group("manifest")
@@ -253,3 +256,57 @@ def from_s3_cmd(prefix: str, folder: str, output: Path | None, patterns: tuple[s
     console.print(f"{len(specs)} objects from {ref.text} ({hashed} with sha256, {skipped} skipped): "
                   f"{counts['added']} added, {counts['merged']} merged, {counts['unchanged']} unchanged -> {output}",
                   soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------- sync
+
+@manifest_cmd.command("sync")
+@click.argument("url", required=False)
+@click.option("--dir", "-d", "directory", type=click.Path(path_type=Path), default=None,
+              help="Directory the lists live in [env AUTOCLOUD_MANIFEST_DIR].")
+@click.option("--every", type=float, default=None, metavar="SECONDS",
+              help="Keep running: sync again every SECONDS (a failed sync is reported and retried next time).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sync.")
+@pass_app
+def sync_cmd(app: AppContext, url: str | None, directory: Path | None, every: float | None, as_json: bool) -> None:
+    """Download the lists a versions index URL names ({list: {url, md5|sha256, version}}) when they changed.
+
+    Changed lists are verified and parsed before anything is replaced, then swapped in together; on any
+    failure the last good lists stay. A running ComfyUI whose AUTOCLOUD_MANIFEST points at the directory
+    reloads them within AUTOCLOUD_MANIFEST_RELOAD seconds.
+    """
+    import time
+
+    from comfy_autocloud.cli.fetch_cmd import build_service
+    from comfy_autocloud.errors import AutoCloudError
+    from comfy_autocloud.manifest.sync import sync_manifests
+
+    s = app.settings
+    url = url or s.manifest_sync_url
+    if not url:
+        raise click.UsageError("give the index URL (or set AUTOCLOUD_MANIFEST_SYNC_URL)")
+    target = directory or (Path(s.manifest_dir) if s.manifest_dir else None)
+    if target is None:
+        raise click.UsageError("give --dir (or set AUTOCLOUD_MANIFEST_DIR)")
+    if every is not None and every <= 0:
+        raise click.UsageError("--every must be positive")
+    service = build_service(app)
+    while True:
+        try:
+            report = sync_manifests(url, target, service)
+        except AutoCloudError as exc:
+            if every is None:
+                raise
+            err_console.print(f"[red]sync failed:[/red] {exc.subject}: {exc.reason}", soft_wrap=True)
+        else:
+            if as_json:
+                emit_json(report.as_json())
+            else:
+                for c in report.changes:
+                    version = f" (version {c.old_version or '-'} -> {c.new_version or '-'})" \
+                        if c.action != "unchanged" else ""
+                    console.print(f"{c.action:9} {c.name}{version}", soft_wrap=True)
+                console.print(f"{report.entries} model entries in {target} from {report.index}", soft_wrap=True)
+        if every is None:
+            return
+        time.sleep(every)

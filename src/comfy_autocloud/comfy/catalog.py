@@ -84,6 +84,12 @@ class Catalog:
         with self._lock:
             return sorted({s.folder for s in self._by_name.values()})
 
+    def replace(self, specs: Iterable[ModelSpec]) -> None:
+        """Swap in a whole new set at once (a reloaded manifest: removed entries go, changed ones change)."""
+        fresh = Catalog(specs)
+        with self._lock:
+            self._by_name = fresh._by_name
+
     def specs(self) -> list[ModelSpec]:
         with self._lock:
             return list(self._by_name.values())

@@ -31,4 +31,5 @@ def preloader_for(adapter: Adapter) -> PopularPreloader:
                             rate=s.get("preload_rate") or 50 * 2**20, top=int(s.get("preload_top", 10)),
                             interval=float(s.get("preload_interval", 3600.0)),
                             busy=lambda: tracker.busy(ignore=("preload",)), progress=tracker.callback("preload"),
-                            on_start=on_start, on_done=on_done)
+                            on_start=on_start, on_done=on_done,
+                            predict_top=int(s.get("predict_top") or 0) if s.get("predict") else 0)

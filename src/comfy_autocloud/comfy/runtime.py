@@ -118,6 +118,10 @@ class Adapter:
         self._failed: dict[str, tuple[float, AutoCloudError]] = {}
         self._on_commit: list[Callable[[str], None]] = []
         self.manifest_error: str | None = None
+        self._manifest_keys: set[str] = set()  # catalog keys the manifests defined (not API-added ones)
+        self._manifest_sig: tuple[tuple[str, int, int], ...] | None = None
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         # Cancelled when the interpreter exits, before the pool's threads are joined: quitting ComfyUI
         # must not wait for a 10 GB download (its partial file is kept and resumed next time).
         self._tokens: dict[str, CancelToken] = {}  # one per running download: the panel's cancel button
@@ -131,30 +135,83 @@ class Adapter:
     @classmethod
     def create(cls, settings: Settings, *, is_present: IsPresent | None = None) -> Adapter:
         """Open the store and load the manifests; a broken manifest is reported, not fatal."""
-        store = Store(settings.cache_path, max_size=settings.max_size, policy=settings.policy)
+        store = Store(settings.cache_path, max_size=settings.max_size, policy=settings.policy,
+                      temp_dir=settings.values.get("temp_dir"))
         options = TransferOptions(connections=settings.connections, rate_limit=settings.rate_limit,
                                   retry=RetryPolicy(attempts=settings.retries))
         fetch = FetchService(store, options=options)
         catalog = Catalog()
         adapter = cls(settings, store, fetch, catalog, is_present=is_present)
         adapter.load_manifests()
+        interval = float(settings.values.get("manifest_reload") or 0)
+        if interval > 0 and adapter._local_manifest_paths():
+            adapter.watch_manifests(interval)
         return adapter
 
+    def _local_manifest_paths(self) -> list[Path]:
+        return [Path(e).expanduser() for e in self.settings.values.get("manifest", ()) if not is_url(e)]
+
     def load_manifests(self) -> int:
-        """(Re)load AUTOCLOUD_MANIFEST into the catalog; returns how many entries it has."""
+        """(Re)load AUTOCLOUD_MANIFEST into the catalog; returns how many entries it has.
+
+        A reload replaces what the manifests defined (entries removed from a list disappear, changed ones
+        change); entries added through the API stay. A broken manifest keeps the previous catalog. Local
+        directories are read under `manifest.sync`'s shared lock, so a sync in progress is never half-seen.
+        """
+        from contextlib import ExitStack
+
+        from comfy_autocloud.manifest.sync import directory_signature, locked_view
+
         entries = tuple(self.settings.values.get("manifest", ()))
         if not entries:
             return len(self.catalog)
+        local = self._local_manifest_paths()
         try:
-            specs = load_manifests(manifest_paths(entries, self.fetch_service))
-        except AutoCloudError as exc:
+            with ExitStack() as stack:
+                for p in local:
+                    if p.is_dir():
+                        stack.enter_context(locked_view(p))
+                self._manifest_sig = directory_signature(local)
+                specs = load_manifests(manifest_paths(entries, self.fetch_service))
+        except (AutoCloudError, OSError) as exc:
             self.manifest_error = str(exc)
-            log.error("autocloud: manifest not loaded: %s", exc)
+            log.error("autocloud: manifest not loaded (the previous list keeps serving): %s", exc)
             return len(self.catalog)
         self.manifest_error = None
-        self.catalog.add(specs)
+        with self._lock:
+            extra = [s for s in self.catalog.specs() if s.key not in self._manifest_keys]
+            self.catalog.replace([*specs, *extra])
+            self._manifest_keys = {s.key for s in specs}
         log.info("autocloud: %d models offered from %s", len(self.catalog), ", ".join(map(redact_url, entries)))
         return len(self.catalog)
+
+    def check_manifests(self) -> bool:
+        """Reload when a local manifest file or directory changed since the last load (the watcher's step)."""
+        from comfy_autocloud.manifest.sync import directory_signature
+
+        if directory_signature(self._local_manifest_paths()) == self._manifest_sig:
+            return False
+        before = set(self._manifest_keys)
+        self.load_manifests()
+        for folder in sorted({k.partition("/")[0] for k in before | self._manifest_keys}):
+            self._changed(f"{folder}/")  # ComfyUI caches each folder's file list (what the catalog offered)
+        return True
+
+    def watch_manifests(self, interval: float) -> threading.Thread:
+        """Poll local manifests every `interval` s: `autocloud manifest sync` on this node (or a sidecar)
+        changes the files, and running ComfyUI offers the new lists without a restart."""
+
+        def loop() -> None:
+            while not self._watch_stop.wait(interval):
+                try:
+                    self.check_manifests()
+                except Exception:
+                    log.exception("autocloud: manifest reload failed")
+
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=loop, name="autocloud-manifest-watch", daemon=True)
+            self._watcher.start()
+        return self._watcher
 
     def on_commit(self, fn: Callable[[str], None]) -> None:
         """Call `fn(key)` after a file lands in (or leaves) the cache (ComfyUI's file-list cache)."""
@@ -351,6 +408,9 @@ class Adapter:
         }
 
     def close(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
         self.cancel_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()

@@ -102,6 +102,10 @@ class FetchService:
             return hit
         if not spec.sources:
             raise SourceError(spec.key, "not in the cache and no source is known for it (add it to a manifest)")
+        if spec.bundle is not None:  # inside a zip: one download extracts every member of it
+            from comfy_autocloud.fetch.bundle import fetch_bundle
+
+            return fetch_bundle(self, spec, t0, progress, cancel)
 
         def on_wait() -> None:
             self._emit(progress, ProgressEvent(spec.key, "wait", message="another download of this file is running"))
@@ -142,6 +146,46 @@ class FetchService:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def download_to(self, source: str, part: Path, *, sha256: str | None = None, key: str = "",
+                    progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                    max_size: int | None = None) -> TransferResult:
+        """Any source into `part`, a file outside the store's final paths (manifest lists, zip bundles).
+
+        The same resolution, engine (ranged, resumable, retried) and sha256 check as `fetch`; the caller
+        owns `part` and decides where the verified bytes go. A wrong hash discards the partial.
+        """
+        resolved = resolve(source)
+        label = key or resolved.display
+        expected = sha256 or resolved.expected_sha256
+        options = replace(self.options, headers={**self.options.headers, **resolved.headers})
+        size = resolved.expected_size
+        if size is None and resolved.kind == "file":
+            size = os.stat(resolved.url).st_size
+        if size is not None and max_size is not None and size > max_size:
+            raise TransferError(resolved.display, f"is {size} bytes, more than the {max_size} allowed here")
+        if size is not None:
+            options = replace(options, expected_size=size)
+        Path(part).parent.mkdir(parents=True, exist_ok=True)
+
+        def on_bytes(done: int, total: int | None) -> None:
+            self._emit(progress, ProgressEvent(label, "download", done, total))
+
+        self._emit(progress, ProgressEvent(label, "start", 0, size, message=resolved.display))
+        try:
+            result = self._transfer(resolved, Path(part), options, on_bytes, cancel)
+        finally:
+            with self._inflight_lock:
+                self._inflight.pop(label, None)
+        if max_size is not None and result.size > max_size:
+            discard_partial(Path(part))
+            raise TransferError(resolved.display, f"is {result.size} bytes, more than the {max_size} allowed here")
+        if expected is not None and result.sha256 != expected:
+            discard_partial(Path(part))
+            raise IntegrityError(label, f"sha256 mismatch from {resolved.display}: expected {expected}, "
+                                        f"got {result.sha256}")
+        self._emit(progress, ProgressEvent(label, "done", result.size, result.size))
+        return result
 
     def inflight(self) -> list[ProgressEvent]:
         """Downloads in progress in this process (for status pages)."""
@@ -253,7 +297,7 @@ class FetchService:
         size = self._size_of(spec, resolved, options)
         if size is not None:
             options = replace(options, expected_size=size)
-        part = self.store.partial_path(key)
+        part = self.store.partial_path(key, size)  # on the temp dir (RAM disk) when it has room
         part.parent.mkdir(parents=True, exist_ok=True)
 
         def on_bytes(done: int, total: int | None) -> None:
@@ -263,7 +307,17 @@ class FetchService:
         downloaded = 0
         with self.store.reserve(key, size or 0) as reservation:
             for attempt in range(1, attempts + 1):
-                result = self._transfer(resolved, part, options, on_bytes, cancel)
+                try:
+                    result = self._transfer(resolved, part, options, on_bytes, cancel)
+                except NotEnoughSpace:
+                    if not self.store.in_temp_dir(part):
+                        raise
+                    # The RAM disk filled up under us (other downloads): start over on the cache disk.
+                    log.warning("%s: temp dir full; downloading to the cache disk instead", key)
+                    discard_partial(part)
+                    part = self.store.partial_path(key, size, disk=True)
+                    part.parent.mkdir(parents=True, exist_ok=True)
+                    result = self._transfer(resolved, part, options, on_bytes, cancel)
                 downloaded += result.bytes_downloaded
                 if expect is not None:
                     expected_sha = spec.sha256 or expect(result)

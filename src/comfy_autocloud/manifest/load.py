@@ -67,7 +67,7 @@ def _specs(path: Path, fmt: str, content: Any) -> list[ModelSpec]:
     if fmt == "warmup_conf":
         return warmup_specs(parse_warmup_text(content, where))
     if fmt == "versions_index":
-        fail(at(where, ""), "this is a versions index ({list: {url, md5}}), not a model list; "
+        fail(at(where, ""), "this is a versions index ({list: {url, md5|sha256}}), not a model list; "
                             "use parse_versions_index/stale_lists and load the lists it names")
     if fmt == "preload_config":
         return preload_specs(preload_from_data(content, where), where)

@@ -29,6 +29,10 @@ def merge_pair(first: ModelSpec, second: ModelSpec) -> ModelSpec:
     (workflow API format, warmup list) takes the other's sources. pin is OR-ed, tags united, and the
     first preload options win (full preload groups come from parse_preload_config).
     """
+    if first.bundle != second.bundle and first.sources and second.sources:
+        # A zip's URL is not a mirror of a file inside it (nor of another zip).
+        _conflict(first, second, "origin: one arrives inside a zip bundle, the other "
+                                 + ("inside another bundle" if first.bundle and second.bundle else "on its own"))
     if first.sha256 and second.sha256 and first.sha256 != second.sha256:
         _conflict(first, second, f"sha256 ({first.sha256[:12]}… vs {second.sha256[:12]}…)")
     if first.size is not None and second.size is not None and first.size != second.size:
@@ -47,6 +51,7 @@ def merge_pair(first: ModelSpec, second: ModelSpec) -> ModelSpec:
         "pin": first.pin or second.pin,
         "tags": _union(first.tags, second.tags),
         "preload": first.preload if first.preload is not None else second.preload,
+        "bundle": first.bundle or second.bundle,
     })
 
 

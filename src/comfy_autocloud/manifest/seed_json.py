@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from comfy_autocloud.keys import check_folder
 from comfy_autocloud.manifest.common import (
     at,
@@ -19,9 +21,10 @@ from comfy_autocloud.manifest.common import (
     is_int,
     key_path,
 )
-from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.manifest.spec import Bundle, BundleMember, ModelSpec
 
-ENTRY_KEYS = ("url", "urls", "sha256", "size", "pin", "tags")
+ENTRY_KEYS = ("url", "urls", "sha256", "size", "pin", "tags", "bundle")
+MEMBER_KEYS = ("to", "sha256", "size")
 
 
 def parse_seed_json(data: Any, where: str) -> list[ModelSpec]:
@@ -40,7 +43,11 @@ def parse_seed_json(data: Any, where: str) -> list[ModelSpec]:
         if not files:
             fail(fsub, "folder has no entries; remove it or list at least one filename")
         for filename, value in files.items():
-            specs.append(_entry(folder, filename, value, at(where, key_path(folder, filename))))
+            sub = at(where, key_path(folder, filename))
+            if isinstance(value, dict) and "bundle" in value:
+                specs += _bundle(folder, filename, value, sub)
+            else:
+                specs.append(_entry(folder, filename, value, sub))
     return specs
 
 
@@ -75,6 +82,56 @@ def _entry(folder: str, filename: str, value: Any, sub: str) -> ModelSpec:
     if "tags" in value:
         fields["tags"] = check_tags(value["tags"], f"{sub}.tags")
     return build_spec(sub, **fields)
+
+
+def _bundle(folder: str, filename: str, value: dict[str, Any], sub: str) -> list[ModelSpec]:
+    """A zip of several models: `{"url": zip, "sha256": zip's, "bundle": {member: "folder/file" | {to, sha256,
+    size}}}` becomes one spec per member (each offered by name; fetching any one extracts them all)."""
+    zip_spec = _entry(folder, filename, {k: v for k, v in value.items() if k != "bundle"}, sub)
+    raw = value["bundle"]
+    bsub = f"{sub}.bundle"
+    if not isinstance(raw, dict) or not raw:
+        fail(bsub, 'expected a non-empty object {"member/in/zip": "folder/filename"}')
+    members: list[BundleMember] = []
+    for member, target in raw.items():
+        msub = f"{bsub}.{member}"
+        fields: dict[str, Any] = {"member": member}
+        if isinstance(target, str):
+            fields["key"] = target
+        elif isinstance(target, dict):
+            for k in target:
+                if k not in MEMBER_KEYS:
+                    fail(f"{msub}.{k}", f"unknown key {k!r}; a bundle member may have: {', '.join(MEMBER_KEYS)}")
+            if not isinstance(target.get("to"), str):
+                fail(msub, "missing 'to' (the folder/filename the member is stored as)")
+            fields["key"] = target["to"]
+            if "sha256" in target:
+                fields["sha256"] = check_sha256_at(target["sha256"], f"{msub}.sha256")
+            if "size" in target:
+                if not is_int(target["size"]) or target["size"] < 0:
+                    fail(f"{msub}.size", "expected the member's exact size in bytes")
+                fields["size"] = target["size"]
+        else:
+            fail(msub, 'expected "folder/filename" or {"to": "folder/filename", "sha256": ..., "size": ...}')
+        try:
+            members.append(BundleMember(**fields))
+        except ValidationError as exc:
+            fail(msub, _first_error(exc))
+    try:
+        bundle = Bundle(name=zip_spec.key, sha256=zip_spec.sha256, size=zip_spec.size, members=tuple(members))
+    except ValidationError as exc:
+        fail(bsub, _first_error(exc))
+    out = []
+    for m in bundle.members:
+        mfolder, _, mname = m.key.partition("/")
+        out.append(build_spec(f"{bsub}.{m.member}", folder=mfolder, filename=mname, sources=zip_spec.sources,
+                              sha256=m.sha256, size=m.size, pin=zip_spec.pin, tags=zip_spec.tags, bundle=bundle))
+    return out
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
 def check_tags(tags: Any, sub: str) -> tuple[str, ...]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from comfy_autocloud.keys import check_folder, check_relpath, check_sha256
+from comfy_autocloud.keys import check_folder, check_relpath, check_sha256, make_key
 
 # Schemes the source layer understands; anything else is rejected while parsing, naming the entry.
 KNOWN_SCHEMES = ("http://", "https://", "file://", "hf://", "s3://", "civitai:")
@@ -24,6 +24,72 @@ def check_source(src: str) -> str:
     return s
 
 
+class BundleMember(BaseModel):
+    """One model inside a zip bundle: where it is in the zip and where it lands in the cache."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    member: str  # path inside the zip
+    key: str  # folder/filename in the cache
+    sha256: str | None = None
+    size: int | None = Field(default=None, ge=0)
+
+    @field_validator("member")
+    @classmethod
+    def _member(cls, v: str) -> str:
+        return check_relpath(v, "zip member")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        folder, _, filename = v.partition("/")
+        return make_key(folder, filename)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        return None if v is None else check_sha256(v)
+
+
+class Bundle(BaseModel):
+    """Seed 004 §6: several models in one zip download (e.g. five LoRAs of one style).
+
+    `name` ('loras/style-pack.zip') names the download for locking and progress; the zip itself is not
+    kept. Members are verified by their own sha256, else by the zip's, so one of the two must be given.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    sha256: str | None = None
+    size: int | None = Field(default=None, ge=0)
+    members: tuple[BundleMember, ...]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        folder, _, filename = v.partition("/")
+        return make_key(folder, filename)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        return None if v is None else check_sha256(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> Bundle:
+        if not self.members:
+            raise ValueError("a bundle needs at least one member")
+        for what, values in (("zip member", [m.member for m in self.members]),
+                             ("target", [m.key for m in self.members])):
+            dup = {v for v in values if values.count(v) > 1}
+            if dup:
+                raise ValueError(f"{what} {sorted(dup)[0]!r} is listed twice")
+        if self.sha256 is None and any(m.sha256 is None for m in self.members):
+            raise ValueError("give the zip's sha256, or a sha256 for every member, so the members can be verified")
+        return self
+
+
 class ModelSpec(BaseModel):
     """A model file the cache should be able to produce at `<cache>/<folder>/<filename>`."""
 
@@ -38,6 +104,7 @@ class ModelSpec(BaseModel):
     preload: dict[str, Any] | None = None  # seed 000 loader options (kind, clip type, dtype...)
     tags: tuple[str, ...] = ()
     defined_in: str = ""  # 'file:line' or 'file:key' where this entry came from, for error messages
+    bundle: Bundle | None = None  # set when this file arrives inside a zip (sources are the zip's)
 
     @field_validator("folder")
     @classmethod

@@ -13,12 +13,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from comfy_autocloud.fsutil import write_atomic
 from comfy_autocloud.manifest.common import at, fail, key_path, load_json
 from comfy_autocloud.manifest.seed_json import parse_seed_json
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -66,6 +66,8 @@ def document(specs: Sequence[ModelSpec]) -> dict[str, Any]:
 def _merge(old: ModelSpec, new: ModelSpec, where: str) -> ModelSpec | None:
     """The entry that holds both, None when they agree already; a contradiction is an error."""
     sub = at(where, key_path(old.folder, old.filename))
+    if old.bundle is not None:
+        fail(sub, f"is a member of the zip bundle {old.bundle.name}; edit that entry instead")
     if old.sha256 and new.sha256 and old.sha256 != new.sha256:
         fail(sub, f"already listed with sha256 {old.sha256}, the new entry has {new.sha256}; refusing to "
                   "overwrite it (remove or rename the existing entry first)")
@@ -136,29 +138,6 @@ def add_entries(path: Path, specs: Sequence[ModelSpec]) -> list[WriteOutcome]:
         if any(o.action != "unchanged" for o in outcomes) or not path.exists():
             write_atomic(path, render(doc))
     return outcomes
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """temp file in the same directory + fsync + rename + fsync of the directory; keeps the old mode."""
-    path = Path(path)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 __all__ = ["WriteOutcome", "add_entries", "document", "entry_value", "render", "write_atomic"]

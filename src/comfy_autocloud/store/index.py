@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS leases (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_key ON leases(key);
+CREATE TABLE IF NOT EXISTS access_log (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    key TEXT NOT NULL,
+    size INTEGER NOT NULL
+);
 """
 
 BUSY_TIMEOUT_MS = 30_000

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import sqlite3
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
+from comfy_autocloud.fsutil import fsync_dir, fsync_file
 from comfy_autocloud.keys import check_sha256, split_key
 from comfy_autocloud.store.eviction import Item, Policy, bytes_freed, get_policy, select_victims
 from comfy_autocloud.store.index import Index, proc_alive, self_proc
-from comfy_autocloud.store.space import allocated, disk_space, fsync_dir, fsync_file, sha256_file
+from comfy_autocloud.store.space import allocated, disk_space, sha256_file
 from comfy_autocloud.units import human_size
 
 if TYPE_CHECKING:
@@ -33,6 +35,12 @@ if TYPE_CHECKING:
 
 PRIVATE_DIR = ".autocloud"
 TMP_SUFFIX = ".actmp"
+ACCESS_LOG_MAX = 50_000  # rows kept in the access log (a few MB); trimmed every ACCESS_LOG_TRIM inserts
+ACCESS_LOG_TRIM = 1_000
+ACCESS_LOG_MAX_DEFAULT = ACCESS_LOG_MAX
+TEMP_RESERVE = 4 * 2**20  # left free on the temp dir after a partial is chosen to live there (state files)
+
+log = logging.getLogger(__name__)
 
 _COLS = ("key, folder, filename, size, sha256, source, etag, last_modified, created, last_access, hits, "
          "pinned, priority, dev, ino")
@@ -144,6 +152,7 @@ class Store:
         high_watermark: float = 0.95,
         low_watermark: float = 0.85,
         min_free_disk: int = 256 * 2**20,
+        temp_dir: Path | str | None = None,
     ) -> None:
         if not 0 < low_watermark <= high_watermark <= 1:
             raise StoreError(str(root), f"watermarks must satisfy 0 < low ({low_watermark}) <= high "
@@ -164,6 +173,7 @@ class Store:
             (self.private / sub).mkdir(parents=True, exist_ok=True)
         self._root_real = self.root.resolve()
         self._private_real = self.private.resolve()
+        self.temp_dir = self._open_temp_dir(temp_dir)
         self._index = Index(self.private / "index.sqlite", {"ac_priority": (4, self.policy.priority)})
         self._sync_policy()
 
@@ -190,8 +200,59 @@ class Store:
             raise StoreError(repr(key), str(exc)) from None
         return hashlib.sha1(key.encode()).hexdigest()[:20]
 
-    def partial_path(self, key: str) -> Path:
-        return self.private / "partial" / f"{self._key_name(key)}.part"
+    def _open_temp_dir(self, temp_dir: Path | str | None) -> Path | None:
+        """`<temp_dir>/autocloud-partial-<cache id>`: caches sharing one RAM disk never mix partials."""
+        if temp_dir is None or str(temp_dir) == "":
+            return None
+        cache_id = hashlib.sha1(str(self._root_real).encode()).hexdigest()[:12]
+        path = Path(temp_dir).expanduser().absolute() / f"autocloud-partial-{cache_id}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("autocloud: temp dir %s unusable (%s); partial files stay on the cache disk", path,
+                        exc.strerror)
+            return None
+        return path
+
+    @property
+    def partial_dirs(self) -> list[Path]:
+        """Where partial files may be: the cache disk's `.autocloud/partial`, and the temp dir if set."""
+        return [self.private / "partial", *([self.temp_dir] if self.temp_dir is not None else [])]
+
+    def partial_path(self, key: str, size: int | None = None, *, disk: bool = False) -> Path:
+        """Where `key`'s partial download lives; with a temp dir (a tmpfs), there when it has room.
+
+        An existing partial (in either place) is always the answer, so a download resumes where it was.
+        A new download of known `size` goes to the temp dir if that leaves TEMP_RESERVE free there, else
+        to the cache disk (so does `disk=True`, and an unknown size, which cannot be promised to fit).
+        The choice is made sticky by creating the empty file, so every later call agrees with it.
+        """
+        name = f"{self._key_name(key)}.part"
+        on_disk = self.private / "partial" / name
+        if self.temp_dir is None:
+            return on_disk
+        in_ram = self.temp_dir / name
+        for p in ((on_disk,) if disk else (in_ram, on_disk)):
+            if p.exists() or p.with_name(p.name + ".state").exists():
+                return p
+        if disk or size is None:
+            return on_disk
+        try:
+            free, total, _dev = disk_space(self.temp_dir)
+        except OSError:
+            return on_disk
+        if free - size < max(TEMP_RESERVE, total // 50):
+            log.info("autocloud: %s (%s) does not fit in the temp dir (%s free); using the cache disk", key,
+                     human_size(size), human_size(free))
+            return on_disk
+        try:
+            os.close(os.open(in_ram, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            return on_disk
+        return in_ram
+
+    def in_temp_dir(self, path: Path) -> bool:
+        return self.temp_dir is not None and Path(path).parent == self.temp_dir
 
     def lock_path(self, key: str) -> Path:
         return self.private / "locks" / f"{self._key_name(key)}.lock"
@@ -247,10 +308,34 @@ class Store:
         return self._row(r, in_use).entry
 
     def touch(self, key: str) -> None:
-        """Record one access (last_access, hits, policy priority) in a single UPDATE; no-op if not cached."""
-        self._index.execute(
-            f"UPDATE entries SET last_access=?1, hits=hits+1, "
-            f"priority=ac_priority(size, hits+1, ?1, {_CLOCK_SQL}) WHERE key=?2", (time.time(), key))
+        """Record one access (last_access, hits, policy priority, a row of the access log); no-op if not cached."""
+        now = time.time()
+        with self._index.write() as c:
+            cur = c.execute(
+                f"UPDATE entries SET last_access=?1, hits=hits+1, "
+                f"priority=ac_priority(size, hits+1, ?1, {_CLOCK_SQL}) WHERE key=?2", (now, key))
+            if cur.rowcount:
+                self._log_access(c, now, key)
+
+    @staticmethod
+    def _log_access(c: sqlite3.Connection, now: float, key: str) -> None:
+        """The history predictive preloading learns from: one row per access, the newest ACCESS_LOG_MAX kept."""
+        cur = c.execute("INSERT INTO access_log(ts, key, size) SELECT ?, key, size FROM entries WHERE key=?",
+                        (now, key))
+        row_id = int(cur.lastrowid or 0)
+        if row_id and row_id % ACCESS_LOG_TRIM == 0:
+            c.execute("DELETE FROM access_log WHERE id <= ?", (row_id - ACCESS_LOG_MAX,))
+
+    def access_history(self, limit: int = ACCESS_LOG_MAX_DEFAULT) -> list[tuple[float, str, int]]:
+        """The newest `limit` accesses as (timestamp, key, size), oldest first."""
+        rows = self._index.conn().execute(
+            "SELECT ts, key, size FROM access_log ORDER BY id DESC LIMIT ?", (max(0, limit),)).fetchall()
+        return [(float(ts), str(k), int(n)) for ts, k, n in reversed(rows)]
+
+    def last_access_id(self) -> int:
+        """Grows with every recorded access: a cheap 'anything new?' for watchers."""
+        row = self._index.conn().execute("SELECT MAX(id) FROM access_log").fetchone()
+        return int(row[0] or 0)
 
     def _find_sha(self, sha: str, exclude: str | None = None) -> _Row | None:
         conn = self._index.conn()
@@ -371,9 +456,9 @@ class Store:
                             msg += f", {human_size(others)} reserved by downloads in progress"
                         raise NotEnoughSpace(key, msg)
 
-            for dev, need, free, where, outstanding in self._disk_needs(key, final, nbytes, live_res):
+            for dev, need, free, where, outstanding, keep in self._disk_needs(key, final, nbytes, live_res):
                 freed_dev = bytes_freed([it for it in victims if _on_dev(it, dev)], items)
-                short = need + outstanding + self.min_free_disk - free - freed_dev
+                short = need + outstanding + keep - free - freed_dev
                 if need <= 0 or short <= 0:
                     continue
                 chosen = {v.key for v in victims}
@@ -381,7 +466,7 @@ class Store:
                 more = select_victims(self.policy, rest, short)
                 more_freed = bytes_freed(more, rest)
                 if more_freed < short:
-                    msg = (f"needs {human_size(need)} + {human_size(self.min_free_disk)} kept free, disk has "
+                    msg = (f"needs {human_size(need)} + {human_size(keep)} kept free, disk has "
                            f"{human_size(free)} free at {where}")
                     if outstanding:
                         msg += f", {human_size(outstanding)} promised to downloads in progress"
@@ -398,20 +483,28 @@ class Store:
         return Reservation(self, key, nbytes, row_id, evicted)
 
     def _disk_needs(self, key: str, final: Path, nbytes: int, live_res: list[tuple[int, str, int]]
-                    ) -> list[tuple[int, int, int, Path, int]]:
-        """(device, bytes still to write, free, where, promised to others) for each filesystem involved.
+                    ) -> list[tuple[int, int, int, Path, int, int]]:
+        """(device, bytes still to write, free, where, promised to others, bytes kept free) per filesystem.
 
-        The partial file grows in `.autocloud/partial` (preallocated bytes already count); if the model
-        folder is another filesystem, commit copies the whole file there as well.
+        The partial file grows in `.autocloud/partial` or the temp dir (preallocated bytes already count);
+        if the model folder is another filesystem, commit copies the whole file there as well. A RAM-disk
+        temp dir keeps only TEMP_RESERVE free (partial_path chose it because the file fits).
         """
-        part_dir = self.private / "partial"
+        part = self.partial_path(key)
+        part_dir = part.parent
         p_free, _t, p_dev = disk_space(part_dir)
-        outstanding = sum(max(0, n - allocated(self.partial_path(k))) for _i, k, n in live_res)
-        need_part = max(0, nbytes - allocated(self.partial_path(key)))
+        outstanding = 0
+        for _i, k, n in live_res:  # only downloads whose partial grows on the same filesystem
+            other = self.partial_path(k)
+            if other.parent == part_dir:
+                outstanding += max(0, n - allocated(other))
+        need_part = max(0, nbytes - allocated(part))
         f_free, _t, f_dev = disk_space(final.parent)
+        keep_part = min(TEMP_RESERVE, self.min_free_disk) if self.in_temp_dir(part) else self.min_free_disk
         if f_dev == p_dev:
-            return [(p_dev, need_part, p_free, final.parent, outstanding)]
-        return [(p_dev, need_part, p_free, part_dir, outstanding), (f_dev, nbytes, f_free, final.parent, 0)]
+            return [(p_dev, need_part, p_free, final.parent, outstanding, keep_part)]
+        return [(p_dev, need_part, p_free, part_dir, outstanding, keep_part),
+                (f_dev, nbytes, f_free, final.parent, 0, self.min_free_disk)]
 
     def _watermark(self, conn: sqlite3.Connection, just_committed: str) -> list[Entry]:
         if self.max_size is None:
@@ -483,6 +576,7 @@ class Store:
                 (key, folder, filename, size, sha, source, etag, last_modified, now, now, hits, int(pinned),
                  prio, fst.st_dev, fst.st_ino))
             c.execute("DELETE FROM reservations WHERE key=? AND pid=?", (key, pid))
+            self._log_access(c, now, key)  # a download is an access (the request that caused it)
             self._watermark(c, key)
             r = c.execute(f"SELECT {_COLS} FROM entries WHERE key=?", (key,)).fetchone()
             in_use = key in self._live_leases(c)

@@ -193,8 +193,9 @@ def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -
     locks_dir = store.private / "locks"
     groups: dict[str, list[Path]] = {}
     with contextlib.suppress(FileNotFoundError):
-        for p in (store.private / "partial").iterdir():
-            groups.setdefault(p.name.split(".")[0], []).append(p)
+        for d in store.partial_dirs:  # the cache disk's, and the temp dir's (a RAM disk) when set
+            for p in d.iterdir():
+                groups.setdefault(p.name.split(".")[0], []).append(p)
     kept: set[str] = set()  # partial groups of downloads that may still be running
     for name, files in sorted(groups.items()):
         kept.add(name)

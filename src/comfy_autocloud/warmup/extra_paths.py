@@ -10,10 +10,8 @@ byte for byte. A file we cannot parse is never overwritten, and the first change
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import yaml
 
 from comfy_autocloud.errors import ManifestError
+from comfy_autocloud.fsutil import write_atomic
 
 SECTION = "autocloud_warmup"
 BEGIN = "# >>> autocloud warmup: managed by `autocloud warmup --setup-only`; this block is rewritten on every run"
@@ -104,21 +103,6 @@ def merged_text(old: str, cache_root: Path, folders: Iterable[str], where: str) 
     return new
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def merge_extra_paths(yaml_path: Path, cache_root: Path, folders: Iterable[str]) -> MergeResult:
     """Write our section into `yaml_path` (created if absent); a no-op when it already says the same."""
     yaml_path = Path(yaml_path)
@@ -141,7 +125,7 @@ def merge_extra_paths(yaml_path: Path, cache_root: Path, folders: Iterable[str])
         if not bak.exists():
             shutil.copy2(yaml_path, bak)
             backup = bak
-    _write_atomic(yaml_path, new, mode)
+    write_atomic(yaml_path, new, mode)
     return MergeResult(yaml_path, True, backup, folders)
 
 
