@@ -184,6 +184,8 @@ SETTINGS: tuple[Setting, ...] = (
             "shared secret every node's peer server requires (bearer token)"),
     Setting("node_id", "AUTOCLOUD_NODE_ID", None, _optional(_node_id),
             "this node's name in the fleet (default: host name)"),
+    Setting("peer_serve", "AUTOCLOUD_PEER_SERVE", False, _bool,
+            "ComfyUI itself serves this node's verified files to the fleet (instead of a serve-peer sidecar)"),
     Setting("peer_host", "AUTOCLOUD_PEER_HOST", "0.0.0.0", str, "address `serve-peer` listens on"),
     Setting("peer_port", "AUTOCLOUD_PEER_PORT", 8765, int, "port `serve-peer` listens on"),
     Setting("peer_url", "AUTOCLOUD_PEER_URL", None, _optional(str),

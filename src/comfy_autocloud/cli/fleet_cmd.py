@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 from typing import TYPE_CHECKING
 
 import click
@@ -18,14 +17,6 @@ if TYPE_CHECKING:
     from comfy_autocloud.fleet.peer_server import PeerServer
 
 log = logging.getLogger("comfy_autocloud.fleet")
-
-
-def _advertised_url(host: str, port: int, explicit: str | None) -> str:
-    if explicit:
-        return explicit.rstrip("/")
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.gethostname()
-    return f"http://{host}:{port}"
 
 
 @click.command("serve-peer")
@@ -44,7 +35,8 @@ def serve_peer_cmd(app: AppContext, host: str | None, port: int | None, token: s
     """Serve this node's verified model files to the other nodes of the fleet (and announce them in Redis)."""
     from comfy_autocloud.config import Secret, check_node_id
     from comfy_autocloud.fleet.client import default_node_id
-    from comfy_autocloud.fleet.peer_server import PeerLimits, PeerServer
+    from comfy_autocloud.fleet.node import peer_limits
+    from comfy_autocloud.fleet.peer_server import PeerServer
 
     s = app.settings
     secret = token or (s.peer_token.value if isinstance(s.peer_token, Secret) else None)
@@ -52,9 +44,7 @@ def serve_peer_cmd(app: AppContext, host: str | None, port: int | None, token: s
         raise ManifestError("serve-peer", "a peer token is required (--token or AUTOCLOUD_PEER_TOKEN)")
     try:
         node = check_node_id(node_id or s.node_id or default_node_id())
-        limits = PeerLimits(requests_per_s=s.peer_requests_per_s, burst=max(1, int(2 * s.peer_requests_per_s)),
-                            bytes_per_s=s.peer_rate_limit)
-        server = PeerServer(app.store(), secret, node_id=node, limits=limits)
+        server = PeerServer(app.store(), secret, node_id=node, limits=peer_limits(s))
     except ValueError as exc:
         raise ManifestError("serve-peer", str(exc)) from None
     listen_host = host or s.peer_host
@@ -65,6 +55,7 @@ def serve_peer_cmd(app: AppContext, host: str | None, port: int | None, token: s
 async def _serve(app: AppContext, server: PeerServer, node: str, host: str, port: int, advertise: str | None,
                  token: str) -> None:
     """Run until SIGTERM/SIGINT; heartbeat and announce this node's files while Redis is configured."""
+    from comfy_autocloud.fleet.node import advertised_url
     from comfy_autocloud.fleet.peer_server import serve_forever
     from comfy_autocloud.fleet.registry import Heartbeat, Holding
 
@@ -77,7 +68,7 @@ async def _serve(app: AppContext, server: PeerServer, node: str, host: str, port
 
     def ready(actual: int) -> None:
         nonlocal heartbeat, fleet
-        url = _advertised_url(host, actual, advertise)
+        url = advertised_url(host, actual, advertise)
         if app.settings.redis_url is not None:
             from dataclasses import replace
 

@@ -98,6 +98,19 @@ def _fetch_manifest_url(url: str, fetch: FetchService) -> Path:
     return result.path
 
 
+def _fleet_or_alone(settings: Settings) -> Any:
+    """The fleet when AUTOCLOUD_REDIS_URL is set; a broken fleet config is logged and the node goes alone."""
+    if settings.values.get("redis_url") is None:
+        return None
+    from comfy_autocloud.fleet.client import Fleet
+
+    try:
+        return Fleet.from_settings(settings)
+    except (AutoCloudError, ValueError) as exc:
+        log.error("autocloud: not joining the fleet: %s", exc)
+        return None
+
+
 class Adapter:
     """Ties the core services to ComfyUI's needs; every public method is safe from any thread."""
 
@@ -124,6 +137,7 @@ class Adapter:
         self._watcher: threading.Thread | None = None
         # Cancelled when the interpreter exits, before the pool's threads are joined: quitting ComfyUI
         # must not wait for a 10 GB download (its partial file is kept and resumed next time).
+        self.peer_node: Any = None  # fleet.node.PeerNode when AUTOCLOUD_PEER_SERVE is on
         self._tokens: dict[str, CancelToken] = {}  # one per running download: the panel's cancel button
         register = getattr(threading, "_register_atexit", None)
         if callable(register):
@@ -139,9 +153,17 @@ class Adapter:
                       temp_dir=settings.values.get("temp_dir"))
         options = TransferOptions(connections=settings.connections, rate_limit=settings.rate_limit,
                                   retry=RetryPolicy(attempts=settings.retries))
-        fetch = FetchService(store, options=options)
+        fleet = _fleet_or_alone(settings)
+        fetch = FetchService(store, options=options, fleet=fleet)
         catalog = Catalog()
         adapter = cls(settings, store, fetch, catalog, is_present=is_present)
+        if fleet is not None and settings.values.get("peer_serve"):
+            from comfy_autocloud.fleet.node import PeerNode
+
+            try:
+                adapter.peer_node = PeerNode.from_settings(store, fleet, settings).start()
+            except OSError as exc:  # e.g. the port is taken: fetch through the fleet, just don't serve
+                log.error("autocloud: peer server not started: %s", exc)
         adapter.load_manifests()
         interval = float(settings.values.get("manifest_reload") or 0)
         if interval > 0 and adapter._local_manifest_paths():
@@ -408,6 +430,10 @@ class Adapter:
         }
 
     def close(self) -> None:
+        if self.peer_node is not None:
+            self.peer_node.stop()
+        if self.fetch_service.fleet is not None:
+            self.fetch_service.fleet.close()
         self._watch_stop.set()
         if self._watcher is not None:
             self._watcher.join(5)
