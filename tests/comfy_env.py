@@ -327,3 +327,57 @@ def txt2img(ckpt: str, *, loras: tuple[str, ...] = (), vae: str | None = None, s
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
     })
     return p
+
+
+PRELOAD_FILES = ("tiny-sd15-b.safetensors", "tiny-clip-l.safetensors", "tiny-unet.safetensors")
+
+
+def preload_models(comfy: Path, python: str | None = None) -> Path:
+    """tiny_models() plus what the preload tests need, derived from tiny-sd15 without ComfyUI:
+    a second checkpoint (other UNet weights) for A -> B -> A switching, its CLIP-L as a text encoder file
+    (`text_model.*` keys, as clip_l.safetensors) and its UNet as a diffusion model file."""
+    models = tiny_models(comfy, python)
+    if all((models / f).is_file() for f in PRELOAD_FILES):
+        return models
+    script = r'''
+import os, sys
+import torch
+from safetensors.torch import load_file, save_file
+d = sys.argv[1]
+sd = load_file(os.path.join(d, "tiny-sd15.safetensors"))
+g = torch.Generator().manual_seed(11)
+unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+clip = {k[len("cond_stage_model.transformer."):]: v for k, v in sd.items()
+        if k.startswith("cond_stage_model.transformer.")}
+b = dict(sd)
+for k, v in unet.items():
+    if v.dtype.is_floating_point and v.ndim > 1:
+        b["model.diffusion_model." + k] = (torch.randn(v.shape, generator=g) * 0.02).to(v.dtype)
+for name, data in (("tiny-sd15-b", b), ("tiny-clip-l", clip), ("tiny-unet", unet)):
+    tmp = os.path.join(d, f".{name}.{os.getpid()}.tmp")
+    save_file(data, tmp)
+    os.replace(tmp, os.path.join(d, name + ".safetensors"))
+'''
+    proc = subprocess.run([python or comfy_python(comfy), "-c", script, str(models)], capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"preload model factory failed:\n{proc.stderr[-3000:]}")
+    return models
+
+
+def prompt_seconds(done: Finished) -> float:
+    """execution_start -> execution_success from ComfyUI's own timestamps (ms), without polling delay."""
+    stamps = {name: data.get("timestamp") for name, data in done.messages if isinstance(data, dict)}
+    start, end = stamps.get("execution_start"), stamps.get("execution_success") or stamps.get("execution_error")
+    if start is None or end is None:
+        return done.seconds
+    return (end - start) / 1000.0
+
+
+def cached_nodes(done: Finished) -> set[str]:
+    """Ids of nodes ComfyUI served from its execution cache (they did not run in this prompt)."""
+    cached: set[str] = set()
+    for name, data in done.messages:
+        if name == "execution_cached":
+            cached.update(data.get("nodes", []))
+    return cached

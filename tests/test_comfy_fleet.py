@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-from redis_server import TOKEN, RedisServer, redis_running
-from servers import NginxOrigin, free_port, nginx_running, write_random_file
 
 from comfy_autocloud.comfy.runtime import Adapter
 from comfy_autocloud.config import load_settings
 from comfy_autocloud.manifest.spec import ModelSpec
+from redis_server import TOKEN, RedisServer, redis_running
+from servers import NginxOrigin, free_port, nginx_running, write_random_file
 
 MiB = 2**20
 pytestmark = pytest.mark.skipif(not (NginxOrigin.available() and RedisServer.available()),

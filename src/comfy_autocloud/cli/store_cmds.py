@@ -60,19 +60,62 @@ def _entries_table(entries: list[Any], title: str | None = None) -> Table:
 @click.option("--top", type=click.IntRange(0, 1000), default=10, show_default=True,
               help="How many of the largest entries to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--comfy-url", envvar="AUTOCLOUD_COMFY_URL", default=None, metavar="URL",
+              help="A running ComfyUI with this pack: also show its memory preload registry. [env AUTOCLOUD_COMFY_URL]")
 @pass_app
-def status_cmd(app: AppContext, top: int, as_json: bool) -> None:
+def status_cmd(app: AppContext, top: int, as_json: bool, comfy_url: str | None) -> None:
     """Where the cache is, how full it is, and what takes the space."""
     store = app.store()
+    preload = fetch_preload(comfy_url) if comfy_url else None
     if as_json:
         usage = store.usage()
         entries = store.entries()
         largest = sorted(entries, key=lambda e: (-e.size, e.key))[:top]
-        emit_json({"cache_dir": str(store.root), "policy": store.policy.name, **usage.as_dict(),
-                   "pinned": sum(e.pinned for e in entries), "in_use": sum(e.in_use for e in entries),
-                   "top": [e.as_dict() for e in largest]})
+        doc = {"cache_dir": str(store.root), "policy": store.policy.name, **usage.as_dict(),
+               "pinned": sum(e.pinned for e in entries), "in_use": sum(e.in_use for e in entries),
+               "top": [e.as_dict() for e in largest]}
+        if preload is not None:
+            doc["preload"] = preload
+        emit_json(doc)
         return
     render_status(store, console, top=top)
+    if preload is not None:
+        render_preload(preload, console)
+
+
+def fetch_preload(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET <url>/autocloud/preload; an unreachable ComfyUI is reported in the result, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from comfy_autocloud.redact import redact_url
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/autocloud/preload", timeout=timeout) as r:
+            data = json.loads(r.read())
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        return {"error": f"{redact_url(url)}: no preload status ({getattr(exc, 'reason', exc)})"}
+    return data if isinstance(data, dict) else {"error": f"{redact_url(url)}: unexpected answer"}
+
+
+def render_preload(data: dict[str, Any], out: Console) -> None:
+    """The ComfyUI memory preload registry: one row per entry."""
+    if "error" in data and "entries" not in data:
+        err_console.print(f"[yellow]preload:[/] {data['error']}")
+        return
+    held = human_size(int(data.get("bytes_held", 0)))
+    budget = f" of {human_size(data['ram_budget'])} budget" if data.get("ram_budget") else ""
+    t = Table(title=f"memory preload: {held} held{budget}, {data.get('loads', 0)} loads, "
+                    f"{data.get('hits', 0)} hits", show_edge=False, header_style="bold")
+    for col in ("name", "state", "size", "load", "hits", "device", "error"):
+        t.add_column(col, justify="right" if col in ("size", "load", "hits") else "left")
+    for e in data.get("entries", []):
+        t.add_row(e["name"], e["state"], human_size(e.get("bytes") or 0), f"{e.get('load_seconds') or 0:.2f}s",
+                  str(e.get("hits", 0)), e.get("device") or "", e.get("error") or "")
+    out.print(t)
+    for err in data.get("config_errors", []):
+        err_console.print(f"[red]preload config:[/] {err}")
 
 
 def render_status(store: Any, out: Console, *, top: int = 10) -> None:

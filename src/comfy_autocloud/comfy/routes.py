@@ -92,12 +92,52 @@ def route_defs(adapter: Adapter) -> list[web.RouteDef]:
         return web.json_response({"key": key, "cancelled": True})
 
     return [
+        *preload_route_defs(),
         web.get("/autocloud/status", _guard(status)),
         web.get("/autocloud/metrics", _guard(metrics)),
         web.post("/autocloud/fetch", _guard(fetch)),
         web.post("/autocloud/evict", _guard(evict)),
         web.post("/autocloud/pin", _guard(pin)),
         web.post("/autocloud/cancel", _guard(cancel)),
+    ]
+
+
+def preload_route_defs() -> list[web.RouteDef]:
+    """GET /autocloud/preload (registry status; ?verify=1 re-hashes held weights), POST …/load_all, …/to_gpu."""
+    from comfy_autocloud.preload import snapshot
+    from comfy_autocloud.preload.registry import current
+
+    def _reg() -> Any:
+        reg = current()
+        if reg is None:
+            raise ManifestError("preload", "the preload registry is not running in this ComfyUI")
+        return reg
+
+    def _status(verify: bool) -> dict[str, Any]:
+        reg = _reg()
+        st = reg.status()
+        if verify:
+            st["verified"] = {e["name"]: reg.verify(e["name"]) for e in st["entries"]}
+        return st
+
+    async def preload(request: web.Request) -> web.StreamResponse:
+        verify = request.query.get("verify", "") in ("1", "true", "yes")
+        return web.json_response(await asyncio.to_thread(_status, verify))
+
+    async def load_all(request: web.Request) -> web.StreamResponse:
+        data = await _body(request) if request.can_read_body else {}
+        device = str(data.get("device", "cpu"))
+        reg = _reg()
+        return web.json_response(await asyncio.to_thread(snapshot.load_all, device, registry=reg))
+
+    async def to_gpu(request: web.Request) -> web.StreamResponse:
+        reg = _reg()
+        return web.json_response(await asyncio.to_thread(snapshot.to_gpu, registry=reg))
+
+    return [
+        web.get("/autocloud/preload", _guard(preload)),
+        web.post("/autocloud/preload/load_all", _guard(load_all)),
+        web.post("/autocloud/preload/to_gpu", _guard(to_gpu)),
     ]
 
 

@@ -75,6 +75,13 @@ def _start_preloader(adapter: Adapter) -> None:
     adapter.preloader = pre  # type: ignore[attr-defined]
 
 
+def _start_memory_preload(adapter: Adapter, user_dir: str | None) -> None:
+    """Seed 000: preload_config.json into the preload registry (background, or blocking for snapshots)."""
+    from comfy_autocloud.comfy import nodes_preload
+
+    nodes_preload.start(adapter.settings.values, user_dir)
+
+
 def setup() -> Adapter | None:
     """Install the adapter once; returns it, or None when it could not start (ComfyUI runs on without it)."""
     global _adapter
@@ -109,7 +116,11 @@ def setup() -> Adapter | None:
             _start_preloader(adapter)
         except Exception:
             log.exception("autocloud: popular-model preloader not started")
-        _adapter = adapter
+        _adapter = adapter  # before the memory preload: it fetches missing files through get_adapter()
+        try:
+            _start_memory_preload(adapter, user_dir)
+        except Exception:
+            log.exception("autocloud: memory preload not started; cached loaders load on first use")
         log.info("autocloud: cache %s (%s), %d models offered, hooks: %s", adapter.store.root,
                  "cap " + str(settings.max_size) if settings.max_size else "no cap", len(adapter.catalog),
                  ", ".join(wrapped) or "none")
