@@ -139,6 +139,21 @@ def test_restart_after_kill_then_sigterm_is_forwarded(fake: Fake) -> None:
     assert "restart 1/3" in err
 
 
+def test_comfyui_does_not_outlive_a_killed_supervisor(fake: Fake) -> None:
+    """kill -9 of the supervisor (OOM killer, a bad deploy): ComfyUI gets SIGTERM instead of lingering."""
+    proc = fake.start("--skip-warmup")
+    try:
+        fake.wait_for(lambda: len(fake.starts()) == 1 and fake.healthy())
+        child = fake.starts()[0]["pid"]
+        proc.kill()
+        proc.wait(10)
+        fake.wait_for(lambda: (fake.state / "sigterm.marker").exists(), timeout=10)
+        fake.wait_for(lambda: not fake.healthy(), timeout=10)
+    finally:
+        _stop(proc)
+    assert (fake.state / "sigterm.marker").read_text().split()[0] == str(child)
+
+
 def test_gives_up_after_the_restart_cap(fake: Fake) -> None:
     t0 = time.monotonic()
     proc = fake.start("--skip-warmup", "--max-restarts", "2", FAKE_MODE="crash", FAKE_AFTER="0.2")

@@ -103,6 +103,15 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
 class Supervisor:
     """Runs one command at a time, restarting it per `SuperviseOptions`; `run()` returns our exit code."""
 
@@ -141,7 +150,10 @@ class Supervisor:
     def _spawn(self) -> subprocess.Popen[bytes]:
         self._log(f"starting: {shlex.join(self.cmd)}")
         # Own session: a terminal's Ctrl-C reaches only us, and we forward it once (no double signal).
-        return subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, start_new_session=True)
+        # Death signal: if the supervisor itself is killed (kill -9, OOM), ComfyUI goes too instead of
+        # holding the port as an orphan that a restarted supervisor could never replace.
+        return subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
     def _terminate(self, child: subprocess.Popen[bytes]) -> int:
         """SIGTERM the child's process group, SIGKILL after the grace period; returns its returncode."""
