@@ -32,7 +32,7 @@ else:
 
 # Node modules import ComfyUI (and torch) only when a node runs; one that fails to import is logged
 # and skipped so the others still load.
-for _name in ("nodes_preload", "nodes_stepcache"):
+for _name in ("nodes_preload", "nodes_stepcache", "nodes_parallel"):
     try:
         _mod = importlib.import_module(f"comfy_autocloud.comfy.{_name}")
     except Exception:  # pragma: no cover - only reached inside a broken environment
