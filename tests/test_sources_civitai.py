@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_autocloud.cli.main import main
+from cli_helpers import run_cli as cli
 from comfy_autocloud.errors import SourceError
 from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -49,13 +49,6 @@ def env(civ: FakeCivitai, monkeypatch: pytest.MonkeyPatch) -> FakeCivitai:
     monkeypatch.setenv("CIVITAI_API_BASE", civ.base)
     monkeypatch.delenv("CIVITAI_TOKEN", raising=False)
     return civ
-
-
-def cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def no_secret(*texts: str) -> None:

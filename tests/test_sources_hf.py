@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli as cli
+
 pytest.importorskip("huggingface_hub", reason="hf:// needs huggingface_hub (pip install '.[hf]')")
 
-from comfy_autocloud.cli.main import main
 from comfy_autocloud.errors import SourceError
 from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -48,14 +49,6 @@ def env(hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeHu
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return hub
-
-
-def cli(*args: str) -> int:
-    """The real entry point in-process (`fetch` exits through SystemExit on a failed file)."""
-    try:
-        return main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def no_secret(*texts: str) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli as cli
+
 pytest.importorskip("huggingface_hub", reason="the mirror tests use an hf:// mirror")
 
-from comfy_autocloud.cli.main import main
 from comfy_autocloud.errors import AutoCloudError, ManifestError
 from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.manifest import load_manifest
@@ -50,13 +51,6 @@ def env(servers: tuple[FakeHub, FakeCivitai], monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CIVITAI_API_BASE", civ.base)
     monkeypatch.setenv("CIVITAI_TOKEN", CIVITAI_TOKEN)
     return servers
-
-
-def cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 def no_secret(*texts: str) -> None:

@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
+from cli_helpers import run_cli as cli
+
 pytest.importorskip("boto3", reason="s3:// needs boto3 (pip install '.[s3]')")
 pytest.importorskip("moto.server", reason="the S3 tests need moto's server mode (pip install 'moto[server]')")
 
 import boto3
 
-from comfy_autocloud.cli.main import main
 from comfy_autocloud.errors import Cancelled, SourceError, TransferError
 from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -101,13 +102,6 @@ def no_secret(*texts: str) -> None:
     for text in texts:
         assert SECRET not in text and KEY_ID not in text
         assert "X-Amz-Signature=" not in text or "X-Amz-Signature=***" in text
-
-
-def cli(*args: str) -> int:
-    try:
-        return main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
 
 
 # ---------------------------------------------------------------------------------------------- units

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from comfy_autocloud.errors import AutoCloudError, ManifestError, TransferError
+from comfy_autocloud.fsutil import fsync_dir
 from comfy_autocloud.manifest.common import decode_utf8, parse_json_text, read_bytes
 from comfy_autocloud.manifest.load import load_manifest, load_manifests
 from comfy_autocloud.manifest.versions import VersionedList, matches, stale_lists, versions_from_data
@@ -95,14 +96,6 @@ def _flock(directory: Path, kind: int) -> Iterator[None]:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _apply(directory: Path, journal: dict[str, Any]) -> None:
     """Roll a journal forward (idempotent: a file already moved is simply not in the stage any more)."""
     stage = directory / journal["stage"]
@@ -116,11 +109,11 @@ def _apply(directory: Path, journal: dict[str, Any]) -> None:
     index = stage / INDEX_NAME
     if index.exists():
         os.replace(index, directory / INDEX_NAME)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     with contextlib.suppress(FileNotFoundError):
         (directory / JOURNAL_NAME).unlink()
     shutil.rmtree(stage, ignore_errors=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _safe_name(name: Any) -> bool:
