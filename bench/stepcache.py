@@ -1,21 +1,40 @@
-"""Step-cache benchmark: our strategies vs diffusers' cache hooks vs cache-dit on a trained digits DiT.
+"""Step-cache benchmark: our strategies vs diffusers' cache hooks, cache-dit and ComfyUI's EasyCache.
 
 The model (``bench/weights``, trained by ``bench/train_digits_dit.py``) is a class-conditional diffusers
-``FluxTransformer2DModel`` (tiny widths). Every method samples the same images (fixed noise, 30 Euler
-flow steps, CFG 2 as one batch); we report wall-clock speedup vs the uncached run (median of 3 uncached
-timings taken in this run), PSNR and SSIM (3x3 window, images in [0, 1]) vs the uncached images, and the
-digit classifier's accuracy vs the requested labels. The last line is our best speedup at PSNR >= 30 dB.
+``FluxTransformer2DModel`` (tiny widths). Every method samples the same images (fixed noise, 30 Euler flow
+steps, CFG 2 as one batch). Reported per method:
+
+* speedup: median uncached time / median method time, over ``--repeats`` rounds in which every method's run
+  directly follows an uncached run of the same pipeline (uncached, method, uncached, method, ...), so machine
+  load drifts hit both alike; wall clock, so noisy on a shared machine;
+* compute: computed transformer-block calls / the uncached run's block calls (deterministic; counted by hooks
+  on each block's attention query projection (diffusers) or modulation / first linear (ComfyUI), which only run
+  when the block really computes);
+* PSNR and SSIM (3x3 window, images in [0, 1]) vs the uncached images, and the digit classifier's accuracy.
+
+Baselines: diffusers FirstBlockCache, TaylorSeerCache and MagCache (its ``mag_ratios`` calibrated on this
+model with ``MagCacheConfig(calibrate=True)`` on other seeds, as diffusers documents), cache-dit's DBCache when
+it imports, and ComfyUI's EasyCache when ``COMFYUI_PATH`` is set and ComfyUI imports: the same weights converted
+to ``comfy.ldm.flux.model.Flux`` (diffusers -> ComfyUI keys by inverting ``comfy.utils.flux_to_diffusers``) and
+sampled by ``comfy.sample.sample_custom`` with Euler on the same sigmas (1 -> 0, 30 steps) and CFG 2.
+After the Pareto table, one line per baseline point says whether one of our settings dominates it (speedup
+and PSNR both at least the baseline's), by wall clock and by compute fraction.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import copy
+import io
 import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -31,19 +50,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import comfy_autocloud.stepcache as sc
 import train_digits_dit as digits
 
+Sampler = Callable[[], torch.Tensor]
+
 
 @dataclass
-class Row:
-    method: str
+class Method:
+    """One benchmarked setting: ``run`` samples every image with the method on (and turns it off after)."""
+
+    name: str
     family: str
-    seconds: float
-    images: torch.Tensor
-    note: str = ""
+    run: Sampler
+    pipeline: str = "diffusers"  # which uncached run it is timed against
+    times: list[float] = field(default_factory=list)
+    base_times: list[float] = field(default_factory=list)
+    images: torch.Tensor | None = None
+    compute: float = 1.0
     speedup: float = 0.0
     psnr: float = 0.0
     ssim: float = 0.0
     acc: float = 0.0
-    hit: str = ""
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,87 +91,311 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(s.mean())
 
 
-def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+class BlockCounter:
+    """Counts block computations: a hook on a submodule that only runs when its block really computes."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.n = 0
+        for m in modules:
+            m.register_forward_pre_hook(self._hit)
+
+    def _hit(self, *_: object) -> None:
+        self.n += 1
+
+
+class Bench:
+    def __init__(self, images: int, steps: int) -> None:
+        self.dit, self.clf = digits.load_models()
+        tr = self.dit.transformer
+        # attn.to_q: runs only when a block's attention really computes (block caches skip the block, TaylorSeer
+        # replaces the attention module's forward)
+        self.counter = BlockCounter([b.attn.to_q for b in [*tr.transformer_blocks, *tr.single_transformer_blocks]])
+        self.labels = torch.arange(10).repeat(math.ceil(images / 10))[:images]
+        self.noise = torch.randn(images, 16, 4, generator=torch.Generator().manual_seed(1234))
+        self.steps = steps
+        self.comfy: ComfyFlux | None = None
+
+    def sample(self) -> torch.Tensor:
+        return digits.sample(self.dit, self.labels, self.noise, self.steps)
+
+    # ---- ours --------------------------------------------------------------------------------
+    def ours(self, **kw: object) -> Method:
+        def run() -> torch.Tensor:
+            sc.enable_cache(self.dit.transformer, **kw)
+            try:
+                return self.sample()
+            finally:
+                sc.disable_cache(self.dit.transformer)
+
+        name = ",".join(f"{k}={v}" for k, v in kw.items() if k != "strategy")
+        return Method(f"ours {kw['strategy']}({name})", "ours", run)
+
+    # ---- diffusers hooks ---------------------------------------------------------------------
+    def diffusers_hook(self, name: str, config: object) -> Method:
+        tr = self.dit.transformer
+
+        def run() -> torch.Tensor:
+            tr.enable_cache(config)
+            try:
+                with tr.cache_context("cfg_batch"):
+                    return self.sample()
+            finally:
+                tr.disable_cache()
+
+        return Method(name, "diffusers " + name.split()[1].split("(")[0], run)
+
+    def calibrate_magcache(self) -> list[float]:
+        """``MagCacheConfig(calibrate=True)``: one uncached run that prints the per-step residual-norm ratios
+        (diffusers' documented procedure); calibrated on other seeds than the benchmark's images."""
+        from diffusers.hooks import MagCacheConfig
+
+        tr = self.dit.transformer
+        noise = torch.randn(100, 16, 4, generator=torch.Generator().manual_seed(99))
+        labels = torch.arange(10).repeat(10)
+        buf = io.StringIO()
+        tr.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=self.steps))
+        try:
+            with contextlib.redirect_stdout(buf), tr.cache_context("cfg_batch"):
+                digits.sample(self.dit, labels, noise, self.steps)
+        finally:
+            tr.disable_cache()
+        line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("[") and not ln.startswith("[Mag"))
+        return [float(v) for v in ast.literal_eval(line)]
+
+    def diffusers_methods(self) -> list[Method]:
+        try:
+            from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+        except Exception as e:
+            print(f"diffusers cache hooks unavailable: {e}")
+            return []
+        out = [self.diffusers_hook(f"diffusers FirstBlockCache(threshold={th})", FirstBlockCacheConfig(threshold=th))
+               for th in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
+        for interval, before, order in ((2, 3, 1), (3, 3, 1), (4, 3, 1), (3, 3, 2)):
+            cfg = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before, max_order=order,
+                                        taylor_factors_dtype=torch.float32)
+            out.append(self.diffusers_hook(
+                f"diffusers TaylorSeer(interval={interval},before={before},order={order})", cfg))
+        try:
+            from diffusers.hooks import MagCacheConfig
+
+            ratios = self.calibrate_magcache()
+            print("MagCache mag_ratios calibrated on this model: " + ", ".join(f"{r:.3f}" for r in ratios))
+            for th, k, ret in ((0.06, 3, 0.2), (0.12, 3, 0.2), (0.25, 3, 0.2), (0.5, 3, 0.2), (0.5, 6, 0.1),
+                               (1.0, 10, 0.1)):
+                cfg = MagCacheConfig(threshold=th, max_skip_steps=k, retention_ratio=ret,
+                                     num_inference_steps=self.steps, mag_ratios=torch.tensor(ratios))
+                out.append(self.diffusers_hook(f"diffusers MagCache(threshold={th},max_skip={k},retention={ret})", cfg))
+        except Exception as e:
+            print(f"diffusers MagCache not compared: {type(e).__name__}: {e}")
+        return out
+
+    # ---- cache-dit ---------------------------------------------------------------------------
+    def cache_dit_methods(self) -> list[Method]:
+        try:
+            import cache_dit
+            from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+        except Exception as e:
+            print(f"cache-dit not compared: does not import ({type(e).__name__}: {e})")
+            return []
+        # a copy of the model: cache-dit leaves diffusers hook-registry state behind on the transformer it
+        # cached, which breaks diffusers' own cache hooks run on it afterwards
+        dit = copy.deepcopy(self.dit)
+        tr = dit.transformer
+        for b in [*tr.transformer_blocks, *tr.single_transformer_blocks]:  # count on the copy too
+            b.attn.to_q._forward_pre_hooks.clear()
+            b.attn.to_q.register_forward_pre_hook(self.counter._hit)
+
+        def make(th: float) -> Method:
+            def run() -> torch.Tensor:
+                adapter = BlockAdapter(transformer=tr, blocks=[tr.transformer_blocks, tr.single_transformer_blocks],
+                                       forward_pattern=[ForwardPattern.Pattern_1, ForwardPattern.Pattern_1])
+                cache_dit.enable_cache(adapter, cache_config=DBCacheConfig(
+                    Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=th, max_warmup_steps=2,
+                    num_inference_steps=self.steps))
+                try:
+                    return digits.sample(dit, self.labels, self.noise, self.steps)
+                finally:
+                    cache_dit.disable_cache(adapter)
+            return Method(f"cache-dit DBCache(F1B0,threshold={th})", "cache-dit", run)
+
+        methods = [make(th) for th in (0.08, 0.12, 0.2, 0.3, 0.5, 0.8)]
+        try:
+            methods[0].run()
+        except Exception as e:
+            print(f"cache-dit not compared: {type(e).__name__}: {str(e)[:200]}")
+            return []
+        return methods
+
+
+class ComfyFlux:
+    """The bench DiT as ComfyUI's Flux in a ModelPatcher, sampled by ComfyUI (for EasyCache)."""
+
+    def __init__(self, bench: Bench, comfy_path: str) -> None:
+        sys.path.insert(0, comfy_path)
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        import comfy.latent_formats
+        import comfy.model_patcher
+        import comfy.patcher_extension
+        import comfy.sample
+        import comfy.samplers
+        import comfy.supported_models
+        import comfy.utils
+
+        self.comfy = comfy
+        c = digits.DIT_CONFIG
+        hidden = c["num_attention_heads"] * c["attention_head_dim"]
+        uc = dict(image_model="flux", in_channels=1, out_channels=1, vec_in_dim=c["pooled_projection_dim"],
+                  context_in_dim=c["joint_attention_dim"], hidden_size=hidden, mlp_ratio=4.0,
+                  num_heads=c["num_attention_heads"], depth=c["num_layers"], depth_single_blocks=c["num_single_layers"],
+                  axes_dim=list(c["axes_dims_rope"]), theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False)
+        cfg = comfy.supported_models.Flux(uc)
+        cfg.set_inference_dtype(torch.float32, None)
+        model = cfg.get_model({})
+        model.latent_format = comfy.latent_formats.LatentFormat()  # 1 channel, no scale/shift
+        # cond and uncond as separate calls: EasyCache (v0.3.64) adds every cond's cached diff to the whole
+        # batch in apply_cache_diff, which is only right for one cond per call
+        model.memory_required = lambda *a, **k: float("inf")
+        sd = self._convert(bench.dit.transformer.state_dict(), comfy.utils.flux_to_diffusers(uc), model)
+        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"weight conversion incomplete: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        cpu = torch.device("cpu")
+        self.mp = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        # EasyCache (v0.3.64) adds its cached diff to the diffusion model's input in place; in float32 with a
+        # flow (CONST) model that input is the very tensor the denoised result is computed from, which corrupts
+        # every reused step (fp16/bf16 models get a cast copy and never see this). Every comfy run here, cached
+        # or not, hands the diffusion model a copy.
+        self.mp.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_copy_x",
+                                     lambda executor, x, *a, **k: executor(x.clone(), *a, **k))
+        dm = model.diffusion_model
+        self.counter = BlockCounter([b.img_mod for b in dm.double_blocks] + [b.linear1 for b in dm.single_blocks])
+        ctx = bench.dit.class_tok(bench.labels)[:, None].detach()
+        pool = bench.dit.class_pool(bench.labels).detach()
+        null = torch.full_like(bench.labels, digits.NULL_CLASS)
+        self.pos = [[ctx, {"pooled_output": pool}]]
+        self.neg = [[bench.dit.class_tok(null)[:, None].detach(),
+                     {"pooled_output": bench.dit.class_pool(null).detach()}]]
+        self.noise = digits.unpack(bench.noise)
+        self.sigmas = torch.linspace(1.0, 0.0, bench.steps + 1)
+
+    @staticmethod
+    def _convert(src: dict[str, torch.Tensor], key_map: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """diffusers -> ComfyUI Flux weights by inverting ``flux_to_diffusers`` (fused qkv/mlp slices, swapped
+        scale/shift of the final norm)."""
+        target = {k[len("diffusion_model."):]: v for k, v in model.state_dict().items()}
+        out: dict[str, torch.Tensor] = {}
+        for dk, spec in key_map.items():
+            if dk not in src:
+                continue
+            w = src[dk]
+            if isinstance(spec, str):
+                out[spec] = w
+                continue
+            ck, sl = spec[0], spec[1]
+            if len(spec) > 2 and spec[2] is not None:  # swap_scale_shift is its own inverse
+                w = spec[2](w)
+            if sl is None:
+                out[ck] = w
+                continue
+            buf = out.setdefault(ck, torch.zeros_like(target[ck]))
+            dim, start, size = sl
+            buf.narrow(dim, start, size).copy_(w)
+        return out
+
+    def sample(self, model: object, cfg: float = 2.0) -> torch.Tensor:
+        comfy = self.comfy
+        sampler = comfy.samplers.sampler_object("euler")
+        x = comfy.sample.sample_custom(model, self.noise, cfg, sampler, self.sigmas, self.pos, self.neg,
+                                       torch.zeros_like(self.noise), disable_pbar=True, seed=0)
+        return x.clamp(-1, 1)
+
+    def easycache(self, th: float) -> Method:
+        import comfy.patcher_extension as pe
+        from comfy_extras.nodes_easycache import (
+            EasyCacheHolder,
+            easycache_calc_cond_batch_wrapper,
+            easycache_forward_wrapper,
+            easycache_sample_wrapper,
+        )
+
+        m = self.mp.clone()  # what EasyCacheNode.execute does (node defaults: start 0.15, end 0.95)
+        m.model_options["transformer_options"]["easycache"] = EasyCacheHolder(th, 0.15, 0.95, subsample_factor=8,
+                                                                              offload_cache_diff=False)
+        m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "easycache", easycache_sample_wrapper)
+        m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "easycache", easycache_calc_cond_batch_wrapper)
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "easycache", easycache_forward_wrapper)
+        return Method(f"ComfyUI EasyCache(threshold={th})", "ComfyUI EasyCache", lambda: self.sample(m),
+                      pipeline="comfy")
+
+    def ours(self, **kw: object) -> Method:
+        m = sc.enable_cache(self.mp, **kw)  # a clone; self.mp stays uncached
+        name = ",".join(f"{k}={v}" for k, v in kw.items() if k != "strategy")
+        return Method(f"ours/comfy {kw['strategy']}({name})", "ours", lambda: self.sample(m), pipeline="comfy")
+
+
+def time_run(fn: Sampler) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
 
 
-def ours(dit: digits.DigitsDiT, labels: torch.Tensor, noise: torch.Tensor, steps: int, **kw: object) -> Row:
-    sc.enable_cache(dit.transformer, **kw)
-    try:
-        imgs, secs = timed(lambda: digits.sample(dit, labels, noise, steps))
-        s = sc.summary(dit.transformer)
-    finally:
-        sc.disable_cache(dit.transformer)
-    name = ",".join(f"{k}={v}" for k, v in kw.items() if k != "strategy")
-    return Row(f"ours {kw['strategy']}({name})", "ours", secs, imgs,
-               hit=f"{s['reused_steps']}/{s['steps']}")
+def dominance_lines(methods: list[Method]) -> list[str]:
+    ours = [m for m in methods if m.family == "ours"]
+    lines = []
+    for b in (m for m in methods if m.family != "ours"):
+        wall = [m for m in ours if m.speedup >= b.speedup and m.psnr >= b.psnr]
+        comp = [m for m in ours if m.compute <= b.compute and m.psnr >= b.psnr]
+        if wall:
+            w = max(wall, key=lambda m: (m.psnr, m.speedup))
+            verdict = "dominates"
+        else:  # the closest of ours: the fastest at >= its PSNR, else the best PSNR at >= its speed
+            cands = [m for m in ours if m.psnr >= b.psnr] or [m for m in ours if m.speedup >= b.speedup] or ours
+            w = max(cands, key=lambda m: m.speedup) if cands and cands[0].psnr >= b.psnr else \
+                max(cands, key=lambda m: m.psnr)
+            verdict = "does not"
+        c = max(comp, key=lambda m: m.psnr) if comp else None
+        cinfo = (f"by compute: ours {c.compute:.3f} {c.psnr:.2f} dB vs {b.compute:.3f} {b.psnr:.2f} dB dominates"
+                 if c else f"by compute: does not (baseline compute {b.compute:.3f})")
+        lines.append(f"vs {b.name}: ours {w.speedup:.2f}x {w.psnr:.2f} dB {verdict} (baseline {b.speedup:.2f}x "
+                     f"{b.psnr:.2f} dB; ours = {w.name}; {cinfo})")
+    return lines
 
 
-def diffusers_hook(dit: digits.DigitsDiT, labels: torch.Tensor, noise: torch.Tensor, steps: int, name: str,
-                   config: object) -> Row:
-    tr = dit.transformer
-    tr.enable_cache(config)
-    try:
-        with tr.cache_context("cfg_batch"):
-            imgs, secs = timed(lambda: digits.sample(dit, labels, noise, steps))
-    finally:
-        tr.disable_cache()
-    return Row(name, "diffusers", secs, imgs)
-
-
-def diffusers_rows(dit: digits.DigitsDiT, labels: torch.Tensor, noise: torch.Tensor, steps: int) -> list[Row]:
-    try:
-        from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
-    except Exception as e:
-        print(f"diffusers cache hooks unavailable: {e}")
-        return []
-    rows = []
-    for th in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8):
-        rows.append(diffusers_hook(dit, labels, noise, steps, f"diffusers FirstBlockCache(threshold={th})",
-                                   FirstBlockCacheConfig(threshold=th)))
-    for interval, before, order in ((2, 3, 1), (3, 3, 1), (4, 3, 1), (3, 3, 2)):
-        cfg = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before, max_order=order,
-                                    taylor_factors_dtype=torch.float32)
-        rows.append(diffusers_hook(dit, labels, noise, steps,
-                                   f"diffusers TaylorSeer(interval={interval},before={before},order={order})", cfg))
-    return rows
-
-
-def cache_dit_rows(dit: digits.DigitsDiT, labels: torch.Tensor, noise: torch.Tensor, steps: int) -> list[Row]:
-    try:
-        import cache_dit
-        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
-    except Exception as e:
-        print(f"cache-dit not compared: does not import ({type(e).__name__}: {e})")
-        return []
-    rows = []
-    tr = dit.transformer
-    for th in (0.08, 0.12, 0.2, 0.3, 0.5, 0.8):
-        try:
-            adapter = BlockAdapter(transformer=tr, blocks=[tr.transformer_blocks, tr.single_transformer_blocks],
-                                   forward_pattern=[ForwardPattern.Pattern_1, ForwardPattern.Pattern_1])
-            cache_dit.enable_cache(adapter, cache_config=DBCacheConfig(
-                Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=th, max_warmup_steps=2,
-                num_inference_steps=steps))
-            imgs, secs = timed(lambda: digits.sample(dit, labels, noise, steps))
-            rows.append(Row(f"cache-dit DBCache(F1B0,threshold={th})", "cache-dit", secs, imgs))
-        except Exception as e:
-            print(f"cache-dit not compared: {type(e).__name__}: {str(e)[:200]}")
-            return rows
-        finally:
-            try:
-                cache_dit.disable_cache(adapter)
-            except Exception:
-                pass
-    return rows
+def our_sweep(quick: bool) -> list[dict]:
+    sweep: list[dict] = [
+        dict(strategy="fixed", skip_interval=2, warmup_steps=2),
+        dict(strategy="fixed", skip_interval=3, warmup_steps=2),
+        dict(strategy="dynamic", skip_interval=3, warmup_steps=2),
+        dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.0),  # never reuses: exact
+        # gentle settings: a few early reuses, residuals copied (extrapolating from one step is worse there)
+        dict(strategy="adaptive", skip_interval=2, warmup_steps=1, threshold=0.04, extrapolate=False),
+        dict(strategy="adaptive", skip_interval=2, warmup_steps=1, threshold=0.05, extrapolate=False),
+    ]
+    if not quick:
+        sweep += [dict(strategy="fixed", skip_interval=2, warmup_steps=2, extrapolate=True),
+                  dict(strategy="dynamic", skip_interval=4, warmup_steps=4)]
+    ths = (0.1, 0.3) if quick else (0.1, 0.2, 0.3, 0.5)
+    sweep += [dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=th) for th in ths]
+    sweep += [dict(strategy="adaptive", skip_interval=7, warmup_steps=3, threshold=th) for th in (0.8, 1.2)]
+    # aggressive settings: one warmup step, long reuse runs bounded by the error budget alone
+    sweep += [dict(strategy="adaptive", skip_interval=30, warmup_steps=1, threshold=th)
+              for th in ((0.6, 1.0, 1.2) if quick else (0.6, 0.8, 1.0, 1.2))]
+    # output-level caching (nothing of the transformer runs on a reused step)
+    sweep += [dict(strategy="adaptive", skip_interval=si, warmup_steps=w, threshold=th, level="output")
+              for si, w, th in ((3, 3, 0.05), (4, 3, 0.1), (5, 3, 0.2), (30, 1, 0.4), (30, 1, 0.6), (30, 1, 1.0))]
+    if not quick:
+        sweep += [dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.3, noise_scale=ns)
+                  for ns in (0.01,)]
+    return sweep
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3, help="timing rounds (uncached/method interleaved)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest timings on a shared CPU)")
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
     args = ap.parse_args()
@@ -155,63 +404,78 @@ def main() -> int:
     if not digits.DIT_FILE.exists():
         print("no shipped weights: run python bench/train_digits_dit.py --retrain")
         return 1
-    dit, clf = digits.load_models()
-    n = args.images
-    labels = torch.arange(10).repeat(math.ceil(n / 10))[:n]
-    noise = torch.randn(n, 16, 4, generator=torch.Generator().manual_seed(1234))
-    steps = args.steps
-
-    def uncached() -> tuple[torch.Tensor, float]:
-        return timed(lambda: digits.sample(dit, labels, noise, steps))
-
-    digits.sample(dit, labels[:20], noise[:20], 2)  # warm up kernels
-    ref, t0 = uncached()
-    rows: list[Row] = []
-    sweep: list[dict] = [
-        dict(strategy="fixed", skip_interval=2, warmup_steps=2),
-        dict(strategy="fixed", skip_interval=2, warmup_steps=2, extrapolate=True),
-        dict(strategy="fixed", skip_interval=3, warmup_steps=2),
-        dict(strategy="dynamic", skip_interval=3, warmup_steps=2),
-        dict(strategy="dynamic", skip_interval=4, warmup_steps=4),
-    ]
-    ths = (0.1, 0.3) if args.quick else (0.1, 0.2, 0.3, 0.5, 0.8)
-    for si in (3, 5):
-        sweep += [dict(strategy="adaptive", skip_interval=si, warmup_steps=3, threshold=th) for th in ths]
-    sweep += [dict(strategy="adaptive", skip_interval=7, warmup_steps=3, threshold=th) for th in (0.8, 1.2)]
-    sweep += [dict(strategy="adaptive", skip_interval=10, warmup_steps=3, threshold=2.0)]
-    sweep += [dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.3, noise_scale=ns)
-              for ns in (0.002, 0.01)]
-    for kw in sweep:
-        rows.append(ours(dit, labels, noise, steps, **kw))
-    _, t1 = uncached()
-    rows += diffusers_rows(dit, labels, noise, steps)
-    rows += cache_dit_rows(dit, labels, noise, steps)
-    print("ComfyUI EasyCache: not compared here (it wraps ComfyUI ModelPatchers; this DiT is a diffusers model)")
-    again, t2 = uncached()
-    base = statistics.median([t0, t1, t2])
+    load0 = os.getloadavg()
+    b = Bench(args.images, args.steps)
+    digits.sample(b.dit, b.labels[:20], b.noise[:20], 2)  # warm up kernels
+    b.counter.n = 0
+    ref = b.sample()
+    total_blocks = b.counter.n
+    methods = [b.ours(**kw) for kw in our_sweep(args.quick)]
+    methods += b.diffusers_methods()
+    methods += b.cache_dit_methods()
+    uncached: dict[str, Sampler] = {"diffusers": b.sample}
+    comfy_path = os.environ.get("COMFYUI_PATH")
+    comfy_ref = None
+    if not comfy_path:
+        print("ComfyUI EasyCache: not compared (set COMFYUI_PATH and run with an interpreter that imports ComfyUI)")
+    else:
+        try:
+            b.comfy = ComfyFlux(b, comfy_path)
+            b.comfy.counter.n = 0
+            comfy_ref = b.comfy.sample(b.comfy.mp)
+            comfy_total = b.comfy.counter.n
+            uncached["comfy"] = lambda: b.comfy.sample(b.comfy.mp)  # type: ignore[union-attr]
+            methods += [b.comfy.easycache(th) for th in (0.05, 0.1, 0.2, 0.3, 0.5)]
+            methods += [b.comfy.ours(**kw) for kw in (
+                dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.3),
+                dict(strategy="adaptive", skip_interval=30, warmup_steps=1, threshold=1.2),
+                dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.2, level="output"),
+                dict(strategy="adaptive", skip_interval=30, warmup_steps=1, threshold=0.4, level="output"))]
+            print(f"ComfyUI Flux (converted weights) uncached vs diffusers uncached: PSNR "
+                  f"{psnr(comfy_ref, ref):.2f} dB, max abs diff {float((comfy_ref - ref).abs().max()):.2e}")
+        except Exception as e:
+            print(f"ComfyUI EasyCache not compared: ComfyUI at {comfy_path} failed ({type(e).__name__}: {e})")
+    # quality and compute (deterministic): one untimed run each
+    for m in methods:
+        counter = b.comfy.counter if m.pipeline == "comfy" and b.comfy else b.counter
+        counter.n = 0
+        m.images = m.run()
+        m.compute = counter.n / (comfy_total if m.pipeline == "comfy" else total_blocks)
+    # timing: rounds of (uncached, method) pairs
+    for _ in range(args.repeats):
+        for m in methods:
+            m.base_times.append(time_run(uncached[m.pipeline])[1])
+            m.times.append(time_run(m.run)[1])
+    again = b.sample()
     with torch.no_grad():
-        ref_acc = float((clf(ref).argmax(1) == labels).float().mean())
-    for r in rows:
-        r.speedup = base / r.seconds
-        r.psnr, r.ssim = psnr(r.images, ref), ssim(r.images, ref)
-        with torch.no_grad():
-            r.acc = float((clf(r.images).argmax(1) == labels).float().mean())
-    print(f"\n{n} images, {steps} Euler steps, CFG 2 (one batch), torch threads {torch.get_num_threads()}; "
-          f"uncached {t0:.2f}s / {t1:.2f}s / {t2:.2f}s (median {base:.2f}s), deterministic: "
-          f"{torch.equal(ref, again)}, classifier accuracy uncached {ref_acc * 100:.1f}%")
-    rows.sort(key=lambda r: -r.speedup)
-    print(f"\n{'method':<66} {'speedup':>7} {'PSNR dB':>8} {'SSIM':>6} {'acc %':>6} {'reused':>6}  pareto")
+        ref_acc = float((b.clf(ref).argmax(1) == b.labels).float().mean())
+        for m in methods:
+            m.speedup = statistics.median(m.base_times) / statistics.median(m.times)
+            m.psnr, m.ssim = psnr(m.images, ref), ssim(m.images, ref)
+            m.acc = float((b.clf(m.images).argmax(1) == b.labels).float().mean())
+    base_all = [t for m in methods if m.pipeline == "diffusers" for t in m.base_times]
+    load1 = os.getloadavg()
+    print(f"\n{args.images} images, {args.steps} Euler steps, CFG 2 (one batch), torch threads "
+          f"{torch.get_num_threads()}, {args.repeats} interleaved timing rounds; uncached median "
+          f"{statistics.median(base_all):.2f}s (min {min(base_all):.2f}s, max {max(base_all):.2f}s), deterministic: "
+          f"{torch.equal(ref, again)}, classifier accuracy uncached {ref_acc * 100:.1f}%; load average "
+          f"{load0[0]:.1f} at start, {load1[0]:.1f} at end")
+    methods.sort(key=lambda m: -m.speedup)
+    print(f"\n{'method':<70} {'speedup':>7} {'compute':>7} {'PSNR dB':>8} {'SSIM':>6} {'acc %':>6}  pareto")
     best_psnr = -1.0
-    for r in rows:  # sorted by speedup: a row is Pareto-optimal when no faster row has a higher PSNR
-        pareto = r.psnr > best_psnr
-        best_psnr = max(best_psnr, r.psnr)
-        print(f"{r.method:<66} {r.speedup:7.2f} {r.psnr:8.2f} {r.ssim:6.3f} {r.acc * 100:6.1f} {r.hit:>6}  "
+    for m in methods:  # sorted by speedup: a row is Pareto-optimal when no faster row has a higher PSNR
+        pareto = m.psnr > best_psnr
+        best_psnr = max(best_psnr, m.psnr)
+        print(f"{m.name:<70} {m.speedup:7.2f} {m.compute:7.3f} {m.psnr:8.2f} {m.ssim:6.3f} {m.acc * 100:6.1f}  "
               f"{'*' if pareto else ''}")
-    ok = [r for r in rows if r.family == "ours" and r.psnr >= 30]
+    print()
+    for line in dominance_lines(methods):
+        print(line)
+    ok = [m for m in methods if m.family == "ours" and m.psnr >= 30]
     if ok:
-        b = max(ok, key=lambda r: r.speedup)
-        print(f"\nours best at PSNR >= 30 dB: {b.speedup:.2f}x ({b.method}), PSNR {b.psnr:.2f} dB, SSIM {b.ssim:.3f}, "
-              f"accuracy {b.acc * 100:.1f}% vs uncached {ref_acc * 100:.1f}%")
+        w = max(ok, key=lambda m: m.speedup)
+        print(f"\nours best at PSNR >= 30 dB: {w.speedup:.2f}x, compute {w.compute:.3f} ({w.name}), PSNR {w.psnr:.2f} "
+              f"dB, SSIM {w.ssim:.3f}, accuracy {w.acc * 100:.1f}% vs uncached {ref_acc * 100:.1f}%")
     else:
         print("\nours best at PSNR >= 30 dB: none of our settings reached 30 dB")
     return 0

@@ -439,3 +439,56 @@ def test_diffusers_pipeline_like_object_caches_its_transformer() -> None:
     assert sc.summary(pipe)["strategy"] == "fixed"
     sc.disable_cache(pipe)
     assert sc.state_of(m) is None
+
+
+def test_control_active_rule() -> None:
+    z, nz = torch.zeros(1, 4, 8), torch.ones(1, 4, 8)
+    assert not sc_state.control_active(None)
+    assert not sc_state.control_active({"input": [None, z], "output": []})  # strength 0: all zeros
+    assert sc_state.control_active({"input": [None, z], "output": [nz]})
+    assert sc_state.control_active([z, nz]) and not sc_state.control_active((z,))
+
+
+def test_diffusers_flux_controlnet_residuals_are_never_frozen() -> None:
+    """ControlNet residuals (``controlnet_block_samples``) on steps 0..4 only: those steps compute and keep
+    nothing, so step 5 (a reuse step by the rule) computes too instead of reusing a residual with control."""
+    m = _flux()
+    g = torch.Generator().manual_seed(7)
+    ctrl = [torch.randn(2, 16, 32, generator=g) * 0.5 for _ in range(2)]
+    x0, enc = torch.randn(2, 16, 4, generator=g), torch.randn(2, 3, 32, generator=g)
+    pooled = torch.randn(2, 16, generator=g)
+    ids = torch.zeros(16, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
+    counts = {"n": 0}
+    m.single_transformer_blocks[0].attn.register_forward_hook(lambda *a: counts.__setitem__("n", counts["n"] + 1))
+
+    def run(last_control_step: int) -> torch.Tensor:
+        x = x0.clone()
+        with torch.no_grad():
+            for i in range(STEPS):
+                c = [s * (1 + x.mean()) for s in ctrl] if i <= last_control_step else None
+                v = m(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                      timestep=TS[i].expand(2), img_ids=ids, txt_ids=torch.zeros(3, 3),
+                      controlnet_block_samples=c, return_dict=False)[0]
+                x = x + (TS[i + 1] - TS[i]) * v
+        return x
+
+    ref_all, ref_half = run(STEPS), run(4)
+    sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=0)
+    counts["n"] = 0
+    assert torch.allclose(run(STEPS), ref_all, atol=1e-5)  # control on every step: every step computes
+    assert counts["n"] == STEPS
+    counts["n"] = 0
+    out = run(4)
+    # rule: reuse on odd steps; 1, 3 forced by control; 5 has nothing cached; 7 and 9 reuse
+    assert counts["n"] == 8
+    assert 0 < rel(out, ref_half) < 0.05
+    zero = [torch.zeros_like(s) for s in ctrl]  # strength 0: caches as without a ControlNet
+    counts["n"] = 0
+    with torch.no_grad():
+        m(hidden_states=x0, encoder_hidden_states=enc, pooled_projections=pooled, timestep=TS[0].expand(2),
+          img_ids=ids, txt_ids=torch.zeros(3, 3), controlnet_block_samples=zero)
+        m(hidden_states=x0, encoder_hidden_states=enc, pooled_projections=pooled, timestep=TS[1].expand(2),
+          img_ids=ids, txt_ids=torch.zeros(3, 3), controlnet_block_samples=zero)
+    assert counts["n"] == 1 and sc.state_of(m).last_run_decisions == [False, True]
+    sc.disable_cache(m)

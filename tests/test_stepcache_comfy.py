@@ -27,6 +27,7 @@ def _import_comfy() -> Any:
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True  # before model_management picks a device
+        import comfy.controlnet
         import comfy.model_patcher
         import comfy.sample
         import comfy.supported_models
@@ -204,3 +205,119 @@ def test_weight_patches_apply_under_the_cache(flux: Any, conds: tuple) -> None:
     a, b = run(after, conds), run(before, conds)
     assert torch.allclose(a, b, atol=1e-5) and rel(a, ref) < 0.05
     assert torch.equal(run(flux, conds), run(flux, conds))  # base weights restored after patched runs
+
+
+class HandControl(comfy.controlnet.ControlBase):
+    """A ControlNet without a control model: ComfyUI's ControlBase (timestep range, strength, merge) with
+    per-block residuals computed from the current latent, as a Flux ControlNet's would be."""
+
+    def __init__(self, strength: float = 1.0, end: float = 1.0) -> None:
+        super().__init__()
+        self.set_cond_hint(None, strength, (0.0, end))
+        g = torch.Generator().manual_seed(11)
+        self.dirs = [torch.randn(1, 16, 64, generator=g) * 0.5 for _ in range(2)]
+        self.calls = 0
+
+    def get_control(self, x_noisy: Any, t: Any, cond: Any, batched_number: int, transformer_options: Any) -> Any:
+        if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
+            return None
+        self.calls += 1
+        amp = x_noisy.flatten(1).mean(1).reshape(-1, 1, 1)
+        return self.control_merge({"input": [d * (1 + amp) for d in self.dirs], "output": []}, None, x_noisy.dtype)
+
+    def copy(self) -> HandControl:
+        c = HandControl(self.strength, self.timestep_percent_range[1])
+        c.dirs = self.dirs
+        return c
+
+
+def _with_control(conds: tuple, control: Any) -> tuple:
+    pos, neg, noise = conds
+    return ([[pos[0][0], {**pos[0][1], "control": control}]], [[neg[0][0], {**neg[0][1], "control": control}]],
+            noise)
+
+
+def test_controlnet_residuals_are_not_frozen(flux: Any, conds: tuple) -> None:
+    """ControlNet additions to the Flux blocks (``control`` in ``forward_orig``): a call with an active
+    ControlNet computes and keeps nothing; after its end_percent (or at strength 0) the cache works as usual."""
+    cached = sc.enable_cache(flux, strategy="fixed", skip_interval=2, warmup_steps=2)
+    # ControlNet on every step: every step computes, output equal to uncached with the same ControlNet
+    ref = run(flux, _with_control(conds, HandControl()))
+    assert rel(ref, run(flux, conds)) > 1e-3  # the control matters
+    c = Counter(flux)
+    out = run(cached, _with_control(conds, HandControl()))
+    assert c.n["single0"] == 10 and torch.allclose(out, ref, atol=1e-5)
+    # ControlNet on the first half of the schedule only: those steps compute, the rest follows the rule
+    half = HandControl(end=0.5)
+    ref_half = run(flux, _with_control(conds, half))
+    c.n = {"double1": 0, "single0": 0}
+    out_half = run(cached, _with_control(conds, HandControl(end=0.5)))
+    active = half.calls
+    assert 2 < active < 10
+    decisions = sc.state_of(cached).last_run_decisions
+    assert not any(decisions[:active])  # steps with an active ControlNet all computed
+    reused_after = sum(decisions[active + 1:])  # the first step after the ControlNet has nothing cached
+    assert reused_after >= 1 and c.n["single0"] == 10 - reused_after
+    assert 0 < rel(out_half, ref_half) < 0.05
+    # strength 0: zero residuals, cached exactly like a run without a ControlNet
+    c.n = {"double1": 0, "single0": 0}
+    run(cached, _with_control(conds, HandControl(strength=0.0)))
+    assert c.n["single0"] == 7
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def unet() -> Any:
+    """A tiny SD1.5-type UNet (``openaimodel.UNetModel``: res blocks, cross-attention, skip connections) in a
+    ModelPatcher, random weights; eps prediction with SD1.5's discrete schedule."""
+    torch.set_num_threads(1)
+    uc = dict(context_dim=32, model_channels=32, use_linear_in_transformer=False, adm_in_channels=None,
+              use_temporal_attention=False, in_channels=4, out_channels=4, num_res_blocks=[1, 1],
+              channel_mult=[1, 2], transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+              transformer_depth_middle=1, use_spatial_transformer=True, legacy=False, image_size=32,
+              use_checkpoint=False, num_heads=2, num_head_channels=-1)
+    cfg = comfy.supported_models.SD15(uc)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def test_unet_output_level_euler_cfg(unet: Any) -> None:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    dm = unet.model.diffusion_model
+    assert isinstance(dm, UNetModel)
+    g = torch.Generator().manual_seed(4)
+    conds = ([[torch.randn(1, 5, 32, generator=g), {}]], [[torch.randn(1, 5, 32, generator=g), {}]],
+             torch.randn(2, 4, 8, 8, generator=g))
+    calls = {"n": 0}
+    h = dm.input_blocks[0][0].register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        ref = run(unet, conds)
+        assert calls["n"] == 10  # CFG as one batch: one UNet call per step
+        cached = sc.enable_cache(unet, strategy="fixed", skip_interval=2, warmup_steps=2)
+        assert cached is not unet and not unet.get_all_wrappers("apply_model")
+        assert not sc.state_of(cached).stats.calls and holder_block_mode(cached) is False
+        calls["n"] = 0
+        out = run(cached, conds)
+        st = sc.state_of(cached)
+        assert st.last_run_decisions == [ch == "R" for ch in "CCCRCRCRCC"]
+        assert calls["n"] == 7 and st.stats.reused_calls == 3
+        assert 0 < rel(out, ref) < 0.05 and st.cached_bytes() == 0
+        exact = sc.enable_cache(unet, strategy="adaptive", threshold=0.0)
+        assert torch.allclose(run(exact, conds), ref, atol=1e-5)
+        calls["n"] = 0
+        assert torch.equal(run(unet, conds), ref) and calls["n"] == 10  # the original is untouched
+    finally:
+        h.remove()
+
+
+def holder_block_mode(mp: Any) -> bool:
+    from comfy_autocloud.stepcache.comfy_wrappers import holder_of
+
+    return holder_of(mp).block_mode

@@ -9,6 +9,9 @@
   block 0 always runs and decides; on a reused call the other blocks pass their inputs through and the
   last single block returns ``cat(txt0, img0) + cached residual``. A patch another node set on the same
   block keeps running (it is called in place of the original block).
+* ControlNet: its residuals (``control`` passed to ``apply_model``, added between Flux blocks / to UNet skip
+  connections) change every step, so a call with an active ControlNet (any non-zero control tensor) computes
+  and its residual is not kept; steps outside the ControlNet's range (or at strength 0) cache as usual.
 
 LoRA and other weight patches are untouched (the clone shares the patched weights). ComfyUI is imported
 lazily here; nothing else in the package imports it.
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .state import CacheConfig, CallContext, StepCacheState
+from .state import CacheConfig, CallContext, StepCacheState, control_active
 
 KEY = "autocloud_stepcache"
 
@@ -63,8 +66,10 @@ class ComfyStepCache:
         if not st.enabled or not isinstance(t, torch.Tensor) or self.current is not None:
             return executor(*args, **kwargs)
         cou = tuple((topts or {}).get("cond_or_uncond", ()))
+        control = kwargs["control"] if "control" in kwargs else (args[4] if len(args) > 4 else None)
         with st.lock:
             ctx = st.begin_call(float(t.flatten()[0]), (tuple(x.shape), cou, x.dtype), x.device)
+            ctx.force_compute = control_active(control)
             self.current = ctx
             try:
                 if self.block_mode:

@@ -128,11 +128,32 @@ class CallContext:
     reuse: bool = False
     decided: bool = False
     base: Tensors | None = None
+    force_compute: bool = False  # e.g. a ControlNet adds per-step residuals to this call (see ``control_active``)
 
 
 def _rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean absolute change relative to the previous tensor's mean magnitude (scale free)."""
     return float((a.float() - b.float()).abs().mean() / (b.float().abs().mean() + 1e-8))
+
+
+def control_active(control: Any) -> bool:
+    """Whether a ControlNet contributes to this call: ``control`` is ComfyUI's control dict (``{"input": [...],
+    "middle": [...], "output": [...]}``) or a list/tuple of diffusers ControlNet residuals; it is active when any
+    of its tensors is non-zero (strength 0 or a step outside the ControlNet's start/end range gives none or zeros).
+
+    Rule: an active call computes, and the residual it produces is not kept for reuse. ControlNet residuals
+    depend on the current ``x`` and timestep and are added between blocks, so they cannot be frozen into a
+    residual cached at another step (nor subtracted from one: they propagate through the later blocks), and a
+    residual computed with them must not be reused by a later step that has none (after ``end_percent``)."""
+    if control is None:
+        return False
+    if isinstance(control, torch.Tensor):
+        return bool(control.detach().ne(0).any())
+    if isinstance(control, dict):
+        return any(control_active(v) for v in control.values())
+    if isinstance(control, list | tuple):
+        return any(control_active(v) for v in control)
+    return False
 
 
 def _sync(device: torch.device | None) -> None:
@@ -210,8 +231,14 @@ class StepCacheState:
         has nothing cached."""
         if self._decision is None:
             last = self.final_t is not None and ctx.t <= self.final_t * (1 + 1e-6) + 1e-9
-            spent = self.strategy.accumulated + (signal or 0.0) if isinstance(self.strategy, AdaptiveStrategy) else None
-            wants = self.strategy.reuse(ctx.step, None, signal)
+            adaptive = isinstance(self.strategy, AdaptiveStrategy)
+            spent = self.strategy.accumulated + (signal or 0.0) if adaptive else None
+            if ctx.force_compute:  # computes without consulting the rule; the error budget restarts
+                wants = False
+                if adaptive:
+                    self.strategy.reset()
+            else:
+                wants = self.strategy.reuse(ctx.step, None, signal)
             self._decision = bool(wants and not last)
             self.last_run_decisions.append(self._decision)
             if self._decision:
@@ -220,9 +247,10 @@ class StepCacheState:
                 self.stats.computed_steps += 1
             acc = "" if spent is None else f" budget spent={spent:.4f}"
             sig = "n/a" if signal is None else f"{signal:.4f}"
-            self._debug("step %d t=%.6g: %s (signal=%s%s)", ctx.step, ctx.t,
-                        "reuse" if self._decision else "compute", sig, acc)
-        ctx.reuse = self._decision and len(ctx.stream.history) > 0
+            self._debug("step %d t=%.6g: %s (signal=%s%s%s)", ctx.step, ctx.t,
+                        "reuse" if self._decision else "compute", sig, acc,
+                        ", ControlNet active" if ctx.force_compute else "")
+        ctx.reuse = self._decision and len(ctx.stream.history) > 0 and not ctx.force_compute
         ctx.decided = True
         return ctx.reuse
 
@@ -250,7 +278,11 @@ class StepCacheState:
         return out
 
     def store(self, ctx: CallContext, out: Tensors, base: Tensors) -> None:
-        """Remember ``out - base`` of a computed call."""
+        """Remember ``out - base`` of a computed call (a call with an active ControlNet leaves nothing to
+        reuse: its stream's history is dropped)."""
+        if ctx.force_compute:
+            ctx.stream.history.clear()
+            return
         res = {}
         for k, v in out.items():
             if v is None:

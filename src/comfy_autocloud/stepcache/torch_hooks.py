@@ -6,7 +6,8 @@ Block caching (default when a block list is found): block 0 always runs; its res
 decision. On a reused call blocks 1..n-2 return their inputs unchanged (no compute) and block n-1 returns
 ``block0_output + cached_residual``, where the residual ``last_output - block0_output`` was stored by the
 last computed call of the same stream. Embeddings, the final norm and projection always run, so
-conditioning that enters outside the blocks (timestep, ControlNet residuals after block 0) stays exact.
+conditioning that enters outside the blocks (timestep, pooled text) stays exact. A call that receives
+ControlNet residuals (``controlnet_block_samples`` & co., non-zero) computes, and its residual is not kept.
 
 Output caching (``level="output"``, or when no block list exists): the whole forward is skipped and the
 cached output returned.
@@ -22,11 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state import CallContext, StepCacheState
+from .state import CallContext, StepCacheState, control_active
 
 ATTR = "_autocloud_stepcache"
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
 _HIDDEN_NAMES = ("hidden_states", "x", "hidden", "h", "img")
+# diffusers ControlNet residuals passed to the transformer (Flux, SD3, Wan/Hunyuan-style names)
+_CONTROL_KWARGS = ("controlnet_block_samples", "controlnet_single_block_samples", "block_controlnet_hidden_states")
 _BLOCK_LISTS = (("transformer_blocks", "single_transformer_blocks"), ("double_blocks", "single_blocks"),
                 ("blocks",), ("layers",), ("joint_blocks",))
 
@@ -202,6 +205,7 @@ class TorchCacheHandle:
                 return orig(*args, **kwargs)
             with st.lock:
                 ctx = st.begin_call(t, (tuple(x.shape), x.dtype, str(x.device)), x.device)
+                ctx.force_compute = any(control_active(kwargs.get(k)) for k in _CONTROL_KWARGS)
                 self.current = ctx
                 try:
                     if self.level == "output":
