@@ -378,6 +378,36 @@ def test_cancel_route_stops_a_download_and_keeps_its_partial(origin: TimedNginx,
     finally:
         a.close()
 
+
+def test_interrupting_the_waiting_loader_cancels_its_download(origin: TimedNginx, tmp_path: Path,
+                                                              random_file) -> None:
+    """ComfyUI's ProgressBar raises on interrupt: the loader stops waiting and the download stops too."""
+    random_file(origin.data_dir / "i.safetensors", 6 * MiB, seed=14)
+    spec = _spec("checkpoints", "i.safetensors", origin.url("/slow/i.safetensors"))
+    a = _adapter(tmp_path, [spec], connections=1)
+
+    class Interrupted(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        if done >= MiB:
+            raise Interrupted("user pressed cancel")
+
+    try:
+        with pytest.raises(Interrupted):
+            a.resolve_missing("checkpoints", "i.safetensors", progress)
+        deadline = time.monotonic() + 10
+        while a.status()["downloads"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not a.status()["downloads"], "the download kept running after the interrupt"
+        assert not (tmp_path / "cache" / "checkpoints" / "i.safetensors").exists()
+        state = PartState.load(state_path(a.store.partial_path(spec.key)))
+        assert state is not None and state.done_bytes() >= MiB  # kept for resuming
+        path = a.resolve_missing("checkpoints", "i.safetensors")  # the next prompt resumes it
+        assert path is not None and path.stat().st_size == 6 * MiB
+    finally:
+        a.close()
+
 # ------------------------------------------------------------------ popular-model preloader
 
 def test_plan_popular_pinned_first_then_most_used_within_budget(tmp_path: Path) -> None:

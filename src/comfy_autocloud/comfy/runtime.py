@@ -324,7 +324,13 @@ class Adapter:
                 if progress is not None:
                     st = self.tracker.state(spec.key)
                     if st is not None and st.bytes_total:
-                        progress(st.bytes_done, st.bytes_total)
+                        try:
+                            progress(st.bytes_done, st.bytes_total)
+                        except BaseException:
+                            # ComfyUI's ProgressBar raises when the user interrupts the prompt: stop the
+                            # download as well (its partial file is kept and resumes on the next request).
+                            self.cancel(spec.key)
+                            raise
             except AutoCloudError as exc:
                 raise ModelUnavailable(f"AutoCloud could not download {spec.key}: {exc.reason} "
                                        f"[{type(exc).__name__}]") from exc
