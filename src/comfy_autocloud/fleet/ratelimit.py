@@ -26,9 +26,9 @@ from comfy_autocloud.transfer import RateLimiter
 
 log = logging.getLogger("comfy_autocloud.fleet")
 
-# KEYS[1]: TAT key. ARGV: emission interval (us per unit), burst tolerance (us), cost (units).
-# Returns {allowed (0/1), retry_after_us}; numbers as strings (Lua numbers would be truncated).
-GCRA_ALLOW = """
+# Both scripts: KEYS[1] = TAT key; ARGV = emission interval (us per unit), burst tolerance (us), cost (units).
+# The shared prelude reads Redis' clock and computes the new theoretical arrival time (new_tat).
+_GCRA_PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -37,6 +37,10 @@ local cost = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + cost * interval
+"""
+
+# Returns {allowed (0/1), retry_after_us}; numbers as strings (Lua numbers would be truncated).
+GCRA_ALLOW = _GCRA_PRELUDE + """
 local allow_at = new_tat - tolerance - interval
 if now < allow_at then
   return {0, tostring(allow_at - now)}
@@ -47,15 +51,7 @@ return {1, '0'}
 
 # Reservation form: the cost is always taken (going into debt); the reply says how long to wait (us)
 # before using it, so the aggregate over all callers is exactly the rate plus one burst.
-GCRA_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + cost * interval
+GCRA_RESERVE = _GCRA_PRELUDE + """
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
 local wait = new_tat - tolerance - now
 if wait < 0 then wait = 0 end

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from comfy_autocloud.keys import check_folder, check_relpath, check_sha256, make_key
 
@@ -24,31 +24,30 @@ def check_source(src: str) -> str:
     return s
 
 
+def _check_key(value: str) -> str:
+    folder, _, filename = value.partition("/")
+    return make_key(folder, filename)
+
+
+# Field types shared by every model here: a normalised sha256, and a 'folder/filename' cache key.
+Sha256 = Annotated[str, AfterValidator(check_sha256)]
+Key = Annotated[str, AfterValidator(_check_key)]
+
+
 class BundleMember(BaseModel):
     """One model inside a zip bundle: where it is in the zip and where it lands in the cache."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     member: str  # path inside the zip
-    key: str  # folder/filename in the cache
-    sha256: str | None = None
+    key: Key  # folder/filename in the cache
+    sha256: Sha256 | None = None
     size: int | None = Field(default=None, ge=0)
 
     @field_validator("member")
     @classmethod
     def _member(cls, v: str) -> str:
         return check_relpath(v, "zip member")
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        folder, _, filename = v.partition("/")
-        return make_key(folder, filename)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str | None) -> str | None:
-        return None if v is None else check_sha256(v)
 
 
 class Bundle(BaseModel):
@@ -60,21 +59,10 @@ class Bundle(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    sha256: str | None = None
+    name: Key
+    sha256: Sha256 | None = None
     size: int | None = Field(default=None, ge=0)
     members: tuple[BundleMember, ...]
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        folder, _, filename = v.partition("/")
-        return make_key(folder, filename)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str | None) -> str | None:
-        return None if v is None else check_sha256(v)
 
     @model_validator(mode="after")
     def _check(self) -> Bundle:
@@ -98,7 +86,7 @@ class ModelSpec(BaseModel):
     folder: str
     filename: str
     sources: tuple[str, ...] = ()
-    sha256: str | None = None
+    sha256: Sha256 | None = None
     size: int | None = Field(default=None, ge=0)
     pin: bool = False
     preload: dict[str, Any] | None = None  # seed 000 loader options (kind, clip type, dtype...)
@@ -120,11 +108,6 @@ class ModelSpec(BaseModel):
     @classmethod
     def _sources(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(check_source(s) for s in v)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str | None) -> str | None:
-        return None if v is None else check_sha256(v)
 
     @property
     def key(self) -> str:
