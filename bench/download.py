@@ -12,7 +12,6 @@ Prints one line per case, ratio last.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -60,12 +59,6 @@ def data_file(workdir: Path, size: int) -> tuple[Path, str]:
     return path, digest
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from comfy_autocloud.store import Store
+from comfy_autocloud.store.space import sha256_file
 from redis_server import FleetNode, RedisServer, redis_running
 from servers import NginxOrigin, nginx_running, write_random_file
 
@@ -23,12 +23,6 @@ pytestmark = [
 ]
 
 
-def sha_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def finish(proc, timeout: float = 60.0) -> dict:  # type: ignore[no-untyped-def]
@@ -60,7 +54,7 @@ def test_four_nodes_origin_serves_once(fleet_env, tmp_path: Path) -> None:
     took = time.monotonic() - t0
     for n, r in zip(nodes, results, strict=True):
         assert r["sha256"] == sha
-        assert sha_of(n.final(KEY)) == sha
+        assert sha256_file(n.final(KEY)) == sha
         assert Store(n.cache).lookup(KEY) is not None
     served = origin.bytes_served("slow/model.safetensors")
     assert served <= 1.05 * size, f"origin served {served / size:.2f}x the file"
@@ -106,7 +100,7 @@ def test_origin_holder_killed_another_takes_over(fleet_env, tmp_path: Path) -> N
     results = [finish(procs[n.name], timeout=60) for n in survivors]
     for n, r in zip(survivors, results, strict=True):
         assert r["sha256"] == sha
-        assert sha_of(n.final(KEY)) == sha
+        assert sha256_file(n.final(KEY)) == sha
     # the killed node: nothing at the final path, nothing indexed, only a resumable .part
     assert not victim.final(KEY).exists()
     assert Store(victim.cache).lookup(KEY) is None
@@ -135,7 +129,7 @@ def test_lying_peer_caught_marked_bad_and_skipped(fleet_env, tmp_path: Path) -> 
         f.write(bytes(b ^ 0xFF for b in block))
     r = finish(honest.fetch(url))
     assert r["sha256"] == sha and r["source"].startswith("http://"), r
-    assert sha_of(honest.final(KEY)) == sha
+    assert sha256_file(honest.final(KEY)) == sha
     client = redis_py.Redis.from_url(redis.url, decode_responses=True)
     assert client.exists("autocloud:bad:liar"), "the lying peer must be marked bad in Redis"
     assert 0 < client.pttl("autocloud:bad:liar") <= 600_000
@@ -168,7 +162,7 @@ def test_redis_killed_mid_run_nodes_go_on_alone(fleet_env, tmp_path: Path) -> No
         assert err.count("is unreachable") <= 1, err  # logged once per process, not per request
     assert time.monotonic() - t0 < 30
     for n, r in zip(nodes, results, strict=True):
-        assert r["sha256"] == sha and sha_of(n.final(KEY)) == sha
+        assert r["sha256"] == sha and sha256_file(n.final(KEY)) == sha
     # a node fetching after Redis is gone works alone too
     late = FleetNode("late", tmp_path, redis.url).start_peer()
     nodes.append(late)

@@ -27,6 +27,7 @@ from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.manifest.warmup_conf import parse_warmup_text
 from comfy_autocloud.store import Store
+from comfy_autocloud.store.space import sha256_file
 from comfy_autocloud.store.store import PRIVATE_DIR
 from comfy_autocloud.warmup import pagecache
 from comfy_autocloud.warmup.extra_paths import BEGIN, SECTION, search_order
@@ -37,19 +38,13 @@ MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write(path: Path, size: int, seed: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
     path.write_bytes(data[:size])
-    return sha(path)
+    return sha256_file(path)
 
 
 class Env:
@@ -159,7 +154,7 @@ def test_copy_is_correct_and_a_rerun_copies_nothing(wenv: Env) -> None:
     assert {k: o["status"] for k, o in files.items()} == dict.fromkeys(want, "copied")
     assert out[-1]["summary"]["bytes_copied"] == sum(os.path.getsize(wenv.models / k) for k in want)
     for key, digest in want.items():
-        assert sha(wenv.cache / key) == digest
+        assert sha256_file(wenv.cache / key) == digest
     assert final_files(wenv.cache) == sorted(wenv.cache / k for k in want)
     stamps = {k: os.stat(wenv.cache / k).st_ino for k in want}
 
@@ -191,7 +186,7 @@ def test_changed_volume_file_is_copied_again(wenv: Env) -> None:
     assert code == 0
     assert {o["key"]: o["status"] for o in out if "key" in o} == {"checkpoints/a.safetensors": "recopied",
                                                                   "checkpoints/b.safetensors": "cached"}
-    assert sha(wenv.cache / "checkpoints/a.safetensors") == new
+    assert sha256_file(wenv.cache / "checkpoints/a.safetensors") == new
 
 
 def test_missing_files_are_reported_and_the_rest_copied(wenv: Env) -> None:
@@ -256,7 +251,7 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
         present = final_files(wenv.cache)
         for p in present:  # whatever is at a final path is complete and correct
             key = p.relative_to(wenv.cache).as_posix()
-            assert os.path.getsize(p) == 64 * MiB and sha(p) == want[key], (parallel, delay, key)
+            assert os.path.getsize(p) == 64 * MiB and sha256_file(p) == want[key], (parallel, delay, key)
         interrupted += len(present) < len(want)
         mid_copy += 0 < len(present) < len(want)  # killed after some commits, before the others
         assert wait_for != "commit" or present, "the first commit was never seen"
@@ -264,7 +259,7 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
         assert code == 0, out
         assert final_files(wenv.cache) == sorted(wenv.cache / k for k in want)
         for key, digest in want.items():
-            assert sha(wenv.cache / key) == digest
+            assert sha256_file(wenv.cache / key) == digest
     assert interrupted >= 3 and mid_copy >= 1, "the kills never landed mid-copy: the test proved nothing"
 
 
@@ -386,9 +381,9 @@ def test_clean_removes_only_what_warmup_copied(wenv: Env) -> None:
     assert out[0]["removed"] == ["checkpoints/a.safetensors"] and out[0]["bytes_freed"] == MiB
     assert [k["key"] for k in out[0]["kept"]] == ["loras/l.safetensors"] and "pinned" in out[0]["kept"][0]["reason"]
     assert not (wenv.cache / "checkpoints/a.safetensors").exists()
-    assert sha(wenv.cache / "checkpoints/o.safetensors") == other_sha and own.is_file()
+    assert sha256_file(wenv.cache / "checkpoints/o.safetensors") == other_sha and own.is_file()
     assert (wenv.cache / "loras/l.safetensors").is_file()
-    assert sha(wenv.models / "checkpoints/a.safetensors") == digest  # the volume is never touched
+    assert sha256_file(wenv.models / "checkpoints/a.safetensors") == digest  # the volume is never touched
     assert Store(wenv.cache).lookup("checkpoints/o.safetensors") is not None
 
 
@@ -446,7 +441,7 @@ def test_background_returns_at_once_and_finishes(wenv: Env) -> None:
         time.sleep(0.1)
     assert out[0]["background"]["pid"] == job["background"]["pid"] and not out[0]["background"]["running"]
     for key, digest in want.items():
-        assert sha(wenv.cache / key) == digest
+        assert sha256_file(wenv.cache / key) == digest
     log = Path(job["background"]["log"]).read_text()
     assert "4 copied" in log
 
