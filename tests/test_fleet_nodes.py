@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 
 from comfy_autocloud.store import Store
 from comfy_autocloud.store.space import sha256_file
-from redis_server import FleetNode, RedisServer, redis_running
-from servers import NginxOrigin, nginx_running, write_random_file
+from redis_server import TOKEN, FleetNode, RedisServer, redis_running
+from servers import NginxOrigin, http_get, nginx_running, write_random_file
 
 MiB = 2**20
 KEY = "checkpoints/model.safetensors"
@@ -142,6 +143,62 @@ def test_lying_peer_caught_marked_bad_and_skipped(fleet_env, tmp_path: Path) -> 
         env=third.env(), capture_output=True, text=True, check=True).stdout)
     holders = {h["node"] for h in status["files"][KEY]["holders"]}
     assert holders == {"honest", "third"}, holders  # the bad node is not offered
+
+
+def peer_files_bytes(node: FleetNode) -> int:
+    """Bytes of verified files this node's peer server has sent (its /metrics counter)."""
+    status, body = http_get(f"http://127.0.0.1:{node.port}/metrics", {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200, body
+    m = re.search(rb'autocloud_peer_bytes_served_total\{node="[^"]+",route="files"\} (\d+)', body)
+    assert m, body
+    return int(m.group(1))
+
+
+def three_holders(fleet_env, tmp_path: Path, size: int, seed: int):  # type: ignore[no-untyped-def]
+    """a from the origin, b and c from peers: three verified copies; then d, which has none."""
+    redis, origin, nodes = fleet_env
+    sha = write_random_file(origin.data_dir / "model.safetensors", size, seed=seed)
+    url = origin.url("model.safetensors")
+    a, b, c, d = (FleetNode(n, tmp_path, redis.url).start_peer() for n in "abcd")
+    nodes += [a, b, c, d]
+    for n in (a, b, c):
+        assert finish(n.fetch(url))["sha256"] == sha
+    assert origin.bytes_served("model.safetensors") == size
+    return sha, url, (a, b, c, d)
+
+
+def test_ranges_from_several_peers_at_once(fleet_env, tmp_path: Path) -> None:
+    _, origin, _ = fleet_env
+    size = 40 * MiB + 11
+    sha, url, (a, b, c, d) = three_holders(fleet_env, tmp_path, size, seed=21)
+    before = {n.name: peer_files_bytes(n) for n in (a, b, c)}
+    r = finish(d.fetch(url))
+    assert r["sha256"] == sha and sha256_file(d.final(KEY)) == sha
+    assert r["source"].startswith("peers "), r  # one download spread over the holders
+    sent = {n.name: peer_files_bytes(n) - before[n.name] for n in (a, b, c)}
+    assert all(v > 0 for v in sent.values()), sent
+    assert sum(sent.values()) == size, sent  # every byte once, none from the origin
+    assert origin.bytes_served("model.safetensors") == size
+
+
+def test_peer_sending_wrong_ranges_is_found_and_marked_bad(fleet_env, tmp_path: Path) -> None:
+    import redis as redis_py
+
+    redis, origin, _ = fleet_env
+    size = 40 * MiB + 11
+    sha, url, (_, b, _, d) = three_holders(fleet_env, tmp_path, size, seed=22)
+    # b's copy rots everywhere (same size, other bytes) while Redis still lists it as a verified holder
+    with open(b.final(KEY), "r+b") as f:
+        for pos in range(0, size, 1 << 20):
+            f.seek(pos)
+            f.write(b"\xff" * min(4096, size - pos))
+    r = finish(d.fetch(url))
+    assert r["sha256"] == sha and sha256_file(d.final(KEY)) == sha, r
+    client = redis_py.Redis.from_url(redis.url, decode_responses=True)
+    assert client.exists("autocloud:bad:b"), "the peer that sent wrong ranges must be marked bad"
+    assert not client.exists("autocloud:bad:a") and not client.exists("autocloud:bad:c")
+    assert origin.bytes_served("model.safetensors") == size  # the origin never saw the fourth node
+    assert not list(Store(d.cache).partial_path(KEY).parent.glob("*.suspect")), "mixed bytes left behind"
 
 
 def test_redis_killed_mid_run_nodes_go_on_alone(fleet_env, tmp_path: Path) -> None:

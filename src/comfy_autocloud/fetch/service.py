@@ -4,8 +4,10 @@ Hit: touch the index and return (no hashing). Miss: single-flight per key, make 
 first byte, try each source in order, verify size and sha256, commit by atomic rename. A failed or
 corrupt download never replaces what is already cached.
 
-With a fleet (`fleet=`), a miss goes local -> peers -> origin: first a peer holding a verified copy
-(announced with its sha256 in Redis; a peer whose bytes don't hash to it is marked bad and skipped),
+With a fleet (`fleet=`), a miss goes local -> peers -> origin: first the peers holding a verified copy
+(announced with its sha256 in Redis), ranges from up to four of them at once; when the whole file
+does not hash to the announced sha256 each peer is tried alone, and the one whose bytes are wrong is
+marked bad fleet-wide and skipped;
 else the fleet-wide lease for the key: the holder downloads from the origin (within the fleet's rate
 limits) while the others stream its download in progress from its peer server and commit only when
 their bytes hash to what the holder verified. A holder that dies loses its lease by expiry and the
@@ -14,6 +16,7 @@ next node takes over. Redis unreachable: the node downloads alone, exactly as wi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -42,6 +45,7 @@ from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
 from comfy_autocloud.store import Entry, Store
 from comfy_autocloud.transfer import TransferOptions, TransferResult, copy_file, discard_partial, download, probe
+from comfy_autocloud.units import human_size
 
 if TYPE_CHECKING:
     from comfy_autocloud.fleet.client import Fleet
@@ -287,7 +291,8 @@ class FetchService:
     def _download_from(self, spec: ModelSpec, resolved: ResolvedSource, t0: float,
                        progress: ProgressCallback | None, cancel: CancelToken | None, *,
                        options: TransferOptions | None = None, expect: Expect | None = None,
-                       attempts: int | None = None) -> FetchResult:
+                       attempts: int | None = None,
+                       on_mismatch: Callable[[Path, TransferResult], None] | None = None) -> FetchResult:
         """Download, verify (sha256 known up front, or `expect(result)` after the transfer), commit."""
         key = spec.key
         expected_sha = spec.sha256 or resolved.expected_sha256
@@ -319,10 +324,15 @@ class FetchService:
                     part.parent.mkdir(parents=True, exist_ok=True)
                     result = self._transfer(resolved, part, options, on_bytes, cancel)
                 downloaded += result.bytes_downloaded
+                if len(result.by_source) > 1:
+                    log.info("%s: bytes per source: %s", key,
+                             ", ".join(f"{k} {human_size(v)}" for k, v in result.by_source.items()))
                 if expect is not None:
                     expected_sha = spec.sha256 or expect(result)
                 if expected_sha is None or result.sha256 == expected_sha:
                     break
+                if on_mismatch is not None:
+                    on_mismatch(part, result)  # may move the bytes away to find out who sent wrong ones
                 discard_partial(part)
                 log.warning("%s: sha256 mismatch from %s (attempt %d/%d)", key, resolved.display, attempt,
                             attempts)
@@ -360,11 +370,16 @@ class FetchService:
         while True:
             if cancel is not None and cancel.cancelled:
                 raise Cancelled(key, "cancelled while waiting for the fleet")
-            for peer in fleet.registry.holders(key, spec.sha256):
-                if f"files:{peer.node}" not in failed:
-                    got = self._from_peer(spec, peer, t0, progress, cancel, failed)
-                    if got is not None:
-                        return got
+            holders = [p for p in fleet.registry.holders(key, spec.sha256) if f"files:{p.node}" not in failed]
+            group = _same_copy(holders)
+            if len(group) >= 2 and f"peers:{group[0].sha256}" not in failed:
+                got = self._from_peers(spec, group[:fleet.config.peer_sources], t0, progress, cancel, failed)
+                if got is not None:
+                    return got
+            for peer in holders:
+                got = self._from_peer(spec, peer, t0, progress, cancel, failed)
+                if got is not None:
+                    return got
             lease = fleet.leases.try_acquire(key)
             if lease is not None:
                 with lease:
@@ -407,6 +422,65 @@ class FetchService:
         failed.add(f"files:{peer.node}")
         return None
 
+    def _from_peers(self, spec: ModelSpec, peers: list[Peer], t0: float, progress: ProgressCallback | None,
+                    cancel: CancelToken | None, failed: set[str]) -> FetchResult | None:
+        """Ranges from several peers at once; the whole file must hash to the sha256 they announced.
+
+        A wrong hash doesn't say which peer lied, so the mixed bytes are kept aside, the file is taken
+        from one peer at a time (a peer whose own bytes are wrong is marked bad on the way), and the
+        verified copy then tells which peers sent wrong ranges: those are marked bad too. A peer that
+        fails mid-way is dropped by the engine and the others finish.
+        """
+        fleet = self.fleet
+        assert fleet is not None
+        source, mirrors = fleet.peers_source(peers, spec.key)
+        by_display = {redact_url(source.url): peers[0]}
+        by_display.update({m.display: p for m, p in zip(mirrors, peers[1:], strict=True)})
+        options = fleet.peer_options(self.options)
+        options = replace(options, mirrors=mirrors, connections=max(options.connections or 1, len(peers)))
+        suspect: list[tuple[Path, TransferResult]] = []
+
+        def keep_aside(part: Path, result: TransferResult) -> None:
+            aside = part.with_name(part.name + ".suspect")
+            os.replace(part, aside)
+            suspect.append((aside, result))
+
+        try:
+            return self._download_from(spec, source, t0, progress, cancel, options=options, attempts=1,
+                                       on_mismatch=keep_aside)
+        except (Cancelled, NotEnoughSpace):
+            self._drop_suspect(suspect)
+            raise
+        except AutoCloudError as exc:
+            log.info("%s: ranges from %s failed: %s; trying them one by one", spec.key, source.display, exc.reason)
+        discard_partial(self.store.partial_path(spec.key))
+        failed.add(f"peers:{peers[0].sha256}")
+        if not suspect:
+            return None
+        try:
+            for peer in peers:
+                if f"files:{peer.node}" in failed:
+                    continue
+                got = self._from_peer(spec, peer, t0, progress, cancel, failed)
+                if got is not None:
+                    aside, result = suspect[0]
+                    for display, ranges in result.source_ranges.items():
+                        who = by_display.get(display)
+                        if who is not None and who.node != peer.node and not _same_ranges(aside, got.path, ranges):
+                            log.warning("%s: peer %s sent bytes that differ from the verified copy", spec.key,
+                                        who.node)
+                            fleet.registry.mark_bad(who.node, f"{spec.key}: sent wrong byte ranges")
+                    return got
+            return None
+        finally:
+            self._drop_suspect(suspect)
+
+    @staticmethod
+    def _drop_suspect(suspect: list[tuple[Path, TransferResult]]) -> None:
+        for aside, _ in suspect:
+            with contextlib.suppress(FileNotFoundError):
+                aside.unlink()
+
     def _from_holder(self, spec: ModelSpec, holder: LeaseInfo, base_url: str, t0: float,
                      progress: ProgressCallback | None, cancel: CancelToken | None,
                      failed: set[str]) -> FetchResult | None:
@@ -439,6 +513,27 @@ class FetchService:
         if resolved.kind == "file":
             return copy_file(Path(resolved.url), part, progress=on_bytes, cancel=cancel)
         return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
+
+
+def _same_ranges(a: Path, b: Path, ranges: list[tuple[int, int]], block: int = 1 << 20) -> bool:
+    """Whether files `a` and `b` hold the same bytes in every [start, end) of `ranges`."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for start, end in ranges:
+            pos = start
+            while pos < end:
+                n = min(block, end - pos)
+                if os.pread(fa.fileno(), n, pos) != os.pread(fb.fileno(), n, pos):
+                    return False
+                pos += n
+    return True
+
+
+def _same_copy(peers: list[Peer]) -> list[Peer]:
+    """The largest group of peers announcing the same (sha256, size): only those can share a download."""
+    groups: dict[tuple[str, int], list[Peer]] = {}
+    for peer in peers:
+        groups.setdefault((peer.sha256, peer.size), []).append(peer)
+    return max(groups.values(), key=len, default=[])
 
 
 def _name_from_source(url: str) -> str:

@@ -21,7 +21,7 @@ from comfy_autocloud.fleet.lease import LeaseInfo, Leases
 from comfy_autocloud.fleet.ratelimit import BothLimiter, DownloadLimit, FleetByteLimiter
 from comfy_autocloud.fleet.registry import Peer, Registry
 from comfy_autocloud.sources import ResolvedSource
-from comfy_autocloud.transfer import RetryPolicy, TransferOptions
+from comfy_autocloud.transfer import Mirror, RetryPolicy, TransferOptions
 
 log = logging.getLogger("comfy_autocloud.fleet")
 
@@ -45,6 +45,7 @@ class FleetConfig:
     download_burst: int = 10
     origin_rate: float | None = None      # fleet-wide origin bytes/s
     peer_connections: int = 4
+    peer_sources: int = 4                 # peers one download takes ranges from at once
     max_wait: float = 900.0               # longest wait on another node's lease before going alone
     poll: float = 0.1
     redis_timeout: float = 1.0
@@ -105,6 +106,14 @@ class Fleet:
     def peer_source(self, peer: Peer, key: str) -> ResolvedSource:
         """A verified copy on `peer`: the engine must produce exactly the announced sha256 and size."""
         return self._source(peer.url, "files", key, f"peer {peer.node}", peer.sha256, peer.size)
+
+    def peers_source(self, peers: list[Peer], key: str) -> tuple[ResolvedSource, tuple[Mirror, ...]]:
+        """Ranges from several peers with the same verified copy: the first is probed, the rest are mirrors."""
+        first, *rest = peers
+        source = self.peer_source(first, key)
+        mirrors = tuple(Mirror(m.url, m.headers, m.display) for m in (self.peer_source(p, key) for p in rest))
+        display = "peers " + ", ".join(p.node for p in peers)
+        return replace(source, display=display), mirrors
 
     def partial_source(self, base_url: str, holder: LeaseInfo, key: str) -> ResolvedSource:
         """`holder`'s download in progress; verified afterwards against the hash the holder announces."""

@@ -1,6 +1,7 @@
 """Transfer engine: ranged, parallel, adaptive, resumable downloads and verified local copies."""
 
 from .engine import (
+    Mirror,
     RemoteInfo,
     TransferOptions,
     TransferResult,
@@ -16,6 +17,7 @@ from .ratelimit import RateLimiter
 from .retry import RetryPolicy, parse_retry_after
 
 __all__ = [
+    "Mirror",
     "RateLimiter",
     "RemoteInfo",
     "RetryPolicy",

@@ -16,6 +16,12 @@ checks). The shape of a run:
 4. a hasher thread hashes the contiguous finished prefix while bytes arrive (`hashlib` drops the GIL),
    a saver thread fdatasyncs the part and then records finished ranges atomically every ~0.5 s;
 5. the result is checked against the announced/expected size; errors name the redacted URL.
+
+Mirrors (`TransferOptions.mirrors`): more URLs serving the same bytes (fleet peers holding a verified
+copy). Ranged workers spread over the URL and its mirrors; a mirror that fails, answers without a
+range or announces another size is dropped for the rest of the call and its piece goes to the
+others. Mirrors are not probed and carry no If-Range, so a caller that passes mirrors must check the
+result's sha256 (the fetch service does; it only passes mirrors when it knows the hash).
 """
 
 from __future__ import annotations
@@ -65,6 +71,15 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class Mirror:
+    """Another URL for the same bytes; its headers replace the call's (each peer has its own token)."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    display: str = ""
+
+
 @dataclass
 class TransferOptions:
     connections: int | None = None      # None = adaptive; N = fixed
@@ -76,6 +91,7 @@ class TransferOptions:
     read_timeout: float = 60.0          # idle read timeout
     headers: Mapping[str, str] = field(default_factory=dict)  # may contain secrets (Authorization)
     expected_size: int | None = None
+    mirrors: tuple[Mirror, ...] = ()    # ranged mode only; the caller verifies the sha256
 
 
 @dataclass
@@ -88,6 +104,8 @@ class TransferResult:
     resumed_bytes: int      # bytes reused from an earlier partial
     seconds: float
     connections: int        # peak connections used
+    by_source: dict[str, int] = field(default_factory=dict)  # body bytes per source (redacted), mirrors used
+    source_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # [start, end) each delivered
 
 
 class _Retryable(Exception):
@@ -98,6 +116,10 @@ class _Retryable(Exception):
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+
+
+class _Switch(Exception):
+    """A mirror was dropped: retry the piece at once on another source (no retry budget spent)."""
 
 
 class _Restart(Exception):
@@ -120,6 +142,28 @@ class _Remote:
     ranges: bool
     response: aiohttp.ClientResponse | None = None  # an open GET to reuse as the first stream
     response_offset: int = 0
+
+
+@dataclass
+class _Source:
+    """Where ranged requests go: the probed URL, or a mirror."""
+
+    url: str
+    headers: dict[str, str]
+    display: str
+    mirror: bool
+    if_range: str | None = None
+    alive: bool = True
+    received: int = 0
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) this source delivered
+
+    def delivered(self, start: int, end: int) -> None:
+        if end > start:
+            self.received += end - start
+            if self.ranges and self.ranges[-1][1] == start:
+                self.ranges[-1] = (self.ranges[-1][0], end)
+            else:
+                self.ranges.append((start, end))
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -233,7 +277,8 @@ class _Download:
         self.progress = progress
         self.cancel = cancel
         self.display = redact_url(url)
-        self.secrets = self._collect_secrets(url, options.headers)
+        self.secrets = sorted({s for m in [Mirror(url, options.headers), *options.mirrors]
+                               for s in self._collect_secrets(m.url, m.headers)}, key=len, reverse=True)
         self.limiters = [x for x in (RateLimiter(options.rate_limit) if options.rate_limit else None,
                                      options.limiter) if x is not None]
         self.received = 0          # network body bytes this call
@@ -252,6 +297,7 @@ class _Download:
         self.last_progress = 0.0
         self.if_range: str | None = None
         self.samples: list[tuple[float, float]] = []  # (request start, bytes/s) of finished requests
+        self.sources: list[_Source] = []
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -319,6 +365,8 @@ class _Download:
         while True:
             try:
                 return await what()
+            except _Switch:
+                continue  # a mirror was dropped; another source takes the piece
             except _Retryable as e:
                 now_progress = progress_ref() if progress_ref else 0
                 if now_progress > last_progress:
@@ -458,7 +506,9 @@ class _Download:
         return TransferResult(size=size, sha256=self.hasher.digest.hexdigest(), etag=remote.etag,
                               last_modified=remote.last_modified, bytes_downloaded=self.received,
                               resumed_bytes=self.resumed, seconds=time.monotonic() - t0,
-                              connections=max(self.peak, 1 if size else 0))
+                              connections=max(self.peak, 1 if size else 0),
+                              by_source={x.display: x.received for x in self.sources if x.received},
+                              source_ranges={x.display: sorted(x.ranges) for x in self.sources if x.ranges})
 
     async def _wait_thread(self, thread: threading.Thread) -> None:
         while thread.is_alive():
@@ -511,6 +561,9 @@ class _Download:
         self.saver = _Saver(self.fd, self.part_path, table, meta)
         self.saver.start()
         self.if_range = _strong_etag(remote.etag) or remote.last_modified
+        self.sources = [_Source(remote.url, remote.headers, self.display, False, self.if_range)]
+        self.sources += [_Source(m.url, {"Accept-Encoding": "identity", **m.headers},
+                                 m.display or redact_url(m.url), True) for m in self.opt.mirrors]
         if remote.size == 0:
             return
         fixed = self.opt.connections
@@ -568,25 +621,51 @@ class _Download:
                 if first is not None:
                     # The probe's open `bytes=0-` answer serves the first piece; a failure there is
                     # simply retried below from wherever it stopped.
+                    begin = seg.pos
                     with contextlib.closing(first), contextlib.suppress(_Retryable):
                         if seg.pos == 0:
                             await self._consume(first, seg, wid)
                     first = None
+                    self.sources[0].delivered(begin, seg.pos)
                 await self._with_retries(lambda seg=seg: self._fetch(seg, wid), lambda seg=seg: seg.pos)
             finally:
                 seg.owner = None
 
+    def _pick(self, wid: int) -> _Source:
+        alive = [s for s in self.sources if s.alive]
+        return alive[wid % len(alive)]
+
     async def _fetch(self, seg: Segment, wid: int) -> None:
-        """One ranged GET for what `seg` still owes; returns when done (or when retiring)."""
+        """One ranged GET for what `seg` still owes, from this worker's source; a failing source is
+        dropped while others are left (its piece goes to them), the last one follows the usual rules."""
         if seg.pos >= seg.end:
             return
-        assert self.remote is not None
-        headers = dict(self.remote.headers)
+        src = self._pick(wid)
+        begin = seg.pos
+        try:
+            await self._fetch_from(src, seg, wid)
+        except (_Retryable, _Restart, TransferError) as e:
+            if isinstance(e, NotEnoughSpace) or sum(s.alive for s in self.sources) < 2:
+                raise
+            if isinstance(e, _Restart):
+                e.response.close()
+                reason = "answered without the byte range"
+            else:
+                reason = e.reason
+            src.alive = False
+            log.warning("%s: dropping source %s for this download: %s", self.display, src.display,
+                        self._clean(reason))
+            raise _Switch() from None
+        finally:
+            src.delivered(begin, seg.pos)
+
+    async def _fetch_from(self, src: _Source, seg: Segment, wid: int) -> None:
+        headers = dict(src.headers)
         headers["Range"] = f"bytes={seg.pos}-{seg.end - 1}"
-        if self.if_range:
-            headers["If-Range"] = self.if_range
+        if src.if_range:
+            headers["If-Range"] = src.if_range
         t0 = time.monotonic()
-        resp, url, hdrs = await self._open(self.remote.url, headers)
+        resp, url, hdrs = await self._open(src.url, headers)
         if resp.status == 200:
             raise _Restart(resp, url, hdrs)
         if resp.status == 416:
