@@ -329,3 +329,65 @@ def test_redis_comes_back(redis: RedisServer, tmp_path: Path, caplog: pytest.Log
     assert sum("unreachable" in m for m in messages) == 1, messages
     assert sum("reachable again" in m for m in messages) == 1, messages
     assert "r1" in reg.nodes()
+
+
+# ---------------------------------------------------------------------------------------------- finishing / resuming
+
+def test_partial_request_while_the_holder_commits_waits_for_the_file(tmp_path: Path) -> None:
+    """Record gone and lock still held = the holder is committing: a follower gets the file, not a 404."""
+    import fcntl
+
+    store = Store(tmp_path / "cache")
+    key = "checkpoints/finishing.safetensors"
+    data = os.urandom(2 * MiB + 5)
+    part = store.partial_path(key)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(data)  # every byte written and hashed; the engine already dropped the record
+    lock = store.lock_path(key)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the holder's single-flight lock
+
+    def commit_later() -> None:
+        time.sleep(0.5)
+        store.commit(key, part, size=len(data), sha256=hashlib.sha256(data).hexdigest(), source="origin")
+        os.close(fd)
+
+    with PeerServerThread(PeerServer(store, TOKEN, node_id="holder")) as srv:
+        t = threading.Thread(target=commit_later)
+        t0 = time.monotonic()
+        t.start()
+        status, _, body = raw_get(srv.port, f"/v1/partial/{key}", {**AUTH, "Range": "bytes=100-"})
+        waited = time.monotonic() - t0
+        t.join()
+    assert status == 206, status
+    assert body == data[100:]
+    assert waited >= 0.4  # it waited for the commit instead of answering 404 at once
+
+
+def test_resumed_bytes_from_elsewhere_do_not_get_a_peer_marked_bad(redis: RedisServer, tmp_path: Path) -> None:
+    """A partial streamed from another node may be the bad part: start over from the peer, blame nobody."""
+    from comfy_autocloud.transfer.ranges import PartState, state_path
+
+    key = "checkpoints/resumed.safetensors"
+    data = os.urandom(6 * MiB + 3)
+    holder_store = Store(tmp_path / "holder")
+    sha = committed(holder_store, key, data)
+    holder = Fleet(config(redis.url, "holder"))
+    follower = Fleet(config(redis.url, "follower"))
+    with PeerServerThread(PeerServer(holder_store, TOKEN, node_id="holder")) as srv:
+        holder.registry.heartbeat(srv.url)
+        holder.announce(key, sha, len(data))
+        service = FetchService(Store(tmp_path / "follower"), fleet=follower)
+        # what an earlier stream from some other node left: half the file, wrong bytes, recorded done
+        part = service.store.partial_path(key, len(data))
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(b"\0" * (len(data) // 2) + data[len(data) // 2:])
+        PartState("http://elsewhere/v1/partial/x", len(data), '"partial-1"', None,
+                  [(0, len(data) // 2)]).save(state_path(part))
+        result = service.fetch(ModelSpec(folder="checkpoints", filename="resumed.safetensors",
+                                         sources=("http://127.0.0.1:9/never-used",)))
+        served = srv.server.metrics.bytes_served["files"]
+    assert result.sha256 == sha and result.path.read_bytes() == data
+    assert not follower.registry.is_bad("holder")
+    assert served == len(data) - len(data) // 2 + len(data)  # the resumed half, then the whole file again

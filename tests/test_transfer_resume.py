@@ -141,3 +141,20 @@ def test_if_range_mismatch_restarts_on_the_full_answer(chaos_origin: ChaosOrigin
     assert r.sha256 == hashlib.sha256(new).hexdigest()
     gets = [s for s in chaos_origin.seen_for("ifrange") if s.method == "GET"]
     assert any("If-Range" in s.headers for s in gets)
+
+
+@pytest.mark.parametrize("any_source", [False, True])
+def test_resume_from_another_source_only_when_the_caller_verifies(nginx_origin: NginxOrigin, tmp_path: Path,
+                                                                   any_source: bool) -> None:
+    """A partial recorded from URL A is resumed from URL B only with resume_any_source (sha256 checked later)."""
+    data = random_bytes(8 * MiB + 9, seed=31)
+    (nginx_origin.data_dir / "b.bin").write_bytes(data)
+    part = tmp_path / "x.part"
+    half = len(data) // 2
+    part.write_bytes(data[:half] + b"\0" * (len(data) - half))
+    PartState("http://peer-a/v1/partial/x", len(data), '"partial-1"', None, [(0, half)]).save(state_path(part))
+    nginx_origin.clear_log()
+    res = download(nginx_origin.url("b.bin"), part, TransferOptions(connections=2, resume_any_source=any_source))
+    assert res.sha256 == hashlib.sha256(data).hexdigest()
+    assert res.resumed_bytes == (half if any_source else 0)
+    assert nginx_origin.bytes_served("b.bin") == len(data) - res.resumed_bytes

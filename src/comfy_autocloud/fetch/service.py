@@ -403,14 +403,23 @@ class FetchService:
 
     def _from_peer(self, spec: ModelSpec, peer: Peer, t0: float, progress: ProgressCallback | None,
                    cancel: CancelToken | None, failed: set[str]) -> FetchResult | None:
-        """A verified copy from one peer; a wrong hash marks the peer bad fleet-wide."""
+        """A verified copy from one peer; a wrong hash marks the peer bad fleet-wide.
+
+        Not when the download resumed bytes that came from elsewhere (a holder's stream): those may be
+        the wrong ones, so the partial is dropped and this peer is asked again from the first byte.
+        """
         fleet = self.fleet
         assert fleet is not None
         source = fleet.peer_source(peer, spec.key)
+        resumed: list[int] = []
         try:
             return self._download_from(spec, source, t0, progress, cancel, options=fleet.peer_options(self.options),
-                                       attempts=1)
+                                       attempts=1, on_mismatch=lambda _part, r: resumed.append(r.resumed_bytes))
         except IntegrityError as exc:
+            if resumed and resumed[0] > 0:
+                log.warning("%s: resumed bytes did not check out; asking %s again from the start", spec.key,
+                            peer.node)
+                return self._from_peer(spec, peer, t0, progress, cancel, failed)  # the partial is gone now
             fleet.registry.mark_bad(peer.node, f"{spec.key}: {exc.reason}"[:200])
         except (Cancelled, NotEnoughSpace):
             raise

@@ -121,10 +121,14 @@ class Fleet:
                             None, None)
 
     def peer_options(self, base: TransferOptions) -> TransferOptions:
-        """Peers are on the LAN: a few connections, quick retries (another source is next), no origin limits."""
+        """Peers are on the LAN: a few connections, quick retries (another source is next), no origin limits.
+
+        Every peer download is checked against a sha256 (announced, or the holder's once it finishes), so
+        a partial may be resumed from whichever peer comes next.
+        """
         return replace(base, connections=self.config.peer_connections, limiter=None, rate_limit=None,
                        retry=RetryPolicy(attempts=2, backoff_base=0.1, backoff_max=0.5), connect_timeout=3.0,
-                       read_timeout=45.0, expected_size=None)
+                       read_timeout=45.0, expected_size=None, resume_any_source=True)
 
     def origin_options(self, base: TransferOptions) -> TransferOptions:
         """The node's own limits plus the fleet-wide origin byte rate."""

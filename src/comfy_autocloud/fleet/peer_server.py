@@ -48,6 +48,7 @@ log = logging.getLogger("comfy_autocloud.fleet.peer")
 CHUNK = 8 << 20              # bytes per sendfile call (limiter and metrics step)
 PARTIAL_POLL = 0.05          # seconds between looks at a growing partial download
 PARTIAL_STALL = 30.0         # give up on a partial that makes no progress for this long
+COMMIT_WAIT = 15.0           # longest wait for a finishing download (record gone, lock held) to be committed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -247,8 +248,17 @@ class PeerServer:
     async def _partial(self, request: web.Request) -> web.StreamResponse:
         key = self._key(request)
         part = self.store.partial_path(key)
+        lock = self.store.lock_path(key)
         state = PartState.load(state_path(part))
-        if state is not None and download_running(self.store.lock_path(key)):
+        deadline = time.monotonic() + COMMIT_WAIT
+        while state is None and download_running(lock) and self.store.lookup(key) is None \
+                and time.monotonic() < deadline and (part.exists() or self.store.path_for(key).exists()):
+            # Finishing: the engine drops the record once every byte is hashed, then the store renames
+            # and indexes the file. A follower asking now must wait for the commit, not get a 404 (it
+            # would take that as "nothing to stream" and start over from another source).
+            await asyncio.sleep(PARTIAL_POLL)
+            state = PartState.load(state_path(part))
+        if state is not None and download_running(lock):
             try:
                 fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:

@@ -92,6 +92,10 @@ class TransferOptions:
     headers: Mapping[str, str] = field(default_factory=dict)  # may contain secrets (Authorization)
     expected_size: int | None = None
     mirrors: tuple[Mirror, ...] = ()    # ranged mode only; the caller verifies the sha256
+    # The caller verifies the sha256 of the whole file: resume a recorded partial of the same size even
+    # when it came from another URL or validator (a follower switching from a peer's download in
+    # progress to its finished file, or to another peer, keeps what it has).
+    resume_any_source: bool = False
 
 
 @dataclass
@@ -536,11 +540,12 @@ class _Download:
         assert remote.size is not None
         key = url_key(self.url)
         state = PartState.load(state_path(self.part_path)) if self.part_path.exists() else None
+        same_source = state is not None and state.key == key and (
+            (remote.etag is not None and state.etag == remote.etag)
+            or (remote.etag is None and remote.last_modified is not None
+                and state.last_modified == remote.last_modified))
         usable = (
-            state is not None and state.key == key and state.size == remote.size
-            and ((remote.etag is not None and state.etag == remote.etag)
-                 or (remote.etag is None and remote.last_modified is not None
-                     and state.last_modified == remote.last_modified))
+            state is not None and state.size == remote.size and (same_source or self.opt.resume_any_source)
             and self.part_path.stat().st_size == remote.size
         )
         if usable and state is not None:
