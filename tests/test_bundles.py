@@ -7,6 +7,7 @@ import json
 import warnings
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,43 @@ def test_bundle_member_never_merges_with_a_plain_entry(tmp_path: Path) -> None:
     from comfy_autocloud.manifest.merge import merge_pair
 
     assert merge_pair(merged, spec).bundle is not None
+
+
+def test_fleet_downloads_a_bundle_once_for_all_nodes(tmp_path: Path, origin: NginxOrigin) -> None:
+    """Two nodes ask for members at once: one downloads the zip, the other takes the members from it."""
+    from comfy_autocloud.fleet.client import Fleet, FleetConfig
+    from comfy_autocloud.fleet.peer_server import PeerServer, PeerServerThread
+    from redis_server import TOKEN, RedisServer, redis_running
+
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed (./dev test installs it)")
+    zsha = _zip(origin.data_dir / "fleetpack.zip", LORAS)
+    specs = load_manifest(_manifest(tmp_path, origin, "fleetpack.zip", zsha, _members_map()))
+    before = _get_bytes(origin, "/fleetpack.zip")
+    with redis_running(tmp_path / "redis") as redis:
+        services, servers = [], []
+        try:
+            for name in ("a", "b"):
+                store = Store(tmp_path / name)
+                fleet = Fleet(FleetConfig(redis_url=redis.url, token=TOKEN, node_id=name, downloads_per_minute=None))
+                srv = PeerServerThread(PeerServer(store, TOKEN, node_id=name)).start()
+                fleet.registry.heartbeat(srv.url)
+                servers.append(srv)
+                services.append(FetchService(store, fleet=fleet))
+            with ThreadPoolExecutor(2) as pool:  # each node asks for a different member at the same time
+                futures = [pool.submit(svc.fetch, specs[i]) for i, svc in enumerate(services)]
+                results = [f.result(timeout=120) for f in futures]
+            for svc in services:  # and then every member is on both nodes
+                for spec in specs:
+                    res = svc.fetch(spec)
+                    member = next(m for m in LORAS if m.endswith(spec.filename))
+                    assert res.path.read_bytes() == LORAS[member]
+            peer_bytes = sum(s.server.metrics.bytes_served["files"] for s in servers)
+        finally:
+            for srv in servers:
+                srv.stop()
+    zip_size = (origin.data_dir / "fleetpack.zip").stat().st_size
+    assert _get_bytes(origin, "/fleetpack.zip") - before == zip_size  # once for the whole fleet
+    sources = sorted(r.source for r in results)
+    assert sources[0].startswith("http://") and sources[1].startswith("peer"), sources
+    assert peer_bytes == sum(len(d) for d in LORAS.values())  # every member crossed from node to node once

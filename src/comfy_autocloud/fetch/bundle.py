@@ -19,13 +19,13 @@ import time
 import zipfile
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from comfy_autocloud.errors import AutoCloudError, Cancelled, IntegrityError, NotEnoughSpace, TransferError
 from comfy_autocloud.fetch.singleflight import single_flight
-from comfy_autocloud.keys import check_relpath
+from comfy_autocloud.keys import check_relpath, split_key
 from comfy_autocloud.manifest.spec import Bundle, BundleMember, ModelSpec
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.store import Entry
@@ -137,8 +137,6 @@ def _download_zip(service: FetchService, spec: ModelSpec, part: Path, progress: 
 def fetch_bundle(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
                  cancel: CancelToken | None) -> FetchResult:
     """Make every member of `spec.bundle` present (one download) and return `spec`'s own result."""
-    from comfy_autocloud.fetch.service import FetchResult
-
     bundle = spec.bundle
     assert bundle is not None
     store = service.store
@@ -150,16 +148,99 @@ def fetch_bundle(service: FetchService, spec: ModelSpec, t0: float, progress: Pr
         hit = service._hit(spec, t0, progress)  # another member's fetch extracted this one meanwhile
         if hit is not None:
             return hit
-        if service.fleet is not None and service.fleet.downloads is not None:
-            service.fleet.downloads.acquire(cancel)  # one origin download for the whole bundle
-        part = store.partial_path(bundle.name, bundle.size)
-        part.parent.mkdir(parents=True, exist_ok=True)
-        with store.reserve(bundle.name, bundle.size or 0):
-            downloaded, zip_sha, shown = _download_zip(service, spec, part, progress, cancel)
-        try:
-            entries = _unpack(service, spec, part, zip_sha, shown, progress, cancel)
-        finally:
-            discard_partial(part)  # the zip is not kept (and a bad one is not resumed)
+        if service.fleet is not None:
+            from comfy_autocloud.fleet.conn import FleetUnavailable
+
+            try:
+                shared = _via_fleet(service, spec, t0, progress, cancel)
+            except FleetUnavailable:
+                shared = None  # logged once by the fleet; this node goes on alone
+            if shared is not None:
+                return shared
+        return _from_origin(service, spec, t0, progress, cancel)
+
+
+def _via_fleet(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
+               cancel: CancelToken | None) -> FetchResult | None:
+    """The members from peers once every one is announced somewhere; else the fleet lease on the bundle.
+
+    The lease holder downloads the zip from the origin (once for the fleet) and announces the members
+    it extracts; the other nodes wait for them and take them from the peers. None: download it here.
+    """
+    fleet = service.fleet
+    assert fleet is not None and spec.bundle is not None
+    name = spec.bundle.name
+    deadline = time.monotonic() + fleet.config.max_wait
+    failed: set[str] = set()
+    waiting = False
+    while True:
+        if cancel is not None and cancel.cancelled:
+            raise Cancelled(spec.key, "cancelled while waiting for the fleet")
+        got = _members_from_peers(service, spec, t0, progress, cancel, failed)
+        if got is not None:
+            return got
+        lease = fleet.leases.try_acquire(name)
+        if lease is not None:
+            with lease:
+                return _from_origin(service, spec, t0, progress, cancel)
+        if time.monotonic() >= deadline:
+            log.warning("%s: waited %.0fs for the fleet; downloading bundle %s alone", spec.key,
+                        fleet.config.max_wait, name)
+            return None
+        if not waiting:
+            waiting = True
+            service._emit(progress, ProgressEvent(spec.key, "wait",
+                                                  message=f"another node is fetching bundle {name}"))
+        time.sleep(fleet.config.poll)
+
+
+def _members_from_peers(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
+                        cancel: CancelToken | None, failed: set[str]) -> FetchResult | None:
+    """Every missing member from peers (verified like any peer download); None unless all of them came."""
+    fleet = service.fleet
+    bundle = spec.bundle
+    assert fleet is not None and bundle is not None
+    missing = []
+    for m in bundle.members:
+        entry = service.store.lookup(m.key)
+        if entry is not None and (m.sha256 is None or entry.sha256 == m.sha256):
+            continue
+        if not fleet.registry.holders(m.key, m.sha256):
+            return None  # not all of it is in the fleet yet: the zip is the one download
+        missing.append(m)
+    mine: FetchResult | None = None
+    for m in missing:
+        folder, filename = split_key(m.key)
+        member_spec = ModelSpec(folder=folder, filename=filename, sha256=m.sha256, size=m.size, pin=spec.pin,
+                                defined_in=spec.defined_in)
+        got = service._from_holders(member_spec, t0, progress, cancel, failed)
+        if got is None:
+            return None
+        if m.key == spec.key:
+            mine = got
+    if mine is None:
+        raise IntegrityError(spec.key, f"not among the members of bundle {bundle.name}")
+    return replace(mine, source=f"{mine.source} ({bundle.name})")
+
+
+def _from_origin(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
+                 cancel: CancelToken | None) -> FetchResult:
+    """Download the zip (resumable), check it, extract and commit every member; the zip is not kept."""
+    from comfy_autocloud.fetch.service import FetchResult
+
+    bundle = spec.bundle
+    assert bundle is not None
+    store = service.store
+    if service.fleet is not None and service.fleet.downloads is not None:
+        service.fleet.downloads.acquire(cancel)  # one origin download for the whole bundle
+    part = store.partial_path(bundle.name, bundle.size)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with store.reserve(bundle.name, bundle.size or 0):
+        downloaded, zip_sha, shown = _download_zip(service, spec, part, progress, cancel)
+    try:
+        entries = _unpack(service, spec, part, zip_sha, shown, progress, cancel)
+    finally:
+        discard_partial(part)  # the zip is not kept (and a bad one is not resumed)
     mine = entries.get(spec.key)
     if mine is None:
         raise IntegrityError(spec.key, f"not among the members of bundle {bundle.name}")

@@ -370,16 +370,9 @@ class FetchService:
         while True:
             if cancel is not None and cancel.cancelled:
                 raise Cancelled(key, "cancelled while waiting for the fleet")
-            holders = [p for p in fleet.registry.holders(key, spec.sha256) if f"files:{p.node}" not in failed]
-            group = _same_copy(holders)
-            if len(group) >= 2 and f"peers:{group[0].sha256}" not in failed:
-                got = self._from_peers(spec, group[:fleet.config.peer_sources], t0, progress, cancel, failed)
-                if got is not None:
-                    return got
-            for peer in holders:
-                got = self._from_peer(spec, peer, t0, progress, cancel, failed)
-                if got is not None:
-                    return got
+            got = self._from_holders(spec, t0, progress, cancel, failed)
+            if got is not None:
+                return got
             lease = fleet.leases.try_acquire(key)
             if lease is not None:
                 with lease:
@@ -400,6 +393,24 @@ class FetchService:
                 who = f"node {holder.node}" if holder is not None else "another node"
                 self._emit(progress, ProgressEvent(key, "wait", message=f"{who} is fetching it from the origin"))
             time.sleep(fleet.config.poll)
+
+    def _from_holders(self, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
+                      cancel: CancelToken | None, failed: set[str]) -> FetchResult | None:
+        """The peers announcing a verified copy of `spec`: several at once, then one by one; None if none."""
+        fleet = self.fleet
+        assert fleet is not None
+        holders = [p for p in fleet.registry.holders(spec.key, spec.sha256) if f"files:{p.node}" not in failed]
+        group = _same_copy(holders)
+        if len(group) >= 2 and f"peers:{group[0].sha256}" not in failed:
+            got = self._from_peers(spec, group[:fleet.config.peer_sources], t0, progress, cancel, failed)
+            if got is not None:
+                return got
+        for peer in holders:
+            if f"files:{peer.node}" not in failed:
+                got = self._from_peer(spec, peer, t0, progress, cancel, failed)
+                if got is not None:
+                    return got
+        return None
 
     def _from_peer(self, spec: ModelSpec, peer: Peer, t0: float, progress: ProgressCallback | None,
                    cancel: CancelToken | None, failed: set[str]) -> FetchResult | None:
