@@ -158,3 +158,40 @@ def test_resume_from_another_source_only_when_the_caller_verifies(nginx_origin: 
     assert res.sha256 == hashlib.sha256(data).hexdigest()
     assert res.resumed_bytes == (half if any_source else 0)
     assert nginx_origin.bytes_served("b.bin") == len(data) - res.resumed_bytes
+
+
+def test_live_progress_record_runs_ahead_of_the_durable_one(chaos_origin: ChaosOrigin, tmp_path: Path) -> None:
+    """`.live` (for peers streaming this download) is rewritten ~10x a second and only names written bytes."""
+    import threading
+
+    from comfy_autocloud.transfer.ranges import live_path
+
+    data = random_bytes(3 * MiB, seed=41)
+    url = chaos_origin.add("live.bin", Behaviour(data=data, trickle=2 * MiB))
+    part = tmp_path / "x.part"
+    seen: list[PartState] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        last = None
+        while not stop.is_set():
+            st = PartState.load(live_path(part))
+            if st is not None and st.done != last:
+                last = st.done
+                seen.append(st)
+                for lo, hi in st.done:  # every byte it names is already in the file
+                    with open(part, "rb") as f:
+                        f.seek(lo)
+                        assert f.read(hi - lo) == data[lo:hi]
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = download(url, part, TransferOptions(connections=1))
+    finally:
+        stop.set()
+        watcher.join()
+    assert res.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(seen) >= 8, f"only {len(seen)} live updates in a ~1.5 s download"
+    assert not live_path(part).exists() and not state_path(part).exists()

@@ -41,7 +41,7 @@ from comfy_autocloud.aiothread import AppThread
 from comfy_autocloud.errors import StoreError
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer import RateLimiter
-from comfy_autocloud.transfer.ranges import PartState, state_path
+from comfy_autocloud.transfer.ranges import PartState, live_path, state_path
 
 log = logging.getLogger("comfy_autocloud.fleet.peer")
 
@@ -132,6 +132,19 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
     if start < 0 or end < start:
         return None
     return start, min(end, size - 1)
+
+
+def load_progress(part: Path) -> PartState | None:
+    """How far a download in progress is: its live record (pwritten, refreshed ~10x a second) when it
+    belongs to the same download as the durable one, else the durable record."""
+    state = PartState.load(state_path(part))
+    live = PartState.load(live_path(part))
+    if live is None:
+        return state
+    if state is None or (live.key, live.size, live.etag, live.last_modified) != \
+            (state.key, state.size, state.etag, state.last_modified):
+        return live  # written first after a (re)start
+    return live if live.done_bytes() >= state.done_bytes() else state
 
 
 def download_running(lock_path: Path) -> bool:
@@ -249,7 +262,7 @@ class PeerServer:
         key = self._key(request)
         part = self.store.partial_path(key)
         lock = self.store.lock_path(key)
-        state = PartState.load(state_path(part))
+        state = load_progress(part)
         deadline = time.monotonic() + COMMIT_WAIT
         while state is None and download_running(lock) and self.store.lookup(key) is None \
                 and time.monotonic() < deadline and (part.exists() or self.store.path_for(key).exists()):
@@ -257,7 +270,7 @@ class PeerServer:
             # and indexes the file. A follower asking now must wait for the commit, not get a 404 (it
             # would take that as "nothing to stream" and start over from another source).
             await asyncio.sleep(PARTIAL_POLL)
-            state = PartState.load(state_path(part))
+            state = load_progress(part)
         if state is not None and download_running(lock):
             try:
                 fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -382,7 +395,7 @@ class _PartialTracker:
             if (st.st_dev, st.st_ino) == self.ident:
                 self.complete = True  # committed: every byte is there (and was verified by the holder)
                 return True
-        state = PartState.load(state_path(self.part))
+        state = load_progress(self.part)
         if state is not None:
             if (state.key, state.size, state.etag, state.last_modified) != self.identity:
                 return False  # the holder started over on other bytes: this stream is over

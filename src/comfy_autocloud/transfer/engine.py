@@ -47,7 +47,7 @@ from yarl import URL
 from ..errors import Cancelled, IntegrityError, NotEnoughSpace, TransferError
 from ..progress import CancelToken
 from ..redact import redact_text, redact_url
-from .ranges import PartState, Segment, SegmentTable, remove_state, state_path, url_key
+from .ranges import PartState, Segment, SegmentTable, live_path, remove_state, state_path, url_key
 from .ratelimit import RateLimiter
 from .retry import FATAL_STATUSES, RetryPolicy
 
@@ -60,6 +60,7 @@ MIN_SPLIT = 1 << 20           # never steal less than 1 MiB per side
 MIN_PIECE = 4 << 20           # a worker's request when nothing is known yet
 MAX_PIECE = 64 << 20
 SAVE_INTERVAL = 0.5           # seconds between durable state records
+LIVE_INTERVAL = 0.1           # seconds between live progress records (for peers streaming this download)
 PROGRESS_INTERVAL = 0.1       # at most ~10 progress calls a second
 TICK = 0.05                   # main loop: cancel checks, progress, the controller
 MAX_REDIRECTS = 10
@@ -236,12 +237,18 @@ class _Hasher(threading.Thread):
 
 
 class _Saver(threading.Thread):
-    """Every SAVE_INTERVAL: fdatasync the part, then atomically record the ranges that sync covered."""
+    """Every SAVE_INTERVAL: fdatasync the part, then atomically record the ranges that sync covered.
+
+    Every LIVE_INTERVAL in between: the `.live` record (ranges pwritten so far, no fsync) for a peer
+    server streaming this download to other nodes, so they trail it by ~0.1 s instead of ~0.5 s.
+    """
 
     def __init__(self, fd: int, part_path: Path, table: SegmentTable, meta: PartState) -> None:
         super().__init__(name="autocloud-state", daemon=True)
         self.fd = fd
         self.path = state_path(part_path)
+        self.live = live_path(part_path)
+        self._live_last: list[tuple[int, int]] | None = None
         self.table = table
         self.meta = meta
         self._stop_event = threading.Event()
@@ -258,10 +265,23 @@ class _Saver(threading.Thread):
             PartState(self.meta.key, self.meta.size, self.meta.etag, self.meta.last_modified, done).save(self.path)
             self._last = done
 
+    def save_live(self) -> None:
+        done = self.table.done_intervals()
+        if done != self._live_last:
+            PartState(self.meta.key, self.meta.size, self.meta.etag, self.meta.last_modified, done).save(
+                self.live, durable=False)
+            self._live_last = done
+
     def run(self) -> None:
-        while not self._stop_event.wait(SAVE_INTERVAL):
+        ticks = 0
+        every = max(1, round(SAVE_INTERVAL / LIVE_INTERVAL))
+        while not self._stop_event.wait(LIVE_INTERVAL):
+            ticks += 1
             try:
-                self.save_now()
+                if ticks % every == 0:
+                    self.save_now()
+                else:
+                    self.save_live()
             except OSError as e:  # a missed record only costs re-fetching; report, keep downloading
                 self.error = e
                 log.warning("cannot record download progress in %s: %s", self.path, e.strerror or e)

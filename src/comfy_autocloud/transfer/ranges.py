@@ -29,6 +29,13 @@ def state_path(part_path: Path) -> Path:
     return part_path.with_name(part_path.name + ".state")
 
 
+def live_path(part_path: Path) -> Path:
+    """Progress for readers on this machine (a peer server streaming a download in progress): ranges
+    pwritten so far, rewritten often and never fsynced. The page cache is shared, so those bytes can be
+    read now; `.state` stays the only record a resume trusts."""
+    return part_path.with_name(part_path.name + ".live")
+
+
 def url_key(url: str) -> str:
     """Identity of a URL for resuming: scheme, host and path (no userinfo, no query).
 
@@ -199,13 +206,17 @@ class PartState:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def save(self, path: Path) -> None:
-        """Atomic replace: temp file, fsync, rename. A crash leaves the old or the new record, never half."""
+    def save(self, path: Path, *, durable: bool = True) -> None:
+        """Atomic replace: temp file, fsync, rename. A crash leaves the old or the new record, never half.
+
+        `durable=False` skips the fsync (the `.live` record: readers need it atomic, not crash-proof).
+        """
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, self.to_json().encode())
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -215,6 +226,8 @@ class PartState:
 
 
 def remove_state(part_path: Path) -> None:
-    for p in (state_path(part_path), state_path(part_path).with_name(state_path(part_path).name + ".tmp")):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+    """Drop the durable and the live record (and their temp files)."""
+    for record in (live_path(part_path), state_path(part_path)):
+        for p in (record, record.with_name(record.name + ".tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
