@@ -229,3 +229,170 @@ def test_snapshot_phases_on_cpu(models: Path) -> None:
     assert set(after["devices"].values()) == {expected}
     reg.get(req("a.safetensors"))
     assert len(backend.loads) == 2
+
+
+def test_deleted_file_keeps_serving_the_memory_copy(models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A held model whose file is deleted (or moved away) is still exactly what was loaded: serve it, say so once;
+    a file that is there but changed is still reloaded."""
+    backend = ModuleBackend(models)
+    reg = PreloadRegistry(backend)
+    reg.preload([req("a.safetensors"), req("b.safetensors")])
+    before = reg.get(req("a.safetensors"))[0].weight.clone()
+    (models / "a.safetensors").unlink()
+    os.rename(models / "b.safetensors", models / "b-moved.safetensors")
+    with caplog.at_level("WARNING", logger="comfy_autocloud.preload"):
+        for _ in range(3):
+            out = reg.get(req("a.safetensors"))
+            assert torch.equal(out[0].weight, before)
+            reg.get(req("b.safetensors"))
+    assert len(backend.loads) == 2, "a deleted file must not be loaded (or fetched) again"
+    gone = [r.getMessage() for r in caplog.records if "file gone from disk" in r.getMessage()]
+    assert len(gone) == 2 and any("a.safetensors" in m for m in gone), gone  # once per entry
+    st = {e["name"]: e for e in reg.status()["entries"]}
+    a = st["diffusion_model:a.safetensors"]
+    assert a["state"] == "ready" and a["file_missing"] is True and "serving the copy" in a["note"]
+    assert a["hits"] == 4 and st["diffusion_model:b.safetensors"]["file_missing"] is True
+
+    os.rename(models / "b-moved.safetensors", models / "b.safetensors")  # back, unchanged: no reload
+    reg.get(req("b.safetensors"))
+    b = reg.entry("diffusion_model:b.safetensors")
+    assert b.file_missing is False and b.note is None and len(backend.loads) == 2
+
+    write_model(models / "a.safetensors", 9)  # a different file under the name: reloaded as before
+    changed = reg.get(req("a.safetensors"))
+    assert len(backend.loads) == 3 and not torch.equal(changed[0].weight, before)
+    assert reg.entry("diffusion_model:a.safetensors").file_missing is False
+
+
+class GatedBackend(ModuleBackend):
+    """Records, for every load, whether a 'prompt' (a foreground holder) was running at that moment."""
+
+    def __init__(self, root: Path, delay: float = 0.0) -> None:
+        super().__init__(root, delay)
+        self.prompt_running = threading.Event()
+        self.overlaps: list[tuple[str, ...]] = []
+        self.load_started = threading.Event()
+        self.threads: dict[tuple[str, ...], str] = {}
+
+    def load(self, req: LoadRequest, paths: list[Path]) -> Any:
+        self.load_started.set()
+        self.threads[req.files] = threading.current_thread().name
+        if self.prompt_running.is_set():
+            self.overlaps.append(req.files)
+        out = super().load(req, paths)
+        if self.prompt_running.is_set():
+            self.overlaps.append(req.files)
+        return out
+
+
+def test_background_preload_never_overlaps_a_running_prompt(models: Path) -> None:
+    """ComfyUI's model management is not thread-safe (see preload/gate.py): the preload thread must not call a
+    loader while the prompt worker executes. Here the 'prompt' holds the gate's foreground, as the wrapped
+    PromptExecutor.execute does, and runs longer than a load; no load may start before it ends."""
+    from comfy_autocloud.preload.gate import WorkGate
+
+    gate = WorkGate()
+    backend = GatedBackend(models, delay=0.05)
+    reg = PreloadRegistry(backend, gate=gate)
+    with gate.foreground():
+        backend.prompt_running.set()
+        reg.start([req("a.safetensors"), req("b.safetensors")])
+        time.sleep(0.5)  # without the gate both loads would have run by now
+        assert backend.loads == [] and {e.state for e in reg.entries()} == {EntryState.QUEUED}
+        assert reg.status()["gate"]["foreground"] == 1
+        backend.prompt_running.clear()
+    assert reg.wait_idle(10)
+    assert sorted(backend.loads) == [("a.safetensors",), ("b.safetensors",)] and backend.overlaps == []
+    assert gate.background_waits >= 1
+
+
+def test_prompt_arriving_mid_preload_waits_for_that_load_then_goes_first(models: Path) -> None:
+    """A prompt queued while a model is being preloaded waits for that one load (it cannot stop half-way), then
+    runs before the next preload step; a loader node in it needing an entry still queued loads it itself, one
+    that was being preloaded is a hit: every file loaded once, no deadlock."""
+    from comfy_autocloud.preload.gate import WorkGate
+
+    gate = WorkGate()
+    backend = GatedBackend(models, delay=0.4)
+    reg = PreloadRegistry(backend, gate=gate)
+    reg.start([req("a.safetensors"), req("b.safetensors")])
+    assert backend.load_started.wait(5)
+    t0 = time.monotonic()
+    with gate.foreground():  # blocks until the running load of 'a' is done
+        assert time.monotonic() - t0 > 0.1
+        backend.prompt_running.set()
+        assert reg.entry("diffusion_model:a.safetensors").state == EntryState.READY
+        assert reg.entry("diffusion_model:b.safetensors").state == EntryState.QUEUED
+        time.sleep(0.3)  # the preload thread is free to take 'b' now: it must not
+        assert backend.loads == [("a.safetensors",)]
+        reg.get(req("a.safetensors"))  # hit
+        backend.prompt_running.clear()  # the loader node's own load is part of the prompt
+        reg.get(req("b.safetensors"))  # claimed and loaded by the 'prompt' thread
+        backend.prompt_running.set()
+        assert backend.threads[("b.safetensors",)] == threading.current_thread().name
+        backend.prompt_running.clear()
+    assert reg.wait_idle(10)
+    assert backend.loads == [("a.safetensors",), ("b.safetensors",)] and backend.overlaps == []
+
+
+def test_background_waits_while_prompts_are_queued(models: Path) -> None:
+    """busy() is ComfyUI's queue length: a queued prompt (not yet started) also keeps preloading back."""
+    from comfy_autocloud.preload.gate import WorkGate
+
+    queued = threading.Event()
+    queued.set()
+    gate = WorkGate(busy=queued.is_set, poll=0.02)
+    backend = ModuleBackend(models)
+    reg = PreloadRegistry(backend, gate=gate)
+    reg.start([req("a.safetensors")])
+    time.sleep(0.3)
+    assert backend.loads == []
+    queued.clear()
+    assert reg.wait_idle(10) and backend.loads == [("a.safetensors",)]
+
+
+def test_gate_reentry_and_foreground_inside_background(models: Path) -> None:
+    """A loader call from a thread that already holds the gate (either side) never waits for itself."""
+    from comfy_autocloud.preload.gate import WorkGate
+
+    gate = WorkGate()
+    reg = PreloadRegistry(ModuleBackend(models), gate=gate)
+    done = threading.Event()
+
+    def nested() -> None:
+        with gate.foreground(), gate.foreground(), gate.background():
+            reg.get(req("a.safetensors"))
+        with gate.background(), gate.background(), gate.foreground():
+            reg.get(req("b.safetensors"))
+        done.set()
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    assert done.wait(10), "deadlock"
+    assert gate.wait_quiet(1) and gate.state()["background"] is False
+
+
+def test_startup_phases_warm_up_inside_the_gate(models: Path) -> None:
+    """auto_gpu_load: after the loads, each entry is put on its device and warmed up, as one background step each
+    (the warm-up runs ComfyUI code too); `phase` says when a first prompt would pay none of it."""
+    from comfy_autocloud.preload.gate import WorkGate
+
+    gate = WorkGate()
+    seen: list[tuple[str, bool, str]] = []
+
+    class Warming(ModuleBackend):
+        def warm_up(self, req: LoadRequest, value: Any) -> list[str]:
+            seen.append((req.files[0], bool(gate.state()["background"]), reg.phase))
+            value(torch.zeros(1, value[0].in_features))
+            return ["forward"]
+
+    reg = PreloadRegistry(Warming(models), gate=gate)
+    reg.queue([req("a.safetensors"), req("b.safetensors")])
+    assert reg.status()["phase"] == "idle"
+    reg.startup(auto_gpu_load=True)
+    assert seen == [("a.safetensors", True, "device"), ("b.safetensors", True, "device")]
+    st = reg.status()
+    assert st["phase"] == "ready" and all(e["warmed"] == ["forward"] for e in st["entries"])
+    reg.warm_up = False
+    reg.to_device("gpu")
+    assert len(seen) == 2

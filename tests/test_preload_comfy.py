@@ -35,7 +35,44 @@ A, B = "tiny-sd15.safetensors", "tiny-sd15-b.safetensors"
 CLIP, UNET, TAESD = "tiny-clip-l.safetensors", "tiny-unet.safetensors", "tiny-taesd.safetensors"
 LORA = "tiny-lora-a.safetensors"
 FETCHED = "fetched-taesd.safetensors"  # configured, only on the origin: fetched at start-up, then preloaded
+GONE = "gone-taesd.safetensors"  # preloaded, then deleted by a test: still served from memory
+LATE = "tiny-sd15-late.safetensors"  # not configured: preloaded by a probe node in the middle of a prompt
 CACHED_CKPT = "AutoCloudCachedCheckpointLoader"
+
+PROBE_NODE = r'''
+import time
+
+
+class StartPreloadInPrompt:
+    """Test node: starts a background preload of `ckpt_name` while the prompt runs and gives it `wait` seconds
+    to begin (without the gate it begins at once), then passes the model on to the sampler."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "ckpt_name": ("STRING", {"default": ""}),
+                             "wait": ("FLOAT", {"default": 1.5})}}
+
+    def run(self, model, ckpt_name, wait):
+        from comfy_autocloud.comfy import nodes_preload
+        from comfy_autocloud.preload import plan
+
+        reg = nodes_preload.registry()
+        reg.start([plan.checkpoint_request(ckpt_name)])
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            e = reg.entry("checkpoint:" + ckpt_name)
+            if e is not None and e.state.value != "queued":
+                break
+            time.sleep(0.02)
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS = {"AutoCloudTestStartPreloadInPrompt": StartPreloadInPrompt}
+'''
 
 
 @dataclass
@@ -59,6 +96,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                          ("diffusion_models", UNET), ("vae", TAESD), ("loras", LORA)):
         (root / "models" / folder).mkdir(parents=True, exist_ok=True)
         (root / "models" / folder / name).symlink_to(models / name)
+    shutil.copy(models / TAESD, root / "models" / "vae" / GONE)
+    (root / "models" / "checkpoints" / LATE).symlink_to(models / A)
+    (root / "custom_nodes" / "autocloud_test_probe").mkdir(parents=True)
+    (root / "custom_nodes" / "autocloud_test_probe" / "__init__.py").write_text(PROBE_NODE)
     www = base / "www"
     www.mkdir()
     shutil.copy(models / TAESD, www / FETCHED)
@@ -74,7 +115,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "text_encoders": [{"clip_names": [CLIP], "type": "stable_diffusion", "device": "default"}],
             "diffusion_models": [{"model_name": UNET, "weight_dtype": "default"},
                                  {"model_name": UNET, "weight_dtype": "fp16"}],  # broken: not a weight_dtype
-            "vaes": [{"vae_name": TAESD}, {"vae_name": FETCHED}],
+            "vaes": [{"vae_name": TAESD}, {"vae_name": FETCHED}, {"vae_name": GONE}],
         },
         "settings": {"auto_gpu_load": True, "verbose": True}}))
     cache = base / "cache"
@@ -94,7 +135,7 @@ def wait_preloaded(server: ComfyServer, timeout: float = 120.0) -> dict[str, Any
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = server.get("/autocloud/preload")
-        if st["counts"]["queued"] == 0 and st["counts"]["loading"] == 0:
+        if st["counts"]["queued"] == 0 and st["counts"]["loading"] == 0 and st.get("phase") in ("ready", "idle"):
             return st
         time.sleep(0.2)
     raise TimeoutError(f"preload not finished in {timeout}s:\n{server.log()[-3000:]}")
@@ -128,7 +169,7 @@ def test_preloaded_at_start_broken_entry_reported_missing_file_fetched(env: Env)
     assert st["config"].endswith("preload_config.json")
     names = {e["name"]: e for e in st["entries"]}
     expected = ("ckpt-a", f"checkpoint:{B}", f"text_encoder:{CLIP}[type=stable_diffusion]", f"diffusion_model:{UNET}",
-                f"vae:{TAESD}", f"vae:{FETCHED}")
+                f"vae:{TAESD}", f"vae:{FETCHED}", f"vae:{GONE}")
     assert set(names) == set(expected), names
     summary = {n: (names[n]["state"], names[n]["loads"], names[n]["error"]) for n in expected}
     assert all(v[:2] == ("ready", 1) for v in summary.values()), json.dumps(summary)
@@ -136,6 +177,12 @@ def test_preloaded_at_start_broken_entry_reported_missing_file_fetched(env: Env)
     assert "models.diffusion_models[1].weight_dtype" in st["config_errors"][0]
     assert (env.cache / "vae" / FETCHED).is_file(), "the configured file missing on disk was not fetched"
     assert names["ckpt-a"]["bytes"] > 100 * 2**20
+    # auto_gpu_load: each part put on its device and run once at start-up (the first prompt pays none of it)
+    assert st["phase"] == "ready"
+    assert names["ckpt-a"]["warmed"] == ["clip", "sample", "vae"], names["ckpt-a"]
+    assert names[f"text_encoder:{CLIP}[type=stable_diffusion]"]["warmed"] == ["clip"]
+    assert names[f"diffusion_model:{UNET}"]["warmed"] == ["model"]
+    assert names[f"vae:{TAESD}"]["warmed"] == ["vae"]
 
 
 def test_object_info_names_category_and_tooltips(env: Env) -> None:
@@ -234,6 +281,52 @@ def test_miss_loads_once_and_is_kept(env: Env) -> None:
         env.server.run(only_loader(B))  # evicts the loader from ComfyUI's execution cache
     e = entry(env.server.get("/autocloud/preload"), name)
     assert e["state"] == "ready" and e["loads"] == 1 and e["hits"] >= 1
+
+
+def test_deleted_file_is_served_from_memory(env: Env) -> None:
+    """The preloaded VAE's file is deleted: the cached loader still validates (its name stays in the list) and
+    returns the held copy, unread; the status says the file is gone."""
+    before = entry(env.server.get("/autocloud/preload"), f"vae:{GONE}")
+    (env.base / "models" / "vae" / GONE).unlink()
+    prompt = {"vae": {"class_type": "AutoCloudCachedVAELoader", "inputs": {"vae_name": GONE}},
+              "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+              "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["latent", 0], "vae": ["vae", 0]}},
+              "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "gone"}}}
+    image_bytes(env, env.server.run(prompt))
+    after = entry(env.server.get("/autocloud/preload"), f"vae:{GONE}")
+    assert after["state"] == "ready" and after["loads"] == before["loads"] == 1
+    assert after["hits"] == before["hits"] + 1
+    assert after["file_missing"] is True and "file gone from disk" in after["note"]
+    assert env.server.log().count("file gone from disk") == 1
+
+
+def test_background_preload_waits_for_the_running_prompt(env: Env) -> None:
+    """ComfyUI's model management is single-threaded (see comfy_autocloud/preload/gate.py): a preload started in
+    the middle of a prompt (by a probe node) must not load until the prompt is done; without the gate the
+    load starts at once and overlaps the sampler. A second prompt queued behind it whose cached loader needs that
+    checkpoint loads it itself, before the waiting preload, and the file is loaded once."""
+    first = txt2img(A, seed=11, prefix="gate1")
+    first["ckpt"]["class_type"] = CACHED_CKPT
+    first["probe"] = {"class_type": "AutoCloudTestStartPreloadInPrompt",
+                      "inputs": {"model": ["ckpt", 0], "ckpt_name": LATE, "wait": 1.5}}
+    first["sample"]["inputs"]["model"] = ["probe", 0]
+    first["sample"]["inputs"]["steps"] = 3
+    second = with_cached_loaders(txt2img(LATE, seed=12, prefix="gate2"))
+    ids = [env.server.queue(first), env.server.queue(second)]
+    done = [env.server.wait(i, timeout=300) for i in ids]
+    assert [d.status for d in done] == ["success", "success"], [d.error() for d in done]
+    st = wait_preloaded(env.server)
+    late = entry(st, f"checkpoint:{LATE}")
+    assert late["state"] == "ready" and late["loads"] == 1, late
+
+    def span(d: Finished) -> tuple[float, float]:
+        stamps = {n: m["timestamp"] / 1000.0 for n, m in d.messages if isinstance(m, dict) and "timestamp" in m}
+        return stamps["execution_start"], stamps["execution_success"]
+
+    (s1, e1), (s2, e2) = span(done[0]), span(done[1])
+    assert late["load_started"] >= e1 - 0.01, ("the preload overlapped the running prompt", late, (s1, e1))
+    assert s2 - 0.01 <= late["load_started"] <= e2, ("the second prompt's loader did not load it", late, (s2, e2))
+    assert st["gate"]["background_waits"] >= 1
 
 
 def test_snapshot_routes_both_phases_on_cpu(env: Env) -> None:

@@ -7,7 +7,9 @@ Cold start in two phases (Modal `enable_memory_snapshot=True`):
 * `@modal.enter(snap=True)` runs once, before the snapshot: ComfyUI starts with this pack, the pack
   preloads every model of `preload_config.json` into CPU RAM (`AUTOCLOUD_PRELOAD_BLOCKING=1`, then
   `snapshot.load_all(device="cpu")` to be sure nothing is still loading). The snapshot carries them.
-* `@modal.enter(snap=False)` runs after every restore: `snapshot.to_gpu()` puts them on the GPU.
+* `@modal.enter(snap=False)` runs after every restore: `snapshot.to_gpu()` puts them on the GPU and runs
+  each once on a tiny input (CUDA/cuBLAS set-up and first-call costs paid before the first request;
+  `AUTOCLOUD_PRELOAD_WARMUP=0` skips that).
 
 A workflow then uses the "Cached … Loader" / "Preloaded … Selector" nodes and its loaders take
 milliseconds instead of seconds. ComfyUI chooses its torch device when it starts, so it must see the

@@ -173,6 +173,9 @@ SETTINGS: tuple[Setting, ...] = (
             "most RAM the preload registry may hold; entries past it are refused with a log line"),
     Setting("preload_fingerprint", "AUTOCLOUD_PRELOAD_FINGERPRINT", False, _bool,
             "hash preloaded weights at load so /autocloud/preload?verify=1 proves patches left them untouched"),
+    Setting("preload_warmup", "AUTOCLOUD_PRELOAD_WARMUP", True, _bool,
+            "with auto_gpu_load (and /autocloud/preload/to_gpu): run each preloaded model once on a tiny input, so "
+            "the first prompt pays no first-call costs"),
     Setting("predict", "AUTOCLOUD_PREDICT", False, _bool,
             "preloader also fetches the models the access history predicts next (transitions, hour of day)"),
     Setting("predict_top", "AUTOCLOUD_PREDICT_TOP", 2, int,

@@ -112,7 +112,7 @@ def render_preload(data: dict[str, Any], out: Console) -> None:
         t.add_column(col, justify="right" if col in ("size", "load", "hits") else "left")
     for e in data.get("entries", []):
         t.add_row(e["name"], e["state"], human_size(e.get("bytes") or 0), f"{e.get('load_seconds') or 0:.2f}s",
-                  str(e.get("hits", 0)), e.get("device") or "", e.get("error") or "")
+                  str(e.get("hits", 0)), e.get("device") or "", e.get("error") or e.get("note") or "")
     out.print(t)
     for err in data.get("config_errors", []):
         err_console.print(f"[red]preload config:[/] {err}")

@@ -28,14 +28,21 @@ PACK_DIR = Path(__file__).resolve().parents[3]
 
 # ---------------------------------------------------------------------- start-up
 def make_registry(settings: dict[str, Any]) -> PreloadRegistry:
+    from comfy_autocloud.comfy.execution_gate import GATE
     from comfy_autocloud.preload.loaders import ComfyBackend
 
-    return PreloadRegistry(ComfyBackend(), ram_budget=settings.get("preload_ram_budget"),
-                           fingerprints=bool(settings.get("preload_fingerprint")))
+    reg = PreloadRegistry(ComfyBackend(), ram_budget=settings.get("preload_ram_budget"),
+                          fingerprints=bool(settings.get("preload_fingerprint")), gate=GATE)
+    reg.warm_up = bool(settings.get("preload_warmup", True))
+    return reg
 
 
 def start(settings: dict[str, Any], user_dir: str | None) -> PreloadRegistry:
     """Create the process registry and start preloading preload_config.json (blocking if configured)."""
+    from comfy_autocloud.comfy import execution_gate
+
+    gated = execution_gate.install()  # before the preload thread: it must never overlap a prompt
+    log.debug("autocloud preload: gated %s", ", ".join(gated) or "nothing")
     reg = make_registry(settings)
     set_current(reg)
     path = preload_plan.find_config(settings.get("preload_config"), user_dir, PACK_DIR)
@@ -55,9 +62,7 @@ def start(settings: dict[str, Any], user_dir: str | None) -> PreloadRegistry:
              "blocking" if settings.get("preload_blocking") else "in the background")
 
     def run() -> None:
-        reg.preload()
-        if plan.settings.auto_gpu_load:
-            reg.to_device("gpu")
+        reg.startup(plan.settings.auto_gpu_load)
 
     if settings.get("preload_blocking"):
         run()
@@ -76,19 +81,30 @@ def registry() -> PreloadRegistry:
 
 
 # ---------------------------------------------------------------------- helpers
-def _files(folder: str) -> list[str]:
+def _files(folder: str, kind: str | None = None) -> list[str]:
     import folder_paths  # ComfyUI
 
-    return list(folder_paths.get_filename_list(folder))
+    return _with_held(list(folder_paths.get_filename_list(folder)), kind)
+
+
+def _with_held(names: list[str], kind: str | None) -> list[str]:
+    """`names` plus the files of ready entries no longer on disk: ComfyUI validates a prompt's combo values
+    against this list, and a held model whose file was deleted is still served from memory."""
+    reg = current()
+    if kind is None or reg is None:
+        return names
+    listed = set(names)
+    extra = [f for e in reg.entries(kind) if e.state == EntryState.READY for f in e.request.files if f not in listed]
+    return names + list(dict.fromkeys(extra))
 
 
 def _vae_names() -> list[str]:
     try:
         import nodes  # ComfyUI: includes the approximate decoders (taesd, ...) when present
 
-        return list(nodes.VAELoader.vae_list())
+        return _with_held(list(nodes.VAELoader.vae_list()), "vae")
     except Exception:
-        return _files("vae")
+        return _files("vae", "vae")
 
 
 def _names(kind: str) -> list[str]:
@@ -116,7 +132,7 @@ class CachedCheckpointLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"ckpt_name": (_files("checkpoints"), {"tooltip": _TOOLTIP_CACHED})}}
+        return {"required": {"ckpt_name": (_files("checkpoints", "checkpoint"), {"tooltip": _TOOLTIP_CACHED})}}
 
     def load_checkpoint(self, ckpt_name: str) -> tuple[Any, ...]:
         return tuple(registry().get(preload_plan.checkpoint_request(ckpt_name)))
@@ -148,7 +164,7 @@ class CachedTextEncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        files = _files("text_encoders")
+        files = _files("text_encoders", "text_encoder")
         return {"required": {
             "clip_name1": (files, {"tooltip": _TOOLTIP_CACHED}),
             "clip_name2": ([NONE, *files], {"tooltip": "second file (DualCLIPLoader); None for one file"}),
@@ -190,7 +206,7 @@ class CachedDiffusionModelLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "unet_name": (_files("diffusion_models"), {"tooltip": _TOOLTIP_CACHED}),
+            "unet_name": (_files("diffusion_models", "diffusion_model"), {"tooltip": _TOOLTIP_CACHED}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"tooltip": "as UNETLoader's weight_dtype; part of the cache key"}),
         }}
 
@@ -264,9 +280,13 @@ def describe(reg: PreloadRegistry, kind: str = "all") -> str:
         if e["state"] == "ready":
             line += f", {e['bytes'] / 2**20:.1f} MiB, loaded in {e['load_seconds']:.2f}s, {e['hits']} hits, " \
                     f"on {e['device']}"
+            if e.get("warmed"):
+                line += f", warmed up ({'+'.join(e['warmed'])}) in {e['warm_seconds']:.2f}s"
         line += ")"
         if e["error"]:
             line += f": {e['error']}"
+        if e.get("note"):
+            line += f" ! {e['note']}"
         lines.append(line)
     lines += [f"! {err}" for err in st["config_errors"]]
     return "\n".join(lines)
@@ -327,6 +347,7 @@ class CheckCacheStatus:
             cached = any(e.state == EntryState.READY for e in found)
             text = "\n".join(f"{e.name}: {e.state.value}" + (f" ({e.error})" if e.error else "")
                              + (f", {e.nbytes / 2**20:.1f} MiB, {e.hits} hits" if e.state == EntryState.READY else "")
+                             + (f"; {e.note}" if e.note else "")
                              for e in found)
         return {"ui": {"text": [text]}, "result": (cached, text)}
 

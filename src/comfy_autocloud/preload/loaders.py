@@ -17,6 +17,8 @@ from comfy_autocloud.preload.registry import LoadRequest, in_preload
 
 # VAELoader names that are not files in models/vae (approximate decoders and the pixel-space VAE).
 SPECIAL_VAES = ("pixel_space", "taesd", "taesdxl", "taesd3", "taef1")
+# Warm-up latent side: 4x4 latent pixels (32 px for an SD-class VAE), the smallest a UNet's downsampling takes
+WARM_LATENT = 4
 
 
 class ComfyBackend:
@@ -104,6 +106,53 @@ class ComfyBackend:
         patchers = [p for p in (_patcher_of(x) for x in parts) if p is not None]
         mm.load_models_gpu(patchers, force_full_load=True)
         return str(target)
+
+
+    def warm_up(self, req: LoadRequest, value: Any) -> list[str]:
+        """Run each part once on a tiny input, the way the stock nodes do (CLIPTextEncode, KSampler, VAEDecode).
+
+        A fresh ComfyUI pays its first-call costs inside the first prompt: `load_models_gpu` of the MODEL and
+        VAE (the CLIP is loaded when it is made), the first text encode, sampler set-up, the first VAE decode
+        (kernel set-up, pages of torch's libraries read from disk, allocator growth). Done here, at start-up,
+        they are paid before any prompt. Nothing is kept: clones are used and dropped, outputs discarded, no RNG
+        is touched. Returns what was warmed."""
+        import comfy.sample  # ComfyUI
+        import torch
+
+        parts = value if isinstance(value, tuple) else (value,)
+        if req.kind == "checkpoint":
+            model, clip, vae = parts
+        else:
+            model = parts[0] if req.kind == "diffusion_model" else None
+            clip = parts[0] if req.kind == "text_encoder" else None
+            vae = parts[0] if req.kind == "vae" else None
+        done: list[str] = []
+        cond = None
+        with torch.inference_mode():
+            if clip is not None:
+                c = clip.clone()
+                cond = c.encode_from_tokens_scheduled(c.tokenize(""))
+                done.append("clip")
+            if model is not None:
+                m = model.clone()
+                fmt = m.get_model_object("latent_format")
+                shape = [1, fmt.latent_channels] + [1] * (fmt.latent_dimensions - 2) + [WARM_LATENT, WARM_LATENT]
+                latent = torch.zeros(shape)
+                if cond is not None:  # the checkpoint's own text encoder gives conditioning that fits the model
+                    comfy.sample.sample(m, torch.zeros_like(latent), 1, 1.0, "euler", "normal", cond, cond, latent,
+                                        disable_pbar=True, seed=0)
+                    done.append("sample")
+                else:  # no conditioning that fits an arbitrary diffusion model: load it to its device only
+                    import comfy.model_management as mm
+
+                    mm.load_models_gpu([m], force_full_load=True)
+                    done.append("model")
+            if vae is not None and hasattr(vae, "decode"):
+                dims = int(getattr(vae, "latent_dim", 2))
+                shape = [1, int(getattr(vae, "latent_channels", 4))] + [1] * (dims - 2) + [WARM_LATENT, WARM_LATENT]
+                vae.decode(torch.zeros(shape))
+                done.append("vae")
+        return done
 
 
 def _resolve_quietly(fp: Any, folder: str, name: str) -> Path:

@@ -4,8 +4,10 @@ ComfyUI's own model cache keeps only weak references (`current_loaded_models`) a
 forgets a checkpoint as soon as a workflow uses another one, so switching A -> B -> A rereads A from
 disk. The registry keeps every configured object alive, keyed by what was loaded (kind, file names,
 options) and checked against the files' identity (size, mtime_ns, inode) so a replaced file is
-reloaded instead of served stale. Everything ComfyUI-specific sits behind `Backend`; this module
-imports neither torch nor ComfyUI, so its logic is tested on plain torch modules.
+reloaded instead of served stale; a deleted (or moved) one is not an error: the held copy is still exactly
+what was loaded, so it is served and the entry says so. Loads go through a `WorkGate` (gate.py) so that
+preloading never runs ComfyUI code beside a prompt. Everything ComfyUI-specific sits behind `Backend`; this
+module imports neither torch nor ComfyUI, so its logic is tested on plain torch modules.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
+
+from comfy_autocloud.preload.gate import WorkGate
 
 log = logging.getLogger("comfy_autocloud.preload")
 
@@ -125,6 +129,9 @@ class Backend(Protocol):
     def to_device(self, value: Any, device: str) -> str:
         """Move (or fully load) the object onto `device` ('cpu' or 'gpu'); returns the device it is on."""
 
+    # Optional: `warm_up(req, value) -> list[str]` runs the object once on a tiny input (first-call costs
+    # paid at start-up); the registry calls it after `to_device` when present.
+
 
 @dataclass
 class Entry:
@@ -143,6 +150,11 @@ class Entry:
     fingerprint: str | None = None
     refs: dict[str, Any] = field(default_factory=dict, repr=False)
     cached: bool = True  # False: the last load was handed out but not kept (budget)
+    warmed: tuple[str, ...] = ()
+    warm_seconds: float = 0.0
+    load_started: float = 0.0
+    file_missing: bool = False  # ready, but its file was deleted or moved away since: served from memory
+    note: str | None = None
 
     @property
     def name(self) -> str:
@@ -154,7 +166,9 @@ class Entry:
                 "state": self.state.value, "error": self.error, "bytes": self.nbytes,
                 "load_seconds": round(self.load_seconds, 4), "loads": self.loads, "hits": self.hits,
                 "device": self.device or None, "where": self.request.where or None,
-                "paths": [i.path for i in self.identity]}
+                "paths": [i.path for i in self.identity], "file_missing": self.file_missing, "note": self.note,
+                "load_started": self.load_started or None, "loaded_at": self.loaded_at or None,
+                "warmed": list(self.warmed), "warm_seconds": round(self.warm_seconds, 4)}
 
 
 def tensor_nbytes(tensors: dict[str, Any]) -> int:
@@ -191,8 +205,10 @@ def _uint8() -> Any:
 class PreloadRegistry:
     """Entries by slot; one loader thread per entry at a time, everyone else waits for it."""
 
-    def __init__(self, backend: Backend, *, ram_budget: int | None = None, fingerprints: bool = False) -> None:
+    def __init__(self, backend: Backend, *, ram_budget: int | None = None, fingerprints: bool = False,
+                 gate: WorkGate | None = None) -> None:
         self.backend = backend
+        self.gate = gate or WorkGate()  # inside ComfyUI: the process-wide one the prompt worker also holds
         self.ram_budget = ram_budget
         self.fingerprints = fingerprints
         self._cond = threading.Condition(threading.RLock())
@@ -201,6 +217,8 @@ class PreloadRegistry:
         self.config_errors: list[str] = []
         self.config_path: str | None = None
         self.auto_gpu_load = False
+        self.warm_up = True  # to_device also runs each object once (Backend.warm_up) when the backend can
+        self.phase = "idle"  # start-up: "preloading" -> "device" (auto_gpu_load) -> "ready"
         self.loads_total = 0
         self.hits_total = 0
         self.misses_total = 0
@@ -254,7 +272,21 @@ class PreloadRegistry:
                         self._cond.notify_all()
                 log.error("autocloud preload: %s not preloaded: %s", entry.request.where or entry.name,
                           entry.error)
+            finally:
+                _local.preload = False
         return todo
+
+    def startup(self, auto_gpu_load: bool = False) -> None:
+        """ComfyUI start-up: preload every queued entry, then (auto_gpu_load) put each on the device and warm it
+        up; `phase` in the status says how far it got ("ready": a first prompt pays none of it)."""
+        self.phase = "preloading"
+        try:
+            self.preload()
+            if auto_gpu_load:
+                self.phase = "device"
+                self.to_device("gpu")
+        finally:
+            self.phase = "ready"
 
     def start(self, requests: Iterable[LoadRequest] | None = None) -> threading.Thread:
         """Preload in a background thread; loaders that need an entry meanwhile wait for it."""
@@ -293,33 +325,87 @@ class PreloadRegistry:
         return sum(e.nbytes for e in self._entries.values() if e is not but and e.state == EntryState.READY)
 
     def _get(self, req: LoadRequest, *, preload: bool = False) -> tuple[Entry, Any]:
+        held = self._held_without_file(req, preload)
+        if held is not None:
+            return held
         try:
             paths = self.backend.resolve(req)
             identity = tuple(FileIdentity.of(p) for p in paths)
         except Exception as exc:
+            held = self._held_without_file(req, preload)  # deleted between the check and resolve()
+            if held is not None:
+                return held
             self._fail(req, exc, queued_only=not preload)
             raise
         with self._cond:
-            while True:
-                entry = self._entries.get(req.slot)
-                if entry is not None and entry.state == EntryState.LOADING:
-                    self._cond.wait(0.5)
-                    continue
-                if entry is not None and entry.state == EntryState.READY and entry.identity == identity:
-                    if not preload:
-                        entry.hits += 1
-                        self.hits_total += 1
-                    return entry, entry.value
-                if entry is None:
-                    entry = Entry(req)
-                    self._entries[req.slot] = entry
-                    self._names.setdefault(req.name, req.slot)
-                stale = entry.state == EntryState.READY
-                entry.state, entry.error = EntryState.LOADING, None
-                if not preload:
-                    self.misses_total += 1
-                used = self._budget_used(entry)
+            hit = self._lookup(req, identity, preload)
+        if hit is not None:
+            return hit
+        # A load calls ComfyUI's loaders: never while a prompt runs (background), never during a preload
+        # step (foreground). See gate.py for why.
+        with self.gate.background() if preload else self.gate.foreground():
+            return self._load(req, paths, identity, preload)
+
+    def _lookup(self, req: LoadRequest, identity: tuple[FileIdentity, ...], preload: bool) -> tuple[Entry, Any] | None:
+        """(under _cond) The held object when its files are unchanged, after waiting for a running load."""
+        while True:
+            entry = self._entries.get(req.slot)
+            if entry is None or entry.state != EntryState.LOADING:
                 break
+            self._cond.wait(0.5)
+        if entry is None or entry.state != EntryState.READY or entry.identity != identity:
+            return None
+        if not preload:
+            entry.hits += 1
+            self.hits_total += 1
+        if entry.file_missing:
+            entry.file_missing, entry.note = False, None
+            log.info("autocloud preload: %s is back on disk, unchanged", entry.name)
+        return entry, entry.value
+
+    def _held_without_file(self, req: LoadRequest, preload: bool) -> tuple[Entry, Any] | None:
+        """A ready entry whose file was deleted or moved away: the memory copy is still exactly what was
+        loaded, so keep serving it (no error, no re-download through the fetch hook), and say so once."""
+        with self._cond:
+            entry = self._entries.get(req.slot)
+            if entry is None or entry.state != EntryState.READY or not entry.identity:
+                return None
+            identity = entry.identity
+        gone = [i.path for i in identity if not _exists(i.path)]
+        if not gone:
+            return None
+        with self._cond:
+            if entry.state != EntryState.READY or entry.identity != identity:  # reloaded meanwhile
+                return None
+            first = not entry.file_missing
+            if first:
+                entry.file_missing = True
+                entry.note = (f"file gone from disk ({', '.join(gone)}); serving the copy loaded at "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(entry.loaded_at))}")
+            if not preload:
+                entry.hits += 1
+                self.hits_total += 1
+            value = entry.value
+        if first:
+            log.warning("autocloud preload: %s: %s", entry.name, entry.note)
+        return entry, value
+
+    def _load(self, req: LoadRequest, paths: list[Path], identity: tuple[FileIdentity, ...],
+              preload: bool) -> tuple[Entry, Any]:
+        with self._cond:
+            hit = self._lookup(req, identity, preload)  # loaded by someone else while we waited for the gate
+            if hit is not None:
+                return hit
+            entry = self._entries.get(req.slot)
+            if entry is None:
+                entry = Entry(req)
+                self._entries[req.slot] = entry
+                self._names.setdefault(req.name, req.slot)
+            stale = entry.state == EntryState.READY
+            entry.state, entry.error = EntryState.LOADING, None
+            if not preload:
+                self.misses_total += 1
+            used = self._budget_used(entry)
         if stale:
             log.info("autocloud preload: %s changed on disk; reloading", entry.name)
         keep = True
@@ -338,6 +424,7 @@ class PreloadRegistry:
             log.warning("autocloud preload: loading %s without keeping it: %s", entry.name, msg)
         with self._cond:
             entry.value, entry.refs = None, {}  # let a stale object go before its replacement is loaded
+            entry.file_missing, entry.note = False, None
         t0 = time.perf_counter()
         try:
             value = self.backend.load(req, paths)
@@ -354,6 +441,7 @@ class PreloadRegistry:
             self.loads_total += 1
             entry.loads += 1
             entry.load_seconds = seconds
+            entry.load_started = time.time() - seconds
             entry.identity = identity
             entry.key = derive_key(req, identity)
             if keep and self.ram_budget is not None and used + nbytes > self.ram_budget:
@@ -386,14 +474,18 @@ class PreloadRegistry:
                 self._cond.notify_all()
 
     # ------------------------------------------------------------------ devices
-    def to_device(self, device: str) -> dict[str, str]:
-        """Move every ready entry to `device`; returns name -> device it ended on (or the error)."""
+    def to_device(self, device: str, warm_up: bool | None = None) -> dict[str, str]:
+        """Move every ready entry to `device` (and warm it up, see `warm_up`); returns name -> device (or error)."""
         with self._cond:
             ready = [e for e in self._entries.values() if e.state == EntryState.READY]
+        warm = self.warm_up if warm_up is None else warm_up
         out = {}
         for e in ready:
             try:
-                e.device = self.backend.to_device(e.value, device)
+                with self.gate.background():  # load_models_gpu: ComfyUI's global model list
+                    e.device = self.backend.to_device(e.value, device)
+                    if warm:
+                        self._warm_up(e)
                 out[e.name] = e.device
                 if self.fingerprints:  # the moved weights are new tensors: verify those from now on
                     with self._cond:
@@ -402,6 +494,20 @@ class PreloadRegistry:
                 out[e.name] = f"error: {_reason(exc)}"
                 log.error("autocloud preload: %s not moved to %s: %s", e.name, device, _reason(exc))
         return out
+
+    def _warm_up(self, e: Entry) -> None:
+        """First-call costs (device load, kernel set-up, library pages) paid now instead of in the first prompt."""
+        fn = getattr(self.backend, "warm_up", None)
+        if fn is None or e.value is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            e.warmed = tuple(fn(e.request, e.value) or ())
+        except Exception as exc:  # best effort: the entry stays ready, the first prompt just pays it
+            log.warning("autocloud preload: %s not warmed up: %s", e.name, _reason(exc))
+            return
+        e.warm_seconds = time.perf_counter() - t0
+        log.info("autocloud preload: %s warmed up (%s) in %.2fs", e.name, ", ".join(e.warmed), e.warm_seconds)
 
     # ------------------------------------------------------------------ reading
     def entries(self, kind: str | None = None) -> list[Entry]:
@@ -427,10 +533,10 @@ class PreloadRegistry:
         with self._cond:
             entries = [e.info() for e in self._entries.values()]
             held = sum(e.nbytes for e in self._entries.values() if e.state == EntryState.READY)
-            return {"config": self.config_path, "auto_gpu_load": self.auto_gpu_load,
+            return {"config": self.config_path, "auto_gpu_load": self.auto_gpu_load, "phase": self.phase,
                     "entries": entries, "bytes_held": held, "ram_budget": self.ram_budget,
                     "loads": self.loads_total, "hits": self.hits_total, "misses": self.misses_total,
-                    "config_errors": list(self.config_errors),
+                    "config_errors": list(self.config_errors), "gate": self.gate.state(),
                     "counts": {s.value: sum(e["state"] == s.value for e in entries) for s in EntryState}}
 
     def clear(self) -> None:
@@ -438,6 +544,17 @@ class PreloadRegistry:
         with self._cond:
             self._entries.clear()
             self._names.clear()
+
+
+def _exists(path: str) -> bool:
+    """False only when the path is gone (a symlink whose target is gone counts as gone)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # unreadable now (permissions, a stale mount): not proof that it is gone
+        return True
+    return True
 
 
 def _reason(exc: BaseException) -> str:
