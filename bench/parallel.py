@@ -95,7 +95,8 @@ def main() -> None:
     with torch.inference_mode():
         ref = flux_forward(model, **local).cpu()
     singles = {}
-    for threads in sorted({1, args.threads}) if not cuda else [torch.get_num_threads()]:
+    per_rank_threads = max(1, (os.cpu_count() or 1) // args.world)
+    for threads in sorted({1, per_rank_threads, args.threads}) if not cuda else [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         with torch.inference_mode():
             flux_forward(model, **local)  # warm-up at this thread count
@@ -113,7 +114,7 @@ def main() -> None:
     print(f"baseline = the faster single process ({best_threads} thread(s)): {base * 1000:.0f} ms/step")
 
     shared = SharedWeights.pack(model, rebind=True, meta={"builder": "flux", "config": asdict(cfg)})
-    threads = max(1, (os.cpu_count() or 1) // args.world)
+    threads = per_rank_threads
     devices = [f"cuda:{i}" for i in range(args.world)] if cuda else ["cpu"] * args.world
     group = WorkerGroup(devices, threads_per_rank=None if cuda else threads)
     try:
@@ -123,6 +124,7 @@ def main() -> None:
         print(f"worker group: {args.world} ranks on {', '.join(devices)}{per}, started in "
               f"{time.perf_counter() - t0:.1f} s (once; reused by every later call)")
         group.register("bench", shared)
+        results: dict[str, float] = {}
         for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
             replies = group.bench("bench", inputs, strategy, args.steps)
             step = max(r["step_s"] for r in replies)
@@ -139,9 +141,18 @@ def main() -> None:
                   f"max |diff| vs single {err:.1e}; rank 0 sent {sum(sent.values()) / 2**20:.2f} MiB/step "
                   f"({', '.join(f'{k} {v / 2**20:.2f}' for k, v in sent.items())}), theory {theory / 2**20:.2f} MiB; "
                   f"ratio {base / step:.2f}x (dispatched {base / e2e:.2f}x)")
+            results[replies[0]["plan"]] = e2e
     finally:
         group.close()
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    # One line: the best strategy, end to end (dispatched), against one rank (a single process with one
+    # rank's share of the machine: the "1 vs N ranks") and against the strongest alternative (a
+    # single process using every core, or one GPU).
+    plan = min(results, key=results.__getitem__)
+    one_rank = base if cuda else singles[per_rank_threads]
+    print(f"parallel world={args.world} tokens={n_img} best={plan.replace(' ', '')} ms={results[plan] * 1000:.0f} "
+          f"one_rank_ms={one_rank * 1000:.0f} best_single_ms={base * 1000:.0f} "
+          f"ratio_vs_one_rank={one_rank / results[plan]:.2f} ratio_vs_best_single={base / results[plan]:.2f}")
 
 
 if __name__ == "__main__":
