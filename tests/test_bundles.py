@@ -243,4 +243,5 @@ def test_fleet_downloads_a_bundle_once_for_all_nodes(tmp_path: Path, origin: Ngi
     assert _get_bytes(origin, "/fleetpack.zip") - before == zip_size  # once for the whole fleet
     sources = sorted(r.source for r in results)
     assert sources[0].startswith("http://") and sources[1].startswith("peer"), sources
-    assert peer_bytes == sum(len(d) for d in LORAS.values())  # every member crossed from node to node once
+    members = sum(len(d) for d in LORAS.values())  # every member crossed from node to node once
+    assert members <= peer_bytes <= 1.1 * members  # (+ the tail of a request cut short by a steal, if any)

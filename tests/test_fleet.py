@@ -390,4 +390,5 @@ def test_resumed_bytes_from_elsewhere_do_not_get_a_peer_marked_bad(redis: RedisS
         served = srv.server.metrics.bytes_served["files"]
     assert result.sha256 == sha and result.path.read_bytes() == data
     assert not follower.registry.is_bad("holder")
-    assert served == len(data) - len(data) // 2 + len(data)  # the resumed half, then the whole file again
+    expected = len(data) - len(data) // 2 + len(data)  # the resumed half, then the whole file again
+    assert expected <= served <= 1.1 * expected  # (a request cut short by a steal may have sent a bit more)

@@ -177,7 +177,8 @@ def test_ranges_from_several_peers_at_once(fleet_env, tmp_path: Path) -> None:
     assert r["source"].startswith("peers "), r  # one download spread over the holders
     sent = {n.name: peer_files_bytes(n) - before[n.name] for n in (a, b, c)}
     assert all(v > 0 for v in sent.values()), sent
-    assert sum(sent.values()) == size, sent  # every byte once, none from the origin
+    # every byte from the peers, none from the origin (a request cut short by a steal may have sent a bit more)
+    assert size <= sum(sent.values()) <= 1.1 * size, sent
     assert origin.bytes_served("model.safetensors") == size
 
 

@@ -28,8 +28,10 @@ def test_ranges_spread_over_mirrors(nginx_origin: NginxOrigin, tmp_path: Path) -
     assert (tmp_path / "x.part").read_bytes() == data
     served = {n: nginx_origin.bytes_served(n) for n in ("a.bin", "b.bin", "c.bin")}
     assert all(v > 0 for v in served.values()), served  # every source carried part of the file
-    assert sum(served.values()) == len(data), served    # and nothing twice
+    # Every byte written once; the servers may count a little more (the tail of a request cut short when
+    # a free worker takes over half of its piece was already on the wire).
     assert sum(res.by_source.values()) == len(data) and set(res.by_source) >= {"b", "c"}, res.by_source
+    assert len(data) <= sum(served.values()) <= 1.1 * len(data), served
 
 
 def test_mirror_headers_replace_the_calls(chaos_origin: ChaosOrigin, tmp_path: Path) -> None:

@@ -157,7 +157,8 @@ def test_resume_from_another_source_only_when_the_caller_verifies(nginx_origin: 
     res = download(nginx_origin.url("b.bin"), part, TransferOptions(connections=2, resume_any_source=any_source))
     assert res.sha256 == hashlib.sha256(data).hexdigest()
     assert res.resumed_bytes == (half if any_source else 0)
-    assert nginx_origin.bytes_served("b.bin") == len(data) - res.resumed_bytes
+    rest = len(data) - res.resumed_bytes
+    assert rest <= nginx_origin.bytes_served("b.bin") <= rest + MiB  # only what was missing (+ a cut-short tail)
 
 
 def test_live_progress_record_runs_ahead_of_the_durable_one(chaos_origin: ChaosOrigin, tmp_path: Path) -> None:
@@ -193,5 +194,5 @@ def test_live_progress_record_runs_ahead_of_the_durable_one(chaos_origin: ChaosO
         stop.set()
         watcher.join()
     assert res.sha256 == hashlib.sha256(data).hexdigest()
-    assert len(seen) >= 8, f"only {len(seen)} live updates in a ~1.5 s download"
+    assert len(seen) >= 6, f"only {len(seen)} live updates in a ~1.5 s download (the durable record: ~3)"
     assert not live_path(part).exists() and not state_path(part).exists()
