@@ -52,6 +52,11 @@ def test_daemonset_wiring() -> None:
                 assert ref["key"] in secrets[ref["name"]]["stringData"]
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {settings["AUTOCLOUD_CACHE"], settings["AUTOCLOUD_TEMP_DIR"], settings["AUTOCLOUD_MANIFEST"]} <= mounts
+    assert pod.get("shareProcessNamespace") is True  # in-use leases and reservations are pids in one namespace
+    annotations = ds["spec"]["template"]["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") == "true":  # scraping without a token needs the open /metrics
+        assert annotations["prometheus.io/port"] == settings["AUTOCLOUD_PEER_PORT"]
+        assert settings.get("AUTOCLOUD_PEER_METRICS_PUBLIC") in ("1", "true")
     ports = {p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
     assert int(settings["AUTOCLOUD_PEER_PORT"]) in ports
     redis = _by_kind("Service")["autocloud-redis"]

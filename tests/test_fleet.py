@@ -109,6 +109,22 @@ def test_peer_token_required(peer) -> None:  # type: ignore[no-untyped-def]
     assert TOKEN not in text.decode()
 
 
+def test_public_metrics_opens_only_the_counters(tmp_path: Path) -> None:
+    """AUTOCLOUD_PEER_METRICS_PUBLIC: Prometheus may scrape /metrics without the token; files still need it."""
+    from comfy_autocloud.config import load_settings
+    from comfy_autocloud.fleet.node import peer_limits
+
+    store = Store(tmp_path / "cache")
+    committed(store, "checkpoints/a.safetensors", os.urandom(4096))
+    settings = load_settings(env={"AUTOCLOUD_PEER_METRICS_PUBLIC": "1"})
+    with PeerServerThread(PeerServer(store, TOKEN, node_id="p2", limits=peer_limits(settings))) as srv:
+        status, _, text = raw_get(srv.port, "/metrics")
+        assert status == 200 and b"autocloud_peer_requests_total" in text and TOKEN.encode() not in text
+        assert raw_get(srv.port, "/v1/files/checkpoints/a.safetensors")[0] == 401
+        assert raw_get(srv.port, "/v1/partial/checkpoints/a.safetensors")[0] == 401
+        assert raw_get(srv.port, "/metrics/../v1/files/checkpoints/a.safetensors")[0] in (401, 404)
+
+
 def test_peer_refuses_traversal_and_unverified(peer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv, store, _data, _sha = peer
     secret = tmp_path / "secret.txt"

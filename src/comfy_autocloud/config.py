@@ -197,6 +197,8 @@ SETTINGS: tuple[Setting, ...] = (
             "requests a second one peer may make to this node's peer server"),
     Setting("peer_rate_limit", "AUTOCLOUD_PEER_RATE_LIMIT", None, _optional(parse_rate),
             "bytes/s one peer may take from this node's peer server"),
+    Setting("peer_metrics_public", "AUTOCLOUD_PEER_METRICS_PUBLIC", False, _bool,
+            "the peer server's /metrics (counters only) without the token, for Prometheus scraping"),
     Setting("fleet_downloads_per_minute", "AUTOCLOUD_FLEET_DOWNLOADS_PER_MINUTE", 10.0, _optional(float),
             "origin downloads a minute per node (GCRA in Redis; 0: no limit)"),
     Setting("fleet_download_burst", "AUTOCLOUD_FLEET_DOWNLOAD_BURST", 10, int,

@@ -30,7 +30,8 @@ def advertised_url(host: str, port: int, explicit: str | None) -> str:
 def peer_limits(settings: Any) -> PeerLimits:
     rps = float(settings.values.get("peer_requests_per_s") or 200.0)
     return PeerLimits(requests_per_s=rps, burst=max(1, int(2 * rps)),
-                      bytes_per_s=settings.values.get("peer_rate_limit"))
+                      bytes_per_s=settings.values.get("peer_rate_limit"),
+                      public_metrics=bool(settings.values.get("peer_metrics_public")))
 
 
 class PeerNode:

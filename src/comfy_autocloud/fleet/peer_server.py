@@ -54,11 +54,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(frozen=True)
 class PeerLimits:
-    """Per-peer limits: requests per second (token bucket with `burst`) and optional bytes per second."""
+    """Per-peer limits: requests per second (token bucket with `burst`) and optional bytes per second;
+    and whether `/metrics` (counters only, no file or key names) may be read without the token, so a
+    Prometheus that discovers pods by annotation can scrape it."""
 
     requests_per_s: float = 200.0
     burst: int = 400
     bytes_per_s: float | None = None
+    public_metrics: bool = False
 
 
 class _Bucket:
@@ -197,7 +200,9 @@ class PeerServer:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.path.split("/")[2] if request.path.startswith("/v1/") else request.path.strip("/")
         route = route if route in ("files", "partial", "metrics") else "other"
-        if not self._authorized(request):
+        if route == "metrics" and request.path == "/metrics" and self.limits.public_metrics:
+            pass  # counters only; everything else still needs the token
+        elif not self._authorized(request):
             self.metrics.requests[(route, 401)] += 1
             return web.Response(status=401, text="missing or wrong peer token\n",
                                 headers={"WWW-Authenticate": 'Bearer realm="autocloud-peer"'})
