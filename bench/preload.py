@@ -26,13 +26,12 @@ compute floor as a fraction of stock's first prompt.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import itertools
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from comfy_env import (  # noqa: E402
     ComfyServer,
+    WsCollector,
     comfy_python,
     comfyui_path,
     preload_models,
@@ -131,44 +131,18 @@ def wait_preloaded(srv: ComfyServer, timeout: float = 600.0) -> float:
     raise TimeoutError("preload did not finish")
 
 
-class NodeClock:
-    """Arrival times of ComfyUI's websocket 'executing' messages: when each node of a prompt started."""
+class NodeClock(WsCollector):
+    """When each node of a prompt started: the arrival times of ComfyUI's websocket 'executing' messages."""
 
-    def __init__(self, url: str, client_id: str) -> None:
-        import aiohttp
-
-        self.aiohttp = aiohttp
-        self.url = f"{url.replace('http', 'ws', 1)}/ws?clientId={client_id}"
-        self.events: list[tuple[float, str | None]] = []
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        async with self.aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
-            self._ready.set()
-            while not self._stop.is_set():
-                try:
-                    msg = await ws.receive(timeout=0.2)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.type == self.aiohttp.WSMsgType.TEXT:
-                    data = json.loads(msg.data)
-                    if data.get("type") == "executing":
-                        self.events.append((time.time(), data["data"].get("node")))
-
-    def __enter__(self) -> NodeClock:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    @property
+    def events(self) -> list[tuple[float, str | None]]:
+        return [(t, m["data"].get("node")) for t, m in zip(self.arrivals, self.messages, strict=False)
+                if m.get("type") == "executing"]
 
     def took(self, node: str) -> float | None:
         """Seconds from `node` starting to the next node starting (its own run time, plus message latency)."""
-        for (t, n), (t2, _) in zip(self.events, self.events[1:], strict=False):
+        events = self.events
+        for (t, n), (t2, _) in itertools.pairwise(events):
             if n == node:
                 return t2 - t
         return None

@@ -11,6 +11,7 @@ CheckpointLoaderSimple loads, a TAESD-format VAE (~5 MiB) and two CLIP LoRAs (~1
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -300,6 +302,46 @@ class ComfyServer:
 
     def run(self, prompt: dict[str, Any], extra: dict[str, Any] | None = None, timeout: float = 120.0) -> Finished:
         return self.wait(self.queue(prompt, extra), timeout)
+
+
+class WsCollector:
+    """Every websocket message ComfyUI sends to one client id (a background thread with its own loop)."""
+
+    def __init__(self, url: str, client_id: str) -> None:
+        self.url = f"{url.replace('http', 'ws', 1)}/ws?clientId={client_id}"
+        self.messages: list[dict[str, Any]] = []
+        self.arrivals: list[float] = []  # time.time() each message arrived (same index as `messages`)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    msg = await ws.receive(timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.arrivals.append(time.time())
+                    self.messages.append(json.loads(msg.data))
+                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    return
+
+    def __enter__(self) -> WsCollector:
+        self._thread.start()
+        assert self._ready.wait(10), "websocket did not connect"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [m["data"] for m in self.messages if m.get("type") == kind]
 
 
 def txt2img(ckpt: str, *, loras: tuple[str, ...] = (), vae: str | None = None, seed: int = 0,

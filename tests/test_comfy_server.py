@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from comfy_env import (
     SKIP_REASON,
     ComfyServer,
     TimedNginx,
+    WsCollector,
     comfyui_path,
     model_sha256,
     tiny_models,
@@ -44,42 +44,6 @@ class Env:
     origin: TimedNginx
     models: Path
     cache: Path
-
-
-class WsCollector:
-    """Every websocket message ComfyUI sends to one client id (a background thread with its own loop)."""
-
-    def __init__(self, url: str, client_id: str) -> None:
-        self.url = f"{url.replace('http', 'ws', 1)}/ws?clientId={client_id}"
-        self.messages: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
-            self._ready.set()
-            while not self._stop.is_set():
-                try:
-                    msg = await ws.receive(timeout=0.2)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    self.messages.append(json.loads(msg.data))
-                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    return
-
-    def __enter__(self) -> WsCollector:
-        self._thread.start()
-        assert self._ready.wait(10), "websocket did not connect"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [m["data"] for m in self.messages if m.get("type") == kind]
 
 
 @pytest.fixture(scope="module")

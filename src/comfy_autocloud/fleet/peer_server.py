@@ -244,21 +244,29 @@ class PeerServer:
 
     # ---------------------------------------------------------------- verified files
     async def _files(self, request: web.Request) -> web.StreamResponse:
-        key = self._key(request)
+        return await self._send_committed(request, self._key(request), "files", "not in this node's store\n")
+
+    async def _send_committed(self, request: web.Request, key: str, route: str,
+                              missing: str) -> web.StreamResponse:
+        """The store's verified file for `key` (held in use while it is sent); 404 `missing` if there is none.
+
+        Its ETag: the sha256 on /files; on /partial the identity of the download it came from (the same
+        inode), so a follower's remaining ranges continue from it instead of starting over.
+        """
         entry = self.store.lookup(key)
         if entry is None:
-            raise web.HTTPNotFound(text="not in this node's store\n")
-        path = self.store.path_for(key)
+            raise web.HTTPNotFound(text=missing)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.store.path_for(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            raise web.HTTPNotFound(text="not in this node's store\n") from None
+            raise web.HTTPNotFound(text=missing) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
-                raise web.HTTPNotFound(text="not in this node's store\n")
+                raise web.HTTPNotFound(text=missing)
+            etag = f'"{entry.sha256}"' if route == "files" else _partial_etag(fd, entry.size)
             with self.store.in_use(key):
-                return await self._send(request, "files", fd, entry.size, f'"{entry.sha256}"', None)
+                return await self._send(request, route, fd, entry.size, etag, None)
         finally:
             os.close(fd)
 
@@ -286,23 +294,8 @@ class PeerServer:
                 return await self._send(request, "partial", fd, state.size, _partial_etag(fd, state.size), tracker)
             finally:
                 os.close(fd)
-        # Finished meanwhile: the final file is the same inode, so the same ETag; a follower's
-        # remaining ranges continue from it instead of starting over.
-        entry = self.store.lookup(key)
-        if entry is None:
-            raise web.HTTPNotFound(text="no download of this key in progress here\n")
-        try:
-            fd = os.open(self.store.path_for(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            raise web.HTTPNotFound(text="no download of this key in progress here\n") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
-                raise web.HTTPNotFound(text="no download of this key in progress here\n")
-            with self.store.in_use(key):
-                return await self._send(request, "partial", fd, entry.size, _partial_etag(fd, entry.size), None)
-        finally:
-            os.close(fd)
+        # Finished meanwhile: the final file is the same inode, so the same ETag.
+        return await self._send_committed(request, key, "partial", "no download of this key in progress here\n")
 
     # ---------------------------------------------------------------- body
     async def _send(self, request: web.Request, route: str, fd: int, size: int, etag: str,
