@@ -15,38 +15,24 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from comfy_autocloud.predict import evaluate  # noqa: E402
 from comfy_autocloud.units import parse_size  # noqa: E402
+from traces import workflow_trace  # noqa: E402
 
 MiB = 2**20
 
 
-def workflow_trace(runs: int, seed: int) -> list[tuple[float, str, int]]:
-    rng = random.Random(seed)
-    ckpts = [f"checkpoints/c{i}.safetensors" for i in range(8)]
-    loras = [f"loras/l{i}.safetensors" for i in range(30)]
-    vaes = [f"vae/v{i}.safetensors" for i in range(3)]
-    size = {k: rng.randint(2000, 6000) * MiB for k in ckpts}
-    size |= {k: rng.randint(20, 200) * MiB for k in loras} | {k: 300 * MiB for k in vaes}
-    flows = [[rng.choice(ckpts), *rng.sample(loras, rng.randint(1, 3)), rng.choice(vaes)] for _ in range(20)]
-    t = 1.7e9
-    rows = []
-    for _ in range(runs):
-        pool = flows[:10] if time.gmtime(t).tm_hour < 12 else flows[10:]
-        flow = rng.choice(pool[:4]) if rng.random() < 0.6 else rng.choice(pool)
-        for key in flow:
-            rows.append((round(t, 1), key, size[key]))
-            t += rng.uniform(5, 60)
-        t += rng.uniform(60, 1200)
-    return rows
+def trace_for(runs: int, seed: int) -> list[tuple[float, str, int]]:
+    """Eight checkpoints, 30 LoRAs, 20 workflows of which four per half day are favourites (60%)."""
+    return workflow_trace(runs, seed, checkpoints=8, loras=30, flows=20, start=1.7e9, max_gap=1200, favourites=0.6)
 
 
 def main() -> None:
@@ -56,7 +42,7 @@ def main() -> None:
     ap.add_argument("--capacity", default=None, help="simulated cache size (default: half the distinct bytes)")
     ap.add_argument("--trace", type=Path, default=None, help="also write the trace CSV here")
     args = ap.parse_args()
-    trace = workflow_trace(args.runs, args.seed)
+    trace = trace_for(args.runs, args.seed)
     if args.trace is not None:
         with args.trace.open("w", newline="") as fh:
             w = csv.writer(fh)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,29 +17,14 @@ from comfy_autocloud.preload_popular import PopularPreloader
 from comfy_autocloud.store import Store
 from comfy_autocloud.store import store as store_mod
 from servers import NginxOrigin, nginx_running, write_random_file
+from traces import workflow_trace
 
 MiB = 2**20
 T0 = 1_700_000_000.0 - (1_700_000_000 % 86400)  # a UTC midnight
 
 
 def _workflow_trace(n_runs: int = 600, seed: int = 0) -> list[tuple[float, str, int]]:
-    """Users run a handful of workflows (checkpoint -> LoRAs -> VAE, a fixed order each); which ones depends
-    on the hour: morning and evening crowds differ."""
-    rng = random.Random(seed)
-    ckpts = [f"checkpoints/c{i}.safetensors" for i in range(6)]
-    loras = [f"loras/l{i}.safetensors" for i in range(20)]
-    vaes = [f"vae/v{i}.safetensors" for i in range(3)]
-    size = {k: rng.randint(2000, 6000) * MiB for k in ckpts}
-    size |= {k: rng.randint(20, 200) * MiB for k in loras} | {k: 300 * MiB for k in vaes}
-    flows = [[rng.choice(ckpts), *rng.sample(loras, rng.randint(1, 3)), rng.choice(vaes)] for _ in range(12)]
-    out, t = [], T0
-    for _ in range(n_runs):
-        pool = flows[:6] if time.gmtime(t).tm_hour < 12 else flows[6:]
-        for key in rng.choice(pool):
-            out.append((round(t, 1), key, size[key]))
-            t += rng.uniform(5, 60)
-        t += rng.uniform(60, 1800)
-    return out
+    return workflow_trace(n_runs, seed, checkpoints=6, loras=20, flows=12, start=T0, max_gap=1800)
 
 
 def test_predictor_learns_transitions_and_hours() -> None:
