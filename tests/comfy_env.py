@@ -41,6 +41,19 @@ def comfyui_path() -> Path | None:
     return Path(p) if p and (Path(p) / "main.py").is_file() else None
 
 
+def comfyui_and_nginx_or_skip() -> Path:
+    """The ComfyUI checkout for a test that also serves models from nginx; skips the test (saying why) if
+    either is missing. Call it from a test or fixture (pytest is imported here only then)."""
+    import pytest
+
+    comfy = comfyui_path()
+    if comfy is None:
+        pytest.skip(SKIP_REASON)
+    if not TimedNginx.available():
+        pytest.skip("nginx is not on PATH (apt-get install -y nginx-light)")
+    return comfy
+
+
 def comfy_python(path: Path) -> str:
     explicit = os.environ.get("COMFYUI_PYTHON")
     if explicit:

@@ -20,11 +20,10 @@ import pytest
 
 from comfy_env import (
     MODEL_FILES,
-    SKIP_REASON,
     ComfyServer,
     TimedNginx,
     WsCollector,
-    comfyui_path,
+    comfyui_and_nginx_or_skip,
     model_sha256,
     tiny_models,
     txt2img,
@@ -48,11 +47,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    comfy = comfyui_path()
-    if comfy is None:
-        pytest.skip(SKIP_REASON)
-    if not TimedNginx.available():
-        pytest.skip("nginx is not on PATH (apt-get install -y nginx-light)")
+    comfy = comfyui_and_nginx_or_skip()
     models = tiny_models(comfy)
     base = tmp_path_factory.mktemp("comfy")
     www = base / "www"

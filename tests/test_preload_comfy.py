@@ -19,12 +19,11 @@ from typing import Any
 import pytest
 
 from comfy_env import (
-    SKIP_REASON,
     ComfyServer,
     Finished,
     TimedNginx,
     cached_nodes,
-    comfyui_path,
+    comfyui_and_nginx_or_skip,
     preload_models,
     prompt_seconds,
     txt2img,
@@ -84,11 +83,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    comfy = comfyui_path()
-    if comfy is None:
-        pytest.skip(SKIP_REASON)
-    if not TimedNginx.available():
-        pytest.skip("nginx is not on PATH (apt-get install -y nginx-light)")
+    comfy = comfyui_and_nginx_or_skip()
     models = preload_models(comfy)
     base = tmp_path_factory.mktemp("preload")
     root = base / "comfyui"
