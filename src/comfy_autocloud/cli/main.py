@@ -10,9 +10,8 @@ import click
 
 from comfy_autocloud import __version__
 from comfy_autocloud.cli.context import AppContext
-from comfy_autocloud.cli.output import err_console
+from comfy_autocloud.cli.output import err_console, exit_code_of
 from comfy_autocloud.config import load_settings
-from comfy_autocloud.errors import AutoCloudError
 
 # (module, attribute) of every command; imported when the CLI starts.
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -76,18 +75,8 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        rv = cli.main(args=argv, prog_name="autocloud", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        err_console.print("[red]interrupted[/red] (partial downloads are kept and resume next time)")
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except AutoCloudError as exc:
-        err_console.print(f"[red]error:[/red] {exc.subject}: {exc.reason}", markup=True, soft_wrap=True)
-        return 1
-    return rv if isinstance(rv, int) else 0
+    return exit_code_of(lambda: cli.main(args=argv, prog_name="autocloud", standalone_mode=False),
+                        "partial downloads are kept and resume next time")
 
 
 if __name__ == "__main__":

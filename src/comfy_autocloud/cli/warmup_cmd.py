@@ -15,9 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from comfy_autocloud.cli.context import AppContext, pass_app
-from comfy_autocloud.cli.output import console, emit_json, err_console
+from comfy_autocloud.cli.output import console, emit_json, err_console, exit_code_of
 from comfy_autocloud.cli.progress_view import FetchProgress
-from comfy_autocloud.errors import AutoCloudError, ManifestError
+from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.store import Store
 from comfy_autocloud.units import human_rate, human_size
@@ -256,22 +256,9 @@ def run_standalone(cmd: click.Command, argv: list[str] | None = None) -> int:
     """Run one command outside the `autocloud` group, with the same error reporting as `autocloud`."""
     from comfy_autocloud.config import load_settings
 
-    try:
-        rv = cmd.main(args=argv, prog_name=f"autocloud {cmd.name}", standalone_mode=False,
-                      obj=AppContext(load_settings()))
-    except click.exceptions.Abort:
-        err_console.print("[red]aborted[/red]")
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except AutoCloudError as exc:
-        err_console.print(f"[red]error:[/red] {exc.subject}: {exc.reason}", soft_wrap=True)
-        return 1
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red] (nothing half-copied is left at a final path)")
-        return 130
-    return rv if isinstance(rv, int) else 0
+    return exit_code_of(lambda: cmd.main(args=argv, prog_name=f"autocloud {cmd.name}", standalone_mode=False,
+                                         obj=AppContext(load_settings())),
+                        "nothing half-copied is left at a final path")
 
 
 if __name__ == "__main__":
