@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from comfy_autocloud.units import human_size, parse_size  # noqa: E402
+from cpu_quota import CpuQuota  # noqa: E402
 from redis_server import FleetNode, RedisServer, redis_running  # noqa: E402
 from servers import NginxOrigin, nginx_running, write_random_file  # noqa: E402
 
@@ -60,11 +61,13 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_case(base: Path, origin: NginxOrigin, url: str, n: int, redis_url: str | None, sha: str
-             ) -> tuple[float, int, float]:
+def run_case(base: Path, origin: NginxOrigin, url: str, n: int, redis_url: str | None, sha: str,
+             cpus: float) -> tuple[float, int, float]:
     """Start n nodes fetching `url` at once; (seconds until the last has it verified, origin bytes,
-    CPU seconds of the nodes' processes: fetches and peer servers)."""
-    nodes = [FleetNode(f"node{i}", base, redis_url) for i in range(n)]
+    CPU seconds of the nodes' processes: fetches and peer servers). `cpus` > 0: each node's processes
+    share their own quota of that many cores (a cgroup), like a machine of its own."""
+    quotas = [CpuQuota(f"node{i}", cpus) for i in range(n)] if cpus > 0 else []
+    nodes = [FleetNode(f"node{i}", base, redis_url, cpu=quotas[i].join if quotas else None) for i in range(n)]
     cpu0 = children_cpu()
     took = served = 0.0
     try:
@@ -88,6 +91,8 @@ def run_case(base: Path, origin: NginxOrigin, url: str, n: int, redis_url: str |
     finally:
         for node in nodes:
             node.stop()
+        for quota in quotas:
+            quota.remove()
         shutil.rmtree(base, ignore_errors=True)
     return took, int(served), children_cpu() - cpu0
 
@@ -98,7 +103,17 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--limit-rate", default="40m", help="nginx limit_rate per connection (default 40m)")
     ap.add_argument("--connections", type=int, default=0, help="fixed connections per download (0 = adaptive)")
+    ap.add_argument("--cpus-per-node", type=float, default=None,
+                    help="cores each node gets to itself (a cgroup quota; default: cores / nodes when cgroups are "
+                         "writable, else 0); 0 = every node shares every core")
     args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    cpus = args.cpus_per_node
+    if cpus is None:
+        cpus = cores / args.nodes if CpuQuota.root() is not None else 0.0
+    elif cpus > 0 and CpuQuota.root() is None:
+        print("--cpus-per-node needs root and a cgroup cpu controller", file=sys.stderr)
+        return 2
     global EXTRA
     EXTRA = ("--connections", str(args.connections)) if args.connections else ()
     if not NginxOrigin.available() or not RedisServer.available():
@@ -111,21 +126,22 @@ def main() -> int:
                 redis_running(t / "redis") as redis:
             sha = write_random_file(origin.data_dir / "model.safetensors", size, seed=7)
             url = origin.url("slow/model.safetensors")
-            one_s, one_bytes, one_cpu = run_case(t / "one", origin, url, 1, None, sha)
+            one_s, one_bytes, one_cpu = run_case(t / "one", origin, url, 1, None, sha, cpus)
             print(f"# one node alone: {one_s:.2f}s, origin {human_size(one_bytes)}, cpu {one_cpu:.1f}s", flush=True)
-            indep_s, indep_bytes, indep_cpu = run_case(t / "indep", origin, url, args.nodes, None, sha)
+            indep_s, indep_bytes, indep_cpu = run_case(t / "indep", origin, url, args.nodes, None, sha, cpus)
             print(f"# {args.nodes} independent: {indep_s:.2f}s, origin {human_size(indep_bytes)}, cpu {indep_cpu:.1f}s",
                   flush=True)
-            ours_s, ours_bytes, ours_cpu = run_case(t / "ours", origin, url, args.nodes, redis.url, sha)
+            ours_s, ours_bytes, ours_cpu = run_case(t / "ours", origin, url, args.nodes, redis.url, sha, cpus)
             print(f"# {args.nodes} fleet nodes: {ours_s:.2f}s, origin {human_size(ours_bytes)}, cpu {ours_cpu:.1f}s",
                   flush=True)
-    # All nodes share this machine's cores here (on a real fleet each has its own): the fleet case cannot
-    # end before its CPU seconds spread over every core, so print that floor next to the measured ratio.
-    cores = os.cpu_count() or 1
-    print(f"fleet nodes={args.nodes} size={human_size(size)} origin_bytes_ratio={ours_bytes / indep_bytes:.3f} "
-          f"time_all_vs_one={ours_s / one_s:.2f} cpu_floor_vs_one={ours_cpu / cores / one_s:.2f} ours_s={ours_s:.2f} "
-          f"independent_s={indep_s:.2f} one_s={one_s:.2f} cpu_s(one/indep/ours)={one_cpu:.1f}/{indep_cpu:.1f}/"
-          f"{ours_cpu:.1f} cores={cores}")
+    line = (f"fleet nodes={args.nodes} size={human_size(size)} origin_bytes_ratio={ours_bytes / indep_bytes:.3f} "
+            f"time_all_vs_one={ours_s / one_s:.2f}")
+    if cpus > 0:  # every node on cores of its own, as on separate machines
+        line += f" cpus_per_node={cpus:.2f}"
+    else:  # all nodes share every core: the fleet case cannot end before its CPU seconds spread over them
+        line += f" cpu_floor_vs_one={ours_cpu / cores / one_s:.2f} cpus_per_node=shared"
+    print(f"{line} ours_s={ours_s:.2f} independent_s={indep_s:.2f} one_s={one_s:.2f} "
+          f"cpu_s(one/indep/ours)={one_cpu:.1f}/{indep_cpu:.1f}/{ours_cpu:.1f} cores={cores}")
     return 0
 
 

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from servers import free_port
@@ -94,8 +94,10 @@ def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | 
 class FleetNode:
     """One node: a cache dir, a peer server process on 127.0.0.1:<port>, and fetch processes."""
 
-    def __init__(self, name: str, base: Path, redis_url: str | None, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, base: Path, redis_url: str | None, *, env: dict[str, str] | None = None,
+                 cpu: Callable[[], None] | None = None) -> None:
         self.name = name
+        self.cpu = cpu  # run in each child before exec (e.g. CpuQuota.join: this node's own cores)
         self.dir = Path(base) / name
         self.cache = self.dir / "cache"
         self.port = free_port()
@@ -120,7 +122,7 @@ class FleetNode:
         log = open(self.dir / "peer.log", "wb")  # noqa: SIM115 - the child owns it
         self.peer = subprocess.Popen(
             [sys.executable, "-m", "comfy_autocloud.cli.main", "-v", "serve-peer", "--host", "127.0.0.1",
-             "--port", str(self.port)], env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+             "--port", str(self.port)], env=self.env(), stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.cpu)
         log.close()
         wait_port(self.port, proc=self.peer)  # type: ignore[arg-type]
         return self
@@ -129,7 +131,7 @@ class FleetNode:
         self.dir.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             [sys.executable, "-m", "comfy_autocloud.cli.main", "-v", "fetch", url, "--folder", folder, "--json",
-             *extra], env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             *extra], env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=self.cpu)
         self.fetches.append(proc)
         return proc
 

@@ -408,3 +408,31 @@ def test_resumed_bytes_from_elsewhere_do_not_get_a_peer_marked_bad(redis: RedisS
     assert not follower.registry.is_bad("holder")
     expected = len(data) - len(data) // 2 + len(data)  # the resumed half, then the whole file again
     assert expected <= served <= 1.1 * expected  # (a request cut short by a steal may have sent a bit more)
+
+
+def test_streams_form_a_chain_and_never_a_cycle(redis: RedisServer) -> None:
+    """Followers arriving together stream holder -> a -> b -> c; a failed source never makes a loop."""
+    from comfy_autocloud.fleet.streams import Streams
+
+    gate = RedisGate(redis.url)
+    key = "checkpoints/chain.safetensors"
+    s = {n: Streams(gate, n) for n in ("h", "a", "b", "c")}
+    s["h"].downloading(key)
+    chain = []
+    for n in ("a", "b", "c"):
+        up = s[n].pick(key, "h", set())
+        s[n].follow(key, up)
+        s[n].downloading(key)
+        chain.append((n, up))
+    assert chain == [("a", "h"), ("b", "a"), ("c", "b")]  # each node sends one copy
+    # b's source (a) fails: b must not pick c, which streams from b
+    assert s["b"].pick(key, "h", {"a"}) == "h"
+    # c's source (b) fails: c may pick a (not downstream of c), which has fewer followers than h
+    s["b"].follow(key, "a", -1)
+    assert s["c"].pick(key, "h", {"b"}) == "a"
+    # the holder failed: nobody downstream of it is a better source; wait for the lease instead
+    assert s["a"].pick(key, "h", {"h"}) == "h"
+    # finished nodes leave; a new follower with nobody else downloading goes to the holder
+    for n in ("a", "b", "c"):
+        s[n].done(key)
+    assert s["c"].pick(key, "h", set()) == "h"

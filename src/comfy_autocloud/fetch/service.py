@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -375,14 +375,17 @@ class FetchService:
                 return got
             lease = fleet.leases.try_acquire(key)
             if lease is not None:
-                with lease:
+                with lease, self._streamable(key):
                     return self._from_origin(spec, t0, progress, cancel)
             holder = fleet.leases.holder(key)
-            if holder is not None and holder.node != fleet.node_id and \
-                    f"partial:{holder.node}:{holder.fence}" not in failed:
-                base_url = fleet.registry.node_url(holder.node)
-                if base_url:
-                    got = self._from_holder(spec, holder, base_url, t0, progress, cancel, failed)
+            if holder is not None and holder.node != fleet.node_id:
+                dead = {f.split(":")[1] for f in failed if f.startswith("partial:") and f.endswith(f":{holder.fence}")}
+                upstream = fleet.streams.pick(key, holder.node, dead)
+                holder_url = fleet.registry.node_url(holder.node)
+                base_url = holder_url if upstream == holder.node else fleet.registry.node_url(upstream)
+                if upstream not in dead and holder_url and base_url:
+                    got = self._from_holder(spec, holder, holder_url, upstream, base_url, t0, progress, cancel,
+                                            failed)
                     if got is not None:
                         return got
             if time.monotonic() >= deadline:
@@ -501,32 +504,54 @@ class FetchService:
             with contextlib.suppress(FileNotFoundError):
                 aside.unlink()
 
-    def _from_holder(self, spec: ModelSpec, holder: LeaseInfo, base_url: str, t0: float,
-                     progress: ProgressCallback | None, cancel: CancelToken | None,
+    def _from_holder(self, spec: ModelSpec, holder: LeaseInfo, holder_url: str, upstream: str, base_url: str,
+                     t0: float, progress: ProgressCallback | None, cancel: CancelToken | None,
                      failed: set[str]) -> FetchResult | None:
-        """Stream the lease holder's download in progress; commit only bytes that hash to what it verified."""
+        """Stream a download in progress (the lease holder's, or another follower's: see fleet/streams.py);
+        commit only bytes that hash to what the holder verified."""
         fleet = self.fleet
         assert fleet is not None
-        source = fleet.partial_source(base_url, holder, spec.key)
+        source = fleet.partial_source(base_url, holder, spec.key, upstream)
 
         def expect(result: TransferResult) -> str | None:
-            sha = fleet.verified_sha(base_url, spec.key, result.size, timeout=max(10.0, fleet.config.lease_ttl))
+            sha = fleet.verified_sha(holder_url, spec.key, result.size, timeout=max(10.0, fleet.config.lease_ttl))
             if sha is None:
                 raise TransferError(source.display, "the holder never produced a verified copy to compare with")
             return sha
 
+        from comfy_autocloud.fleet.conn import FleetUnavailable
+
+        fleet.streams.follow(spec.key, upstream)
         try:
-            return self._download_from(spec, source, t0, progress, cancel, options=fleet.peer_options(self.options),
-                                       expect=expect, attempts=1)
+            with self._streamable(spec.key):
+                return self._download_from(spec, source, t0, progress, cancel,
+                                           options=fleet.peer_options(self.options), expect=expect, attempts=1)
         except (Cancelled, NotEnoughSpace):
             raise
         except AutoCloudError as exc:
-            if isinstance(exc, TransferError) and exc.status == 404:
+            if isinstance(exc, TransferError) and exc.status == 404 and upstream == holder.node:
                 return None  # its download has not started writing yet (or just ended): look again
-            log.info("%s: streaming from %s failed: %s", spec.key, holder.node, exc.reason)
-        discard_partial(self.store.partial_path(spec.key))
-        failed.add(f"partial:{holder.node}:{holder.fence}")
-        return None
+            log.info("%s: streaming from %s failed: %s", spec.key, upstream, exc.reason)
+        finally:
+            with contextlib.suppress(FleetUnavailable):
+                fleet.streams.follow(spec.key, upstream, -1)
+        failed.add(f"partial:{upstream}:{holder.fence}")
+        return None  # the partial stays: the next source resumes it (the final sha256 check covers it)
+
+    @contextlib.contextmanager
+    def _streamable(self, key: str) -> Iterator[None]:
+        """While this node downloads `key`, other nodes may stream it from here (best effort)."""
+        from comfy_autocloud.fleet.conn import FleetUnavailable
+
+        fleet = self.fleet
+        assert fleet is not None
+        with contextlib.suppress(FleetUnavailable):
+            fleet.streams.downloading(key)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FleetUnavailable):
+                fleet.streams.done(key)
 
     def _transfer(self, resolved: ResolvedSource, part: Path, options: TransferOptions, on_bytes,
                   cancel: CancelToken | None) -> TransferResult:

@@ -20,6 +20,7 @@ from comfy_autocloud.fleet.conn import FleetUnavailable, RedisGate
 from comfy_autocloud.fleet.lease import LeaseInfo, Leases
 from comfy_autocloud.fleet.ratelimit import BothLimiter, DownloadLimit, FleetByteLimiter
 from comfy_autocloud.fleet.registry import Peer, Registry
+from comfy_autocloud.fleet.streams import Streams
 from comfy_autocloud.sources import ResolvedSource
 from comfy_autocloud.transfer import Mirror, RetryPolicy, TransferOptions
 
@@ -86,6 +87,7 @@ class Fleet:
         self.registry = Registry(self.gate, config.node_id, heartbeat_ttl=config.heartbeat_ttl,
                                  bad_ttl=config.bad_ttl)
         self.leases = Leases(self.gate, config.node_id, ttl=config.lease_ttl)
+        self.streams = Streams(self.gate, config.node_id)
         self.downloads = (DownloadLimit(self.gate, config.node_id, config.downloads_per_minute,
                                         config.download_burst) if config.downloads_per_minute else None)
         self.origin_limiter = (FleetByteLimiter(self.gate, "origin", config.origin_rate)
@@ -115,9 +117,10 @@ class Fleet:
         display = "peers " + ", ".join(p.node for p in peers)
         return replace(source, display=display), mirrors
 
-    def partial_source(self, base_url: str, holder: LeaseInfo, key: str) -> ResolvedSource:
-        """`holder`'s download in progress; verified afterwards against the hash the holder announces."""
-        return self._source(base_url, "partial", key, f"peer {holder.node} (downloading, fence {holder.fence})",
+    def partial_source(self, base_url: str, holder: LeaseInfo, key: str, node: str | None = None) -> ResolvedSource:
+        """A download in progress on `node` (default: the lease holder); verified afterwards against the
+        hash the holder announces."""
+        return self._source(base_url, "partial", key, f"peer {node or holder.node} (downloading, fence {holder.fence})",
                             None, None)
 
     def peer_options(self, base: TransferOptions) -> TransferOptions:
