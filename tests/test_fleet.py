@@ -436,3 +436,38 @@ def test_streams_form_a_chain_and_never_a_cycle(redis: RedisServer) -> None:
     for n in ("a", "b", "c"):
         s[n].done(key)
     assert s["c"].pick(key, "h", set()) == "h"
+
+
+def test_partial_request_before_the_first_byte_waits_for_it(tmp_path: Path) -> None:
+    """Lock held, nothing written yet: the request waits for the download's first record, then streams."""
+    import fcntl
+
+    from comfy_autocloud.transfer.ranges import PartState, live_path
+
+    store = Store(tmp_path / "cache")
+    key = "checkpoints/starting.safetensors"
+    data = os.urandom(MiB)
+    lock = store.lock_path(key)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the downloader is in its single-flight section, no byte yet
+    part = store.partial_path(key)
+
+    def start_later() -> None:
+        time.sleep(0.4)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(data[:4096] + b"\0" * (len(data) - 4096))
+        PartState("http://origin/x", len(data), '"v1"', None, [(0, 4096)]).save(live_path(part), durable=False)
+
+    try:
+        with PeerServerThread(PeerServer(store, TOKEN, node_id="starting")) as srv:
+            t = threading.Thread(target=start_later)
+            t0 = time.monotonic()
+            t.start()
+            status, hdrs, body = raw_get(srv.port, f"/v1/partial/{key}", {**AUTH, "Range": "bytes=0-4095"})
+            waited = time.monotonic() - t0
+            t.join()
+    finally:
+        os.close(fd)
+    assert status == 206 and body == data[:4096], (status, hdrs)
+    assert waited >= 0.3

@@ -48,7 +48,7 @@ log = logging.getLogger("comfy_autocloud.fleet.peer")
 CHUNK = 8 << 20              # bytes per sendfile call (limiter and metrics step)
 PARTIAL_POLL = 0.05          # seconds between looks at a growing partial download
 PARTIAL_STALL = 30.0         # give up on a partial that makes no progress for this long
-COMMIT_WAIT = 15.0           # longest wait for a finishing download (record gone, lock held) to be committed
+COMMIT_WAIT = 15.0           # longest wait, lock held and no record, for a download's first bytes or its commit
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -278,10 +278,12 @@ class PeerServer:
         state = load_progress(part)
         deadline = time.monotonic() + COMMIT_WAIT
         while state is None and download_running(lock) and self.store.lookup(key) is None \
-                and time.monotonic() < deadline and (part.exists() or self.store.path_for(key).exists()):
-            # Finishing: the engine drops the record once every byte is hashed, then the store renames
-            # and indexes the file. A follower asking now must wait for the commit, not get a 404 (it
-            # would take that as "nothing to stream" and start over from another source).
+                and time.monotonic() < deadline:
+            # The key's download lock is held but there is no progress record: starting (no byte written
+            # yet) or finishing (the engine drops the record once every byte is hashed, then the store
+            # renames and indexes the file). A follower asking now waits for the first bytes or for the
+            # commit instead of getting a 404 (at the end it would take that as "nothing to stream" and
+            # start over elsewhere; at the start it would only ask again and again).
             await asyncio.sleep(PARTIAL_POLL)
             state = load_progress(part)
         if state is not None and download_running(lock):
