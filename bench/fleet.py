@@ -1,6 +1,6 @@
 """Benchmark: four fleet nodes warming the same model vs four independent downloads, same origin, same run.
 
-    python bench/fleet.py [--size 1G] [--nodes 4] [--limit-rate 40m]
+    python bench/fleet.py [--size 1G] [--nodes 4] [--limit-rate 40m] [--connections N] [--cpus-per-node X]
 
 The origin is nginx with `limit_rate` per connection (how CDNs throttle). Three cases, each on fresh
 cache directories (page cache dropped first when /proc/sys/vm/drop_caches is writable):
@@ -8,14 +8,16 @@ cache directories (page cache dropped first when /proc/sys/vm/drop_caches is wri
 - one:         one node alone, no fleet (the time to beat: all four should have it within 1.5x of it);
 - independent: N nodes, no fleet, all at once (what happens without this feature);
 - ours:        N nodes with Redis + peer servers, all at once (one origin download, the rest streamed
-               from the node holding the lease while it downloads).
+               while it runs, each from the downloader with the fewest followers: a chain).
 
-Each node is real processes (`autocloud serve-peer` + `autocloud fetch`) with its own cache. Prints
-one line: origin bytes of ours / independent (target <= 0.3) and time until all N have it / one node
-alone (target <= 1.5). Here every node shares this machine's cores, so the line also gives the CPU
-floor: the CPU seconds the fleet case spent (fetch processes and peer servers) spread over all cores,
-over one node's time. When that floor is above 1.5 the time target cannot be met on this machine, and
-time_all_vs_one tells how close to the floor the fleet came. `--connections N` fixes the connections
+Each node is real processes (`autocloud serve-peer` + `autocloud fetch`) with its own cache. So that
+N nodes on one machine behave like N machines, each node's processes share a CPU quota of their own
+(a cgroup, cores / N by default, `--cpus-per-node`; the lone node of case one gets the same quota);
+without root or a cgroup cpu controller (or with `--cpus-per-node 0`) every node uses every core, and
+the line then also gives the CPU floor: the CPU seconds the fleet case spent (fetch processes and peer
+servers, start-up excluded) spread over all cores, over one node's time — the fleet case cannot end
+sooner on a shared machine. Prints one line: origin bytes of ours / independent (target <= 0.3) and
+time until all N have it / one node alone (target <= 1.5). `--connections N` fixes the connections
 per download (0 = adaptive) for every case alike.
 """
 
