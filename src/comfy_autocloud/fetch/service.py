@@ -9,8 +9,9 @@ With a fleet (`fleet=`), a miss goes local -> peers -> origin: first the peers h
 does not hash to the announced sha256 each peer is tried alone, and the one whose bytes are wrong is
 marked bad fleet-wide and skipped;
 else the fleet-wide lease for the key: the holder downloads from the origin (within the fleet's rate
-limits) while the others stream its download in progress from its peer server and commit only when
-their bytes hash to what the holder verified. A holder that dies loses its lease by expiry and the
+limits) while the others stream a download in progress from a peer server (the downloader with the
+fewest followers: a chain, see fleet/streams.py) and commit only when their bytes hash to what the
+holder verified. A holder that dies loses its lease by expiry and the
 next node takes over. Redis unreachable: the node downloads alone, exactly as without a fleet.
 """
 
@@ -360,7 +361,7 @@ class FetchService:
 
     def _fleet_download(self, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
                         cancel: CancelToken | None) -> FetchResult | None:
-        """Peers, then the lease (origin), else stream the lease holder's download; None: go alone."""
+        """Peers, then the lease (origin), else stream a download in progress (see fleet/streams.py); None: alone."""
         fleet = self.fleet
         assert fleet is not None
         key = spec.key
