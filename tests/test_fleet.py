@@ -418,24 +418,46 @@ def test_streams_form_a_chain_and_never_a_cycle(redis: RedisServer) -> None:
     key = "checkpoints/chain.safetensors"
     s = {n: Streams(gate, n) for n in ("h", "a", "b", "c")}
     s["h"].downloading(key)
-    chain = []
-    for n in ("a", "b", "c"):
-        up = s[n].pick(key, "h", set())
-        s[n].follow(key, up)
-        s[n].downloading(key)
-        chain.append((n, up))
+    chain = [(n, s[n].choose(key, "h", set())) for n in ("a", "b", "c")]
     assert chain == [("a", "h"), ("b", "a"), ("c", "b")]  # each node sends one copy
-    # b's source (a) fails: b must not pick c, which streams from b
-    assert s["b"].pick(key, "h", {"a"}) == "h"
-    # c's source (b) fails: c may pick a (not downstream of c), which has fewer followers than h
-    s["b"].follow(key, "a", -1)
-    assert s["c"].pick(key, "h", {"b"}) == "a"
+    # b's source (a) fails: b must not pick c, which streams from b; the holder (1 follower) it is
+    s["b"].unfollow(key, "a")
+    assert s["b"].choose(key, "h", {"a"}) == "h"
+    # c's source (b) fails: c may pick a (not downstream of c; no follower now), not b
+    s["c"].unfollow(key, "b")
+    assert s["c"].choose(key, "h", {"b"}) == "a"
     # the holder failed: nobody downstream of it is a better source; wait for the lease instead
-    assert s["a"].pick(key, "h", {"h"}) == "h"
+    assert s["a"].choose(key, "h", {"h"}) == "h"
     # finished nodes leave; a new follower with nobody else downloading goes to the holder
     for n in ("a", "b", "c"):
+        s[n].unfollow(key, "h")
         s[n].done(key)
-    assert s["c"].pick(key, "h", set()) == "h"
+    assert Streams(gate, "d").choose(key, "h", set()) == "h"
+
+
+def test_streams_choose_is_atomic_under_a_crowd(redis: RedisServer) -> None:
+    """Eight followers choosing at the same moment spread out: every source gets one follower (a chain)."""
+    from collections import Counter
+
+    from comfy_autocloud.fleet.streams import Streams
+
+    key = "checkpoints/crowd.safetensors"
+    Streams(RedisGate(redis.url), "h").downloading(key)
+    barrier = threading.Barrier(8)
+    picked: dict[str, str] = {}
+
+    def follower(name: str) -> None:
+        streams = Streams(RedisGate(redis.url), name)
+        barrier.wait()
+        picked[name] = streams.choose(key, "h", set())
+
+    threads = [threading.Thread(target=follower, args=(f"f{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    load = Counter(picked.values())
+    assert max(load.values()) == 1, load  # each choice saw every earlier one: a chain
 
 
 def test_partial_request_before_the_first_byte_waits_for_it(tmp_path: Path) -> None:

@@ -379,14 +379,12 @@ class FetchService:
                 with lease, self._streamable(key):
                     return self._from_origin(spec, t0, progress, cancel)
             holder = fleet.leases.holder(key)
-            if holder is not None and holder.node != fleet.node_id:
+            holder_url = fleet.registry.node_url(holder.node) if holder is not None else None
+            if holder is not None and holder.node != fleet.node_id and holder_url:
                 dead = {f.split(":")[1] for f in failed if f.startswith("partial:") and f.endswith(f":{holder.fence}")}
-                upstream = fleet.streams.pick(key, holder.node, dead)
-                holder_url = fleet.registry.node_url(holder.node)
-                base_url = holder_url if upstream == holder.node else fleet.registry.node_url(upstream)
-                if upstream not in dead and holder_url and base_url:
-                    got = self._from_holder(spec, holder, holder_url, upstream, base_url, t0, progress, cancel,
-                                            failed)
+                if holder.node not in dead:
+                    upstream = fleet.streams.choose(key, holder.node, dead)  # now counted as its follower
+                    got = self._from_holder(spec, holder, holder_url, upstream, t0, progress, cancel, failed)
                     if got is not None:
                         return got
             if time.monotonic() >= deadline:
@@ -505,11 +503,30 @@ class FetchService:
             with contextlib.suppress(FileNotFoundError):
                 aside.unlink()
 
-    def _from_holder(self, spec: ModelSpec, holder: LeaseInfo, holder_url: str, upstream: str, base_url: str,
+    def _from_holder(self, spec: ModelSpec, holder: LeaseInfo, holder_url: str, upstream: str, t0: float,
+                     progress: ProgressCallback | None, cancel: CancelToken | None,
+                     failed: set[str]) -> FetchResult | None:
+        """Stream a download in progress (the lease holder's, or another follower's: see fleet/streams.py),
+        `upstream` having counted this node as its follower; commit only bytes that hash to what the
+        holder verified."""
+        from comfy_autocloud.fleet.conn import FleetUnavailable
+
+        fleet = self.fleet
+        assert fleet is not None
+        try:
+            base_url = holder_url if upstream == holder.node else fleet.registry.node_url(upstream)
+            if base_url is None:  # it stopped heartbeating: not a source
+                failed.add(f"partial:{upstream}:{holder.fence}")
+                return None
+            return self._stream_from(spec, holder, holder_url, upstream, base_url, t0, progress, cancel, failed)
+        finally:
+            with contextlib.suppress(FleetUnavailable):
+                fleet.streams.unfollow(spec.key, upstream)
+                fleet.streams.done(spec.key)
+
+    def _stream_from(self, spec: ModelSpec, holder: LeaseInfo, holder_url: str, upstream: str, base_url: str,
                      t0: float, progress: ProgressCallback | None, cancel: CancelToken | None,
                      failed: set[str]) -> FetchResult | None:
-        """Stream a download in progress (the lease holder's, or another follower's: see fleet/streams.py);
-        commit only bytes that hash to what the holder verified."""
         fleet = self.fleet
         assert fleet is not None
         source = fleet.partial_source(base_url, holder, spec.key, upstream)
@@ -520,22 +537,15 @@ class FetchService:
                 raise TransferError(source.display, "the holder never produced a verified copy to compare with")
             return sha
 
-        from comfy_autocloud.fleet.conn import FleetUnavailable
-
-        fleet.streams.follow(spec.key, upstream)
         try:
-            with self._streamable(spec.key):
-                return self._download_from(spec, source, t0, progress, cancel,
-                                           options=fleet.peer_options(self.options), expect=expect, attempts=1)
+            return self._download_from(spec, source, t0, progress, cancel, options=fleet.peer_options(self.options),
+                                       expect=expect, attempts=1)
         except (Cancelled, NotEnoughSpace):
             raise
         except AutoCloudError as exc:
             if isinstance(exc, TransferError) and exc.status == 404 and upstream == holder.node:
                 return None  # its download has not started writing yet (or just ended): look again
             log.info("%s: streaming from %s failed: %s", spec.key, upstream, exc.reason)
-        finally:
-            with contextlib.suppress(FleetUnavailable):
-                fleet.streams.follow(spec.key, upstream, -1)
         failed.add(f"partial:{upstream}:{holder.fence}")
         return None  # the partial stays: the next source resumes it (the final sha256 check covers it)
 

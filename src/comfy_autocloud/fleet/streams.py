@@ -9,7 +9,9 @@ when tied), so four nodes arriving together form a chain holder -> a -> b -> c a
 Redis hashes `streams:<key>` (node -> followers it has) and `streams-from:<key>` (follower -> its
 source). A follower never picks a node that streams, directly or down the chain, from itself (no
 cycles when a source fails and its followers look for another), and a follower whose holder failed
-waits for the lease to change hands instead of picking a follower of that holder. Entries are best
+waits for the lease to change hands instead of picking a follower of that holder. Choosing a source,
+counting this node as its follower and offering this node as a source is one Lua script, so followers
+arriving at the same moment spread out instead of all picking the holder. Entries are best
 effort (a crashed node's entry stays until the hashes expire, STREAMS_TTL after the last change); a
 follower whose source stops falls back to the next candidate, and every follower still checks the
 whole file against the sha256 the lease holder verified.
@@ -26,6 +28,7 @@ class Streams:
     def __init__(self, gate: RedisGate, node_id: str) -> None:
         self.gate = gate
         self.node_id = node_id
+        self._choose = gate.script(CHOOSE)
 
     def _key(self, key: str) -> str:
         return self.gate.key("streams", key)
@@ -46,55 +49,68 @@ class Streams:
         """This node's download of `key` ended (committed or failed)."""
         self.gate.run(lambda r: r.hdel(self._key(key), self.node_id))
 
-    def follow(self, key: str, source: str, delta: int = 1) -> None:
-        """This node starts (delta 1) or stops (delta -1) streaming `key` from `source`."""
+    def unfollow(self, key: str, source: str) -> None:
+        """This node stopped streaming `key` from `source`."""
         name, links = self._key(key), self.gate.key("streams-from", key)
 
         def go(r):  # type: ignore[no-untyped-def]
             p = r.pipeline(transaction=True)
-            if delta > 0:
-                p.hincrby(name, source, 1)
-                p.hset(links, self.node_id, source)
-            else:
-                p.hdel(links, self.node_id)
-                if r.hexists(name, source):  # unless the source finished and left meanwhile
-                    p.hincrby(name, source, -1)
-            for k in (name, links):
-                p.pexpire(k, STREAMS_TTL_MS)
+            p.hdel(links, self.node_id)
+            if r.hexists(name, source):  # unless the source finished and left meanwhile
+                p.hincrby(name, source, -1)
             p.execute()
 
         self.gate.run(go)
 
-    def pick(self, key: str, holder: str, exclude: set[str]) -> str:
-        """The downloader of `key` with the fewest followers, not this node, not in `exclude`, not streaming
+    def choose(self, key: str, holder: str, exclude: set[str]) -> str:
+        """Pick a source and start following it, in one step (so followers arriving together spread out).
+
+        The downloader of `key` with the fewest followers, not this node, not in `exclude`, not streaming
         from this node down some chain; the holder wins a tie and is the answer when nobody else downloads.
-        A failed holder (in `exclude`) is answered as is: its followers are no better a source."""
-        if holder in exclude:
-            return holder
+        This node is then counted as the source's follower and becomes a source itself. A failed holder (in
+        `exclude`) is answered as is and nothing is recorded: its followers are no better a source.
+        """
+        return str(self.gate.run(lambda r: self._choose(
+            keys=[self._key(key), self.gate.key("streams-from", key)],
+            args=[self.node_id, holder, STREAMS_TTL_MS, *sorted(exclude)], client=r)))
 
-        def go(r):  # type: ignore[no-untyped-def]
-            p = r.pipeline(transaction=False)
-            p.hgetall(self._key(key))
-            p.hgetall(self.gate.key("streams-from", key))
-            return p.execute()
 
-        counts, links = self.gate.run(go)
-        candidates: dict[str, int] = {holder: 0}  # registered or not: it downloads from the origin all the same
-        for node, n in counts.items():
-            if node == self.node_id or node in exclude or self._downstream(node, links):
-                continue
-            try:
-                candidates[node] = int(n)
-            except ValueError:
-                continue
-        return min(candidates, key=lambda node: (candidates[node], node != holder, node))
-
-    def _downstream(self, node: str, links: dict[str, str]) -> bool:
-        """Whether `node` streams from this node, directly or through others."""
-        seen: set[str] = set()
-        while node in links and node not in seen:
-            seen.add(node)
-            node = links[node]
-            if node == self.node_id:
-                return True
-        return False
+CHOOSE = """
+local me, holder = ARGV[1], ARGV[2]
+local excluded = {}
+for i = 4, #ARGV do excluded[ARGV[i]] = true end
+if excluded[holder] then return holder end
+local links = {}
+local raw = redis.call('HGETALL', KEYS[2])
+for i = 1, #raw, 2 do links[raw[i]] = raw[i + 1] end
+local function downstream(node)
+  local seen = {}
+  while links[node] and not seen[node] do
+    seen[node] = true
+    node = links[node]
+    if node == me then return true end
+  end
+  return false
+end
+local candidates = {[holder] = 0}
+raw = redis.call('HGETALL', KEYS[1])
+for i = 1, #raw, 2 do
+  local node, n = raw[i], tonumber(raw[i + 1])
+  if n and node ~= me and not excluded[node] and not downstream(node) then candidates[node] = n end
+end
+local best, best_n
+for node, n in pairs(candidates) do
+  local better = best == nil or n < best_n
+  if not better and n == best_n then
+    if node == holder then better = true
+    elseif best ~= holder and node < best then better = true end
+  end
+  if better then best, best_n = node, n end
+end
+redis.call('HINCRBY', KEYS[1], best, 1)
+redis.call('HSET', KEYS[2], me, best)
+redis.call('HSETNX', KEYS[1], me, 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return best
+"""
