@@ -57,6 +57,8 @@ def test_four_nodes_origin_serves_once(fleet_env, tmp_path: Path) -> None:
         assert r["sha256"] == sha
         assert sha256_file(n.final(KEY)) == sha
         assert Store(n.cache).lookup(KEY) is not None
+        partial = Store(n.cache).private / "partial"
+        assert not (list(partial.iterdir()) if partial.exists() else []), "records left after the commit"
     served = origin.bytes_served("slow/model.safetensors")
     assert served <= 1.05 * size, f"origin served {served / size:.2f}x the file"
     sources = sorted(r["source"] for r in results)

@@ -196,3 +196,19 @@ def test_live_progress_record_runs_ahead_of_the_durable_one(chaos_origin: ChaosO
     assert res.sha256 == hashlib.sha256(data).hexdigest()
     assert len(seen) >= 6, f"only {len(seen)} live updates in a ~1.5 s download (the durable record: ~3)"
     assert not live_path(part).exists() and not state_path(part).exists()
+
+
+def test_finished_download_can_keep_a_complete_live_record(nginx_origin: NginxOrigin, tmp_path: Path) -> None:
+    """keep_live_record: the fleet's holder leaves `.live` = every byte (no `.state`) until its commit."""
+    from comfy_autocloud.transfer.ranges import live_path, remove_live
+
+    data = random_bytes(3 * MiB + 1, seed=42)
+    (nginx_origin.data_dir / "kept.bin").write_bytes(data)
+    part = tmp_path / "x.part"
+    download(nginx_origin.url("kept.bin"), part, TransferOptions(connections=2, keep_live_record=True))
+    live = PartState.load(live_path(part))
+    assert live is not None and live.done == [(0, len(data))] and not state_path(part).exists()
+    remove_live(part)
+    assert not live_path(part).exists()
+    download(nginx_origin.url("kept.bin"), tmp_path / "y.part", TransferOptions(connections=2))
+    assert not live_path(tmp_path / "y.part").exists()

@@ -46,6 +46,7 @@ from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
 from comfy_autocloud.store import Entry, Store
 from comfy_autocloud.transfer import TransferOptions, TransferResult, copy_file, discard_partial, download, probe
+from comfy_autocloud.transfer.ranges import remove_live
 from comfy_autocloud.units import human_size
 
 if TYPE_CHECKING:
@@ -299,7 +300,8 @@ class FetchService:
         expected_sha = spec.sha256 or resolved.expected_sha256
         base = options or self.options
         attempts = attempts or self.integrity_attempts
-        options = replace(base, headers={**base.headers, **resolved.headers})
+        options = replace(base, headers={**base.headers, **resolved.headers},
+                          keep_live_record=self.fleet is not None)  # peers streaming it get the tail at once
         size = self._size_of(spec, resolved, options)
         if size is not None:
             options = replace(options, expected_size=size)
@@ -344,6 +346,7 @@ class FetchService:
             self._emit(progress, ProgressEvent(key, "commit", result.size, result.size))
             entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
                                       etag=result.etag, last_modified=result.last_modified, pin=spec.pin)
+            remove_live(part)  # streaming readers now follow the committed file
         self._announce(key, entry.sha256, entry.size, reservation.evicted)
         self._emit(progress, ProgressEvent(key, "done", entry.size, entry.size))
         return FetchResult(key, entry.path, entry.size, entry.sha256, time.perf_counter() - t0, downloaded, False,

@@ -97,6 +97,10 @@ class TransferOptions:
     # when it came from another URL or validator (a follower switching from a peer's download in
     # progress to its finished file, or to another peer, keeps what it has).
     resume_any_source: bool = False
+    # A finished download leaves a complete `.live` record (and no `.state`): peers streaming it read the
+    # last bytes at once instead of waiting for the caller's checks and commit; the caller removes it
+    # (`ranges.remove_live`) after committing, or with `discard_partial`.
+    keep_live_record: bool = False
 
 
 @dataclass
@@ -322,6 +326,7 @@ class _Download:
         self.if_range: str | None = None
         self.samples: list[tuple[float, float]] = []  # (request start, bytes/s) of finished requests
         self.sources: list[_Source] = []
+        self.saver_meta: PartState | None = None  # identity of the ranged download's records
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -525,7 +530,13 @@ class _Download:
         if expected is not None and size != expected:
             raise IntegrityError(self.display, f"received {size} bytes, expected {expected}")
         self._stop_saver(final_save=False)
-        remove_state(self.part_path)
+        if self.opt.keep_live_record and self.saver_meta is not None:
+            m = self.saver_meta
+            PartState(m.key, m.size, m.etag, m.last_modified, [(0, size)] if size else []).save(
+                live_path(self.part_path), durable=False)
+            remove_state(self.part_path, keep_live=True)
+        else:
+            remove_state(self.part_path)
         self._report(force=True)
         return TransferResult(size=size, sha256=self.hasher.digest.hexdigest(), etag=remote.etag,
                               last_modified=remote.last_modified, bytes_downloaded=self.received,
@@ -582,7 +593,7 @@ class _Download:
         assert remote.size is not None
         table = self.table = self._resume_table(remote)
         self._start_hasher(table.prefix)
-        meta = PartState(url_key(self.url), remote.size, remote.etag, remote.last_modified, [])
+        meta = self.saver_meta = PartState(url_key(self.url), remote.size, remote.etag, remote.last_modified, [])
         self.saver = _Saver(self.fd, self.part_path, table, meta)
         self.saver.start()
         self.if_range = _strong_etag(remote.etag) or remote.last_modified
@@ -759,6 +770,7 @@ class _Download:
         self.workers.clear()
         self._stop_saver(final_save=False)
         remove_state(self.part_path)
+        self.saver_meta = None  # one stream keeps no records: nothing to publish
         pending = remote.response
         remote.response = None
         if restart is not None:

@@ -225,9 +225,16 @@ class PartState:
         return sum(hi - lo for lo, hi in self.done)
 
 
-def remove_state(part_path: Path) -> None:
-    """Drop the durable and the live record (and their temp files)."""
-    for record in (live_path(part_path), state_path(part_path)):
+def remove_live(part_path: Path) -> None:
+    """Drop the live record only (a finished download kept it for streaming readers until its commit)."""
+    for p in (live_path(part_path), live_path(part_path).with_name(live_path(part_path).name + ".tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def remove_state(part_path: Path, *, keep_live: bool = False) -> None:
+    """Drop the durable and (unless `keep_live`) the live record, and their temp files."""
+    for record in (state_path(part_path),) if keep_live else (live_path(part_path), state_path(part_path)):
         for p in (record, record.with_name(record.name + ".tmp")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
