@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -349,33 +350,49 @@ def test_redis_comes_back(redis: RedisServer, tmp_path: Path, caplog: pytest.Log
 
 # ---------------------------------------------------------------------------------------------- finishing / resuming
 
-def test_partial_request_while_the_holder_commits_waits_for_the_file(tmp_path: Path) -> None:
-    """Record gone and lock still held = the holder is committing: a follower gets the file, not a 404."""
+@contextlib.contextmanager
+def download_lock_held(store: Store, key: str) -> Iterator[None]:
+    """Hold `key`'s single-flight lock, as a process downloading it does."""
     import fcntl
 
+    lock = store.lock_path(key)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def partial_while(store: Store, key: str, later: Callable[[], None], byte_range: str) -> tuple[int, bytes, float]:
+    """GET /v1/partial/<key> from a peer server over `store` while `later` runs in a thread;
+    (status, body, seconds the answer took)."""
+    with PeerServerThread(PeerServer(store, TOKEN, node_id="holder")) as srv:
+        t = threading.Thread(target=later)
+        t0 = time.monotonic()
+        t.start()
+        status, _, body = raw_get(srv.port, f"/v1/partial/{key}", {**AUTH, "Range": byte_range})
+        waited = time.monotonic() - t0
+        t.join()
+    return status, body, waited
+
+
+def test_partial_request_while_the_holder_commits_waits_for_the_file(tmp_path: Path) -> None:
+    """Record gone and lock still held = the holder is committing: a follower gets the file, not a 404."""
     store = Store(tmp_path / "cache")
     key = "checkpoints/finishing.safetensors"
     data = os.urandom(2 * MiB + 5)
     part = store.partial_path(key)
     part.parent.mkdir(parents=True, exist_ok=True)
     part.write_bytes(data)  # every byte written and hashed; the engine already dropped the record
-    lock = store.lock_path(key)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # the holder's single-flight lock
 
     def commit_later() -> None:
         time.sleep(0.5)
         store.commit(key, part, size=len(data), sha256=hashlib.sha256(data).hexdigest(), source="origin")
-        os.close(fd)
 
-    with PeerServerThread(PeerServer(store, TOKEN, node_id="holder")) as srv:
-        t = threading.Thread(target=commit_later)
-        t0 = time.monotonic()
-        t.start()
-        status, _, body = raw_get(srv.port, f"/v1/partial/{key}", {**AUTH, "Range": "bytes=100-"})
-        waited = time.monotonic() - t0
-        t.join()
+    with download_lock_held(store, key):
+        status, body, waited = partial_while(store, key, commit_later, "bytes=100-")
     assert status == 206, status
     assert body == data[100:]
     assert waited >= 0.4  # it waited for the commit instead of answering 404 at once
@@ -462,17 +479,11 @@ def test_streams_choose_is_atomic_under_a_crowd(redis: RedisServer) -> None:
 
 def test_partial_request_before_the_first_byte_waits_for_it(tmp_path: Path) -> None:
     """Lock held, nothing written yet: the request waits for the download's first record, then streams."""
-    import fcntl
-
     from comfy_autocloud.transfer.ranges import PartState, live_path
 
     store = Store(tmp_path / "cache")
     key = "checkpoints/starting.safetensors"
     data = os.urandom(MiB)
-    lock = store.lock_path(key)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # the downloader is in its single-flight section, no byte yet
     part = store.partial_path(key)
 
     def start_later() -> None:
@@ -481,15 +492,7 @@ def test_partial_request_before_the_first_byte_waits_for_it(tmp_path: Path) -> N
         part.write_bytes(data[:4096] + b"\0" * (len(data) - 4096))
         PartState("http://origin/x", len(data), '"v1"', None, [(0, 4096)]).save(live_path(part), durable=False)
 
-    try:
-        with PeerServerThread(PeerServer(store, TOKEN, node_id="starting")) as srv:
-            t = threading.Thread(target=start_later)
-            t0 = time.monotonic()
-            t.start()
-            status, hdrs, body = raw_get(srv.port, f"/v1/partial/{key}", {**AUTH, "Range": "bytes=0-4095"})
-            waited = time.monotonic() - t0
-            t.join()
-    finally:
-        os.close(fd)
-    assert status == 206 and body == data[:4096], (status, hdrs)
+    with download_lock_held(store, key):  # the downloader is in its single-flight section, no byte yet
+        status, body, waited = partial_while(store, key, start_later, "bytes=0-4095")
+    assert status == 206 and body == data[:4096], status
     assert waited >= 0.3
