@@ -144,8 +144,7 @@ def load_progress(part: Path) -> PartState | None:
     live = PartState.load(live_path(part))
     if live is None:
         return state
-    if state is None or (live.key, live.size, live.etag, live.last_modified) != \
-            (state.key, state.size, state.etag, state.last_modified):
+    if state is None or live.identity != state.identity:
         return live  # written first after a (re)start
     return live if live.done_bytes() >= state.done_bytes() else state
 
@@ -200,9 +199,8 @@ class PeerServer:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.path.split("/")[2] if request.path.startswith("/v1/") else request.path.strip("/")
         route = route if route in ("files", "partial", "metrics") else "other"
-        if route == "metrics" and request.path == "/metrics" and self.limits.public_metrics:
-            pass  # counters only; everything else still needs the token
-        elif not self._authorized(request):
+        public = route == "metrics" and self.limits.public_metrics  # counters only; the rest needs the token
+        if not public and not self._authorized(request):
             self.metrics.requests[(route, 401)] += 1
             return web.Response(status=401, text="missing or wrong peer token\n",
                                 headers={"WWW-Authenticate": 'Bearer realm="autocloud-peer"'})
@@ -384,7 +382,7 @@ class _PartialTracker:
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)
         self.state = state
-        self.identity = (state.key, state.size, state.etag, state.last_modified)
+        self.identity = state.identity
         self.complete = False
         self.checked = 0.0
 
@@ -397,7 +395,7 @@ class _PartialTracker:
                 return True
         state = load_progress(self.part)
         if state is not None:
-            if (state.key, state.size, state.etag, state.last_modified) != self.identity:
+            if state.identity != self.identity:
                 return False  # the holder started over on other bytes: this stream is over
             self.state = state
             return True

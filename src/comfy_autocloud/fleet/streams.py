@@ -33,6 +33,9 @@ class Streams:
     def _key(self, key: str) -> str:
         return self.gate.key("streams", key)
 
+    def _links(self, key: str) -> str:
+        return self.gate.key("streams-from", key)
+
     def downloading(self, key: str) -> None:
         """This node downloads `key` now (from the origin or from a peer): others may stream from it."""
         name = self._key(key)
@@ -51,7 +54,7 @@ class Streams:
 
     def unfollow(self, key: str, source: str) -> None:
         """This node stopped streaming `key` from `source`."""
-        name, links = self._key(key), self.gate.key("streams-from", key)
+        name, links = self._key(key), self._links(key)
 
         def go(r):  # type: ignore[no-untyped-def]
             p = r.pipeline(transaction=True)
@@ -71,7 +74,7 @@ class Streams:
         `exclude`) is answered as is and nothing is recorded: its followers are no better a source.
         """
         return str(self.gate.run(lambda r: self._choose(
-            keys=[self._key(key), self.gate.key("streams-from", key)],
+            keys=[self._key(key), self._links(key)],
             args=[self.node_id, holder, STREAMS_TTL_MS, *sorted(exclude)], client=r)))
 
 

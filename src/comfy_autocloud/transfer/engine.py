@@ -113,8 +113,12 @@ class TransferResult:
     resumed_bytes: int      # bytes reused from an earlier partial
     seconds: float
     connections: int        # peak connections used
-    by_source: dict[str, int] = field(default_factory=dict)  # body bytes per source (redacted), mirrors used
     source_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # [start, end) each delivered
+
+    @property
+    def by_source(self) -> dict[str, int]:
+        """Body bytes each source (redacted) delivered in this call."""
+        return {src: sum(end - start for start, end in ranges) for src, ranges in self.source_ranges.items()}
 
 
 class _Retryable(Exception):
@@ -160,15 +164,12 @@ class _Source:
     url: str
     headers: dict[str, str]
     display: str
-    mirror: bool
     if_range: str | None = None
     alive: bool = True
-    received: int = 0
     ranges: list[tuple[int, int]] = field(default_factory=list)  # [start, end) this source delivered
 
     def delivered(self, start: int, end: int) -> None:
         if end > start:
-            self.received += end - start
             if self.ranges and self.ranges[-1][1] == start:
                 self.ranges[-1] = (self.ranges[-1][0], end)
             else:
@@ -266,14 +267,13 @@ class _Saver(threading.Thread):
             if done == self._last:
                 return
             os.fdatasync(self.fd)
-            PartState(self.meta.key, self.meta.size, self.meta.etag, self.meta.last_modified, done).save(self.path)
+            self.meta.with_done(done).save(self.path)
             self._last = done
 
     def save_live(self) -> None:
         done = self.table.done_intervals()
         if done != self._live_last:
-            PartState(self.meta.key, self.meta.size, self.meta.etag, self.meta.last_modified, done).save(
-                self.live, durable=False)
+            self.meta.with_done(done).save(self.live, durable=False)
             self._live_last = done
 
     def run(self) -> None:
@@ -326,7 +326,6 @@ class _Download:
         self.if_range: str | None = None
         self.samples: list[tuple[float, float]] = []  # (request start, bytes/s) of finished requests
         self.sources: list[_Source] = []
-        self.saver_meta: PartState | None = None  # identity of the ranged download's records
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -516,7 +515,8 @@ class _Download:
                 await self._ranged(remote)
             except _Restart as r:
                 stream_response = (r.response, r.url, r.headers)
-        if not remote.ranges or remote.size is None or stream_response is not None:
+        ranged = remote.ranges and remote.size is not None and stream_response is None
+        if not ranged:
             size = await self._single(remote, stream_response)
         else:
             size = remote.size
@@ -530,10 +530,8 @@ class _Download:
         if expected is not None and size != expected:
             raise IntegrityError(self.display, f"received {size} bytes, expected {expected}")
         self._stop_saver(final_save=False)
-        if self.opt.keep_live_record and self.saver_meta is not None:
-            m = self.saver_meta
-            PartState(m.key, m.size, m.etag, m.last_modified, [(0, size)] if size else []).save(
-                live_path(self.part_path), durable=False)
+        if self.opt.keep_live_record and ranged:  # one stream keeps no records: nothing to publish
+            self._record([(0, size)] if size else []).save(live_path(self.part_path), durable=False)
             remove_state(self.part_path, keep_live=True)
         else:
             remove_state(self.part_path)
@@ -542,7 +540,6 @@ class _Download:
                               last_modified=remote.last_modified, bytes_downloaded=self.received,
                               resumed_bytes=self.resumed, seconds=time.monotonic() - t0,
                               connections=max(self.peak, 1 if size else 0),
-                              by_source={x.display: x.received for x in self.sources if x.received},
                               source_ranges={x.display: sorted(x.ranges) for x in self.sources if x.ranges})
 
     async def _wait_thread(self, thread: threading.Thread) -> None:
@@ -567,6 +564,12 @@ class _Download:
             self.progress(self._done_bytes(), total)
 
     # ---------------------------------------------------------------- ranged mode
+    def _record(self, done: list[tuple[int, int]]) -> PartState:
+        """This ranged download's progress record (identity: URL key, size, validators) naming `done`."""
+        assert self.remote is not None and self.remote.size is not None
+        r = self.remote
+        return PartState(url_key(self.url), r.size, r.etag, r.last_modified, done)
+
     def _resume_table(self, remote: _Remote) -> SegmentTable:
         assert remote.size is not None
         key = url_key(self.url)
@@ -593,13 +596,12 @@ class _Download:
         assert remote.size is not None
         table = self.table = self._resume_table(remote)
         self._start_hasher(table.prefix)
-        meta = self.saver_meta = PartState(url_key(self.url), remote.size, remote.etag, remote.last_modified, [])
-        self.saver = _Saver(self.fd, self.part_path, table, meta)
+        self.saver = _Saver(self.fd, self.part_path, table, self._record([]))
         self.saver.start()
         self.if_range = _strong_etag(remote.etag) or remote.last_modified
-        self.sources = [_Source(remote.url, remote.headers, self.display, False, self.if_range)]
-        self.sources += [_Source(m.url, {"Accept-Encoding": "identity", **m.headers},
-                                 m.display or redact_url(m.url), True) for m in self.opt.mirrors]
+        self.sources = [_Source(remote.url, remote.headers, self.display, self.if_range)]
+        self.sources += [_Source(m.url, {"Accept-Encoding": "identity", **m.headers}, m.display or redact_url(m.url))
+                         for m in self.opt.mirrors]
         if remote.size == 0:
             return
         fixed = self.opt.connections
@@ -681,7 +683,7 @@ class _Download:
         try:
             await self._fetch_from(src, seg, wid)
         except (_Retryable, _Restart, TransferError) as e:
-            if isinstance(e, NotEnoughSpace) or sum(s.alive for s in self.sources) < 2:
+            if sum(s.alive for s in self.sources) < 2:
                 raise
             if isinstance(e, _Restart):
                 e.response.close()
@@ -770,7 +772,6 @@ class _Download:
         self.workers.clear()
         self._stop_saver(final_save=False)
         remove_state(self.part_path)
-        self.saver_meta = None  # one stream keeps no records: nothing to publish
         pending = remote.response
         remote.response = None
         if restart is not None:

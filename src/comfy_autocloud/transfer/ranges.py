@@ -224,17 +224,28 @@ class PartState:
     def done_bytes(self) -> int:
         return sum(hi - lo for lo, hi in self.done)
 
+    @property
+    def identity(self) -> tuple[str, int, str | None, str | None]:
+        """Which download a record belongs to (the bytes it names are of that download only)."""
+        return self.key, self.size, self.etag, self.last_modified
 
-def remove_live(part_path: Path) -> None:
-    """Drop the live record only (a finished download kept it for streaming readers until its commit)."""
-    for p in (live_path(part_path), live_path(part_path).with_name(live_path(part_path).name + ".tmp")):
+    def with_done(self, done: list[tuple[int, int]]) -> PartState:
+        return PartState(self.key, self.size, self.etag, self.last_modified, done)
+
+
+def _drop_record(record: Path) -> None:
+    for p in (record, record.with_name(record.name + ".tmp")):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
 
+def remove_live(part_path: Path) -> None:
+    """Drop the live record only (a finished download kept it for streaming readers until its commit)."""
+    _drop_record(live_path(part_path))
+
+
 def remove_state(part_path: Path, *, keep_live: bool = False) -> None:
     """Drop the durable and (unless `keep_live`) the live record, and their temp files."""
-    for record in (state_path(part_path),) if keep_live else (live_path(part_path), state_path(part_path)):
-        for p in (record, record.with_name(record.name + ".tmp")):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+    _drop_record(state_path(part_path))
+    if not keep_live:
+        remove_live(part_path)
