@@ -216,7 +216,7 @@ def test_skip_warmup_env_starts_without_copying(fake: Fake) -> None:
 
 
 def test_runpod_start_wrapper_warmup_only(fake: Fake) -> None:
-    env = {k: v for k, v in fake.env.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in fake.env.items() if k != "PYTHONPATH"} | {"AUTOCLOUD_PYTHON": sys.executable}
     r = subprocess.run(["bash", str(REPO / "runpod" / "start_with_warmup.sh"), "--warmup-only"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -449,7 +449,7 @@ def test_background_returns_at_once_and_finishes(wenv: Env) -> None:
 def test_runpod_warmup_wrapper(wenv: Env) -> None:
     wenv.model("checkpoints/a.safetensors", MiB, 1)
     wenv.list("checkpoints/a.safetensors")
-    env = {k: v for k, v in wenv.subprocess_env().items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in wenv.subprocess_env().items() if k != "PYTHONPATH"} | {"AUTOCLOUD_PYTHON": sys.executable}
     run = [REPO / "runpod" / "warmup.sh"]
     r = subprocess.run(["bash", *run, "--list"], env=env, capture_output=True, text=True, timeout=60, cwd=wenv.tmp)
     assert r.returncode == 0, r.stderr
