@@ -253,7 +253,7 @@ class _StockExecutor:
 
 
 def test_comfy_wrapper_dispatches_and_falls_back_per_call(groups, models) -> None:
-    from comfy_autocloud.parallel.comfy_parallel import ParallelRunner, apply_parallel, unsupported_reason
+    from comfy_autocloud.comfy.parallel_runner import ParallelRunner, apply_parallel, unsupported_reason
 
     model = make_model(seed=9)
     runner = ParallelRunner(ParallelConfig(("cpu", "cpu"), "auto", threads_per_rank=1))

@@ -33,8 +33,8 @@ import comfy.model_patcher  # noqa: E402
 import comfy.ops  # noqa: E402
 import comfy.supported_models  # noqa: E402
 
+from comfy_autocloud.comfy import diffusers_bridge as bridge  # noqa: E402
 from comfy_autocloud.comfy import nodes_parallel  # noqa: E402
-from comfy_autocloud.parallel import diffusers_bridge as bridge  # noqa: E402
 from comfy_autocloud.parallel.flux_sp import FluxDiT, flux_forward, tiny_flux_config  # noqa: E402
 from comfy_autocloud.parallel.workers import ParallelConfig, get_worker_group, shutdown_all_groups  # noqa: E402
 

@@ -106,7 +106,7 @@ class AutoCloudParallelKSampler:
                vae: Any = None, clip: Any = None, unique_id: str | None = None) -> dict[str, Any]:
         import nodes
 
-        from comfy_autocloud.parallel.comfy_parallel import apply_parallel
+        from comfy_autocloud.comfy.parallel_runner import apply_parallel
         from comfy_autocloud.parallel.workers import ParallelConfig
 
         config = parallel if parallel is not None else ParallelConfig.parse("auto")

@@ -27,9 +27,6 @@ _EXPORTS = {
     "Plan": "cfg",
     "plan_for": "cfg",
     "STRATEGIES": "cfg",
-    "to_diffusers_flux": "diffusers_bridge",
-    "flux_transformer_to_diffusers": "diffusers_bridge",
-    "apply_parallel": "comfy_parallel",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .flux_sp import FluxConfig, FluxDiT
-from .shm import SharedWeights, weights_key
-from .workers import ParallelConfig, get_worker_group
+from comfy_autocloud.parallel.flux_sp import FluxConfig, FluxDiT
+from comfy_autocloud.parallel.shm import SharedWeights, weights_key
+from comfy_autocloud.parallel.workers import ParallelConfig, get_worker_group
 
 __all__ = ["ParallelRunner", "apply_parallel", "unsupported_reason"]
 

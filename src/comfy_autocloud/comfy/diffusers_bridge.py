@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .flux_sp import FluxConfig
+from comfy_autocloud.parallel.flux_sp import FluxConfig
 
 __all__ = [
     "clip_l_to_transformers",
