@@ -15,7 +15,7 @@ from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.predict import MostPopular, Predictor, collapse_repeats, evaluate
 from comfy_autocloud.preload_popular import PopularPreloader
 from comfy_autocloud.store import Store
-from comfy_autocloud.store import store as store_mod
+from comfy_autocloud.store import index as index_mod
 from servers import NginxOrigin, nginx_running, write_random_file
 from traces import workflow_trace
 
@@ -95,8 +95,8 @@ def test_access_log_is_written_by_touch_and_bounded(tmp_path: Path, monkeypatch:
     hist = store.access_history()
     assert [k for _t, k, _s in hist] == ["loras/a.safetensors", "loras/b.safetensors", "loras/a.safetensors"]
     assert all(s == 10 for _t, _k, s in hist)
-    monkeypatch.setattr(store_mod, "ACCESS_LOG_MAX", 50)
-    monkeypatch.setattr(store_mod, "ACCESS_LOG_TRIM", 10)
+    monkeypatch.setattr(index_mod, "ACCESS_LOG_MAX", 50)
+    monkeypatch.setattr(index_mod, "ACCESS_LOG_TRIM", 10)
     for _ in range(200):
         store.touch("loras/b.safetensors")
     assert len(store.access_history(10_000)) <= 60  # rotated, not a file growing per access

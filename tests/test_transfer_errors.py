@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from comfy_autocloud.errors import IntegrityError, TransferError
-from comfy_autocloud.transfer import RetryPolicy, TransferOptions, download, parse_retry_after
+from comfy_autocloud.sources._net import request
+from comfy_autocloud.transfer import (
+    Gone,
+    NotFound,
+    RetryPolicy,
+    Throttled,
+    TransferOptions,
+    Unauthorized,
+    download,
+    parse_retry_after,
+)
 from servers import AUTH_TOKEN, Behaviour, ChaosOrigin, NginxOrigin, random_bytes
 
 MiB = 1 << 20
@@ -33,6 +43,15 @@ def test_auth_and_gone_fail_at_once(nginx_origin: NginxOrigin, tmp_path: Path, s
         download(nginx_origin.url(path), tmp_path / "x.part", TransferOptions())
     assert ei.value.status == status
     assert nginx_origin.requests(path) == 1
+
+
+@pytest.mark.parametrize(("path", "kind"), [("missing-typed.bin", NotFound), ("auth/typed.bin", Unauthorized),
+                                          ("s410/typed.bin", Gone), ("s429/typed.bin", Throttled)])
+def test_failures_are_typed_by_status(nginx_origin: NginxOrigin, tmp_path: Path, path: str, kind: type) -> None:
+    """Callers branch on the error's type, not on numbers (a fleet peer's 404, a token refused)."""
+    with pytest.raises(kind) as ei:
+        download(nginx_origin.url(path), tmp_path / "x.part", TransferOptions(retry=RetryPolicy.never()))
+    assert isinstance(ei.value, TransferError) and path in str(ei.value)
 
 
 def test_auth_header_is_sent(nginx_origin: NginxOrigin, random_file, tmp_path: Path) -> None:
@@ -111,6 +130,35 @@ def test_cross_host_redirect_drops_credentials(chaos_origin: ChaosOrigin, tmp_pa
     assert arrived and all(s.host.startswith("127.0.0.2") for s in arrived)
     assert all("Authorization" not in s.headers and "Cookie" not in s.headers for s in arrived)
     assert all(s.headers.get("X-Plain") == "kept" for s in arrived)
+
+
+CREDENTIALS = {"Authorization": "Bearer hop-secret", "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+               "Cookie": "session=abc", "X-Api-Key": "key-secret", "X-Amz-Security-Token": "sts-session-secret"}
+
+
+@pytest.mark.parametrize("client", ["engine", "source"])
+def test_cross_origin_redirect_drops_every_credential_header(chaos_origin: ChaosOrigin, tmp_path: Path,
+                                                             client: str) -> None:
+    """The engine and the sources' metadata requests follow one redirect policy: a hop to another
+    origin carries none of the credential headers (an S3 session token included), the rest is kept."""
+    data = random_bytes(300_000, seed=38)
+    chaos_origin.add(f"cred-target-{client}", Behaviour(data=data))
+    url = chaos_origin.add(f"cred-hop-{client}",
+                           Behaviour(redirect_to=chaos_origin.url(f"cred-target-{client}", host="127.0.0.2")))
+    headers = {**CREDENTIALS, "X-Plain": "kept"}
+    if client == "engine":
+        assert download(url, tmp_path / "c.part", TransferOptions(headers=headers)).sha256 == \
+            hashlib.sha256(data).hexdigest()
+    else:
+        answer = request(url, headers)
+        assert answer.status == 200 and answer.body == data and "127.0.0.2" in answer.url
+    hops = chaos_origin.seen_for(f"cred-hop-{client}")
+    assert hops and all(s.headers.get(k) == v for s in hops for k, v in CREDENTIALS.items())
+    arrived = chaos_origin.seen_for(f"cred-target-{client}")
+    assert arrived and all(s.host.startswith("127.0.0.2") for s in arrived)
+    for s in arrived:
+        assert not {k.lower() for k in s.headers} & {k.lower() for k in CREDENTIALS}, s.headers
+        assert s.headers.get("X-Plain") == "kept"
 
 
 def test_same_host_redirect_keeps_credentials(chaos_origin: ChaosOrigin, tmp_path: Path) -> None:

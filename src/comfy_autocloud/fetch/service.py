@@ -45,7 +45,16 @@ from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEven
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
 from comfy_autocloud.store import Entry, Store
-from comfy_autocloud.transfer import TransferOptions, TransferResult, copy_file, discard_partial, download, probe
+from comfy_autocloud.transfer import (
+    NotFound,
+    TransferOptions,
+    TransferResult,
+    Unauthorized,
+    copy_file,
+    discard_partial,
+    download,
+    probe,
+)
 from comfy_autocloud.transfer.ranges import remove_live
 from comfy_autocloud.units import human_size
 
@@ -272,7 +281,7 @@ class FetchService:
             except (Cancelled, IntegrityError, NotEnoughSpace):
                 raise
             except AutoCloudError as exc:
-                if isinstance(exc, TransferError) and exc.status in (401, 403) and len(spec.sources) == 1:
+                if isinstance(exc, Unauthorized) and len(spec.sources) == 1:
                     raise
                 errors.append(f"{exc.subject}: {exc.reason}")
                 log.info("%s: source %s failed: %s", spec.key, resolved.display, exc.reason)
@@ -440,7 +449,7 @@ class FetchService:
         except (Cancelled, NotEnoughSpace):
             raise
         except AutoCloudError as exc:
-            if isinstance(exc, TransferError) and exc.status == 404:
+            if isinstance(exc, NotFound):
                 fleet.withdraw(spec.key, peer.node)  # it evicted the file since announcing it
             log.info("%s: peer %s failed: %s", spec.key, peer.node, exc.reason)
         discard_partial(self.store.partial_path(spec.key))
@@ -546,7 +555,7 @@ class FetchService:
         except (Cancelled, NotEnoughSpace):
             raise
         except AutoCloudError as exc:
-            if isinstance(exc, TransferError) and exc.status == 404 and upstream == holder.node:
+            if isinstance(exc, NotFound) and upstream == holder.node:
                 return None  # its download has not started writing yet (or just ended): look again
             log.info("%s: streaming from %s failed: %s", spec.key, upstream, exc.reason)
         failed.add(f"partial:{upstream}:{holder.fence}")

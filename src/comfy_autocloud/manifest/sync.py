@@ -159,7 +159,7 @@ def _about(exc: AutoCloudError, subject: str) -> AutoCloudError:
     """The same error, about the list or index (not the staging file); the last good lists are kept."""
     reason = f"{exc.reason}; the last good lists are kept"
     if isinstance(exc, TransferError):
-        return TransferError(subject, reason, status=exc.status)
+        return type(exc)(subject, reason, status=exc.status, retryable=exc.retryable)
     return type(exc)(subject, reason)
 
 

@@ -1,9 +1,9 @@
 """Small metadata requests made while resolving a source (JSON APIs, preflight checks).
 
 The file's bytes never go through here (that is the transfer engine's job); this is for the few
-kilobytes of metadata a resolver needs. Two rules matter: credentials are dropped when a redirect
-leaves the origin (urllib would forward them), and 429/5xx are retried a few times honouring
-`Retry-After`, with the same policy object the engine uses.
+kilobytes of metadata a resolver needs. Two rules matter, both taken from the engine's
+`transfer.http_policy`: credentials are dropped when a redirect leaves the origin (urllib would
+forward them), and 429/5xx are retried a few times honouring `Retry-After`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urljoin, urlsplit
 
+from ..errors import TransferError
+from ..transfer.http_policy import Retryable, RetryLoop, error_type, redirect
 from ..transfer.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -27,7 +28,6 @@ RESOLVE_RETRY = RetryPolicy(attempts=4, backoff_base=0.5, backoff_max=8.0, retry
 TIMEOUT = 20.0
 MAX_REDIRECTS = 5
 MAX_BODY = 8 << 20  # an API answer is kilobytes; refuse to buffer a model file by mistake
-_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 
 
 def quiet_loggers(*names: str) -> None:
@@ -46,28 +46,10 @@ class BadAnswer(Exception):
     """The server answered something no API answers (too large, too many redirects)."""
 
 
-class Retry(Exception):
-    """Raised by a call wrapped in `with_retries` when asking again may succeed."""
-
-    def __init__(self, reason: str, retry_after: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
 def with_retries(call: Callable[[], T], policy: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run `call` until it returns; `Retry` is retried per `policy` (default RESOLVE_RETRY), the last re-raised."""
-    policy = policy or RESOLVE_RETRY
-    failures = 0
-    while True:
-        try:
-            return call()
-        except Retry as e:
-            failures += 1
-            if not policy.can_retry(failures):
-                raise
-            sleep(policy.delay(failures, e.retry_after))
+    """Run `call` until it returns; `Retryable` is retried per `policy` (default RESOLVE_RETRY), the last re-raised."""
+    return RetryLoop(policy or RESOLVE_RETRY).run(call, sleep)
 
 
 @dataclass(frozen=True)
@@ -76,6 +58,17 @@ class Answer:
     headers: Mapping[str, str]
     body: bytes
     url: str  # after redirects
+
+    @property
+    def failure(self) -> type[TransferError] | None:
+        """The typed failure this answer's status stands for (None below 400): callers branch on the type."""
+        return error_type(self.status) if self.status >= 400 else None
+
+    def retryable(self, policy: RetryPolicy | None = None) -> Retryable | None:
+        """A `Retryable` to raise when asking again may help (429, 5xx per the policy), else None."""
+        if (policy or RESOLVE_RETRY).is_retryable_status(self.status):
+            return Retryable(f"HTTP {self.status}", self.status, self.headers.get("Retry-After"))
+        return None
 
     def json(self) -> Any:
         return json.loads(self.body.decode("utf-8"))
@@ -89,16 +82,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect())
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    p = urlsplit(url)
-    return p.scheme, (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme)
-
-
 def request(url: str, headers: Mapping[str, str], *, method: str = "GET", follow: bool = True,
             read_body: bool = True, timeout: float = TIMEOUT) -> Answer:
     """One request (redirects followed by hand unless `follow` is False); HTTP errors are answers, not raised.
 
-    Network failures raise `Retry` so callers wrap this in `with_retries`.
+    Network failures raise `Retryable` so callers wrap this in `with_retries`; redirects and the
+    credentials they drop follow `transfer.http_policy`, as the engine's do.
     """
     hdrs = dict(headers)
     for _ in range(MAX_REDIRECTS + 1):
@@ -109,15 +98,12 @@ def request(url: str, headers: Mapping[str, str], *, method: str = "GET", follow
             resp = e
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             reason = getattr(e, "reason", e)
-            raise Retry(f"connection failed ({type(reason).__name__}: {reason})") from None
+            raise Retryable(f"connection failed ({type(reason).__name__}: {reason})") from None
         with resp:
             status = resp.getcode()
-            location = resp.headers.get("Location")
-            if follow and status in (301, 302, 303, 307, 308) and location:
-                new = urljoin(url, location)
-                if _origin(new) != _origin(url):
-                    hdrs = {k: v for k, v in hdrs.items() if k.lower() not in _CREDENTIAL_HEADERS}
-                url = new
+            hop = redirect(url, status, resp.headers.get("Location"), hdrs, method) if follow else None
+            if hop is not None:
+                url, hdrs, method = hop.url, hop.headers, hop.method
                 continue
             body = resp.read(MAX_BODY + 1) if read_body else b""
             if len(body) > MAX_BODY:

@@ -28,8 +28,9 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..errors import SourceError
 from ..redact import redact_text, redact_url
+from ..transfer.http_policy import Gone, NotFound, Retryable, Unauthorized
 from . import ResolvedSource
-from ._net import Answer, BadAnswer, Retry, request, with_retries
+from ._net import Answer, BadAnswer, request, with_retries
 
 DEFAULT_BASE = "https://civitai.com"
 _HOSTS = {"civitai.com", "www.civitai.com"}
@@ -136,22 +137,24 @@ class _Api:
                 ans = request(url, {**self.headers, "Range": "bytes=0-0"}, follow=False, read_body=False)
             else:
                 ans = request(url, self.headers)
-            if ans.status == 429 or ans.status >= 500:
-                raise Retry(f"HTTP {ans.status}", ans.headers.get("Retry-After"))
+            retry = ans.retryable()
+            if retry is not None:
+                raise retry
             return ans
 
         try:
             return with_retries(once)
-        except Retry as e:
+        except Retryable as e:
             raise self.fail(f"Civitai at {redact_url(self.base)} did not answer: {e.reason}") from None
         except BadAnswer as e:
             raise self.fail(str(e)) from None
 
     def get_json(self, path: str, what: str) -> dict[str, Any]:
         ans = self.fetch(self.base + path)
-        if ans.status == 404:
+        failure = ans.failure
+        if failure is NotFound:
             raise self.fail(f"{what} not found (or not published) on Civitai")
-        if ans.status in (401, 403):
+        if failure is Unauthorized:
             raise self.fail(f"Civitai refused to show {what} (HTTP {ans.status}): "
                             + ("CIVITAI_TOKEN was refused" if self.token else "set CIVITAI_TOKEN"))
         if ans.status != 200:
@@ -243,13 +246,14 @@ def resolve_civitai(source: str) -> ResolvedSource:
 def _preflight(api: _Api, url: str, ref: CivitaiRef) -> None:
     """One request, redirects not followed: a login-only or vanished file fails here with a clear reason."""
     ans = api.fetch(url, preflight=True)
-    if ans.status in (401, 403):
+    failure = ans.failure
+    if failure is Unauthorized:
         raise api.fail(f"model version {ref.version_id} requires a Civitai login to download (HTTP {ans.status}): "
                        + ("CIVITAI_TOKEN was refused or lacks access" if api.token else
                           "create an API key on civitai.com and set CIVITAI_TOKEN"))
-    if ans.status in (404, 410):
+    if failure in (NotFound, Gone):
         raise api.fail(f"the download server has no file for model version {ref.version_id} (HTTP {ans.status})")
-    if ans.status >= 400:
+    if failure is not None:
         raise api.fail(f"the download URL answered HTTP {ans.status}")
 
 

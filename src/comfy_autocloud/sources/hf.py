@@ -32,8 +32,9 @@ from urllib.parse import unquote, urlsplit
 from ..errors import SourceError
 from ..keys import check_relpath
 from ..redact import redact_text, redact_url
+from ..transfer.http_policy import Retryable, Unauthorized, error_type
 from . import ResolvedSource
-from ._net import Retry, quiet_loggers, with_retries
+from ._net import RESOLVE_RETRY, quiet_loggers, with_retries
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
@@ -173,7 +174,7 @@ def resolve_hf_ref(ref: HfRef) -> ResolvedSource:
 
     try:
         meta = with_retries(head)
-    except Retry as e:
+    except Retryable as e:
         raise SourceError(subject, redact_text(f"the Hub at {base} did not answer: {e.reason}", secrets)) from None
     except Exception as e:
         raise SourceError(subject, _reason(e, ref, base, token is not None, secrets)) from None
@@ -197,17 +198,17 @@ def _status(e: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def _retryable(e: BaseException) -> Retry | None:
+def _retryable(e: BaseException) -> Retryable | None:
     """429/5xx answers and network failures may pass: say so with the server's Retry-After."""
     status = _status(e)
     if status is not None:
-        if status == 429 or status >= 500:
+        if RESOLVE_RETRY.is_retryable_status(status):
             headers = getattr(getattr(e, "response", None), "headers", {}) or {}
-            return Retry(f"HTTP {status}", headers.get("Retry-After"))
+            return Retryable(f"HTTP {status}", status, headers.get("Retry-After"))
         return None
     module = type(e).__module__.split(".", 1)[0]
     if module in ("httpx", "httpx2", "requests", "urllib3") or isinstance(e, (OSError, TimeoutError)):
-        return Retry(f"connection failed ({type(e).__name__})")
+        return Retryable(f"connection failed ({type(e).__name__})")
     return None
 
 
@@ -235,7 +236,7 @@ def _reason(e: BaseException, ref: HfRef, base: str, have_token: bool, secrets: 
     if isinstance(e, EntryNotFoundError):
         return f"file {ref.path!r} not found in {ref.repo_id} at revision {ref.revision or DEFAULT_REVISION!r}"
     if isinstance(e, HfHubHTTPError):
-        if status in (401, 403):
+        if error_type(status) is Unauthorized:
             return redact_text(f"HTTP {status}: access refused; " + (
                 "the token in use cannot read this repo" if have_token else "set HF_TOKEN"), secrets)
         return redact_text(f"the Hub answered HTTP {status}", secrets)

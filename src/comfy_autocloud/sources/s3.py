@@ -30,6 +30,7 @@ from urllib.parse import quote, unquote
 
 from ..errors import SourceError
 from ..redact import redact_text
+from ..transfer.http_policy import NotFound, Unauthorized, error_type
 from . import ResolvedSource
 from ._net import quiet_loggers
 
@@ -189,9 +190,10 @@ class _Client:
         err = e.response.get("Error", {}) or {}
         code = str(err.get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        failure = error_type(status)
         if code in ("NoSuchBucket",):
             return f"bucket {ref.bucket!r} does not exist"
-        if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+        if failure is NotFound or code in ("NoSuchKey", "NotFound", "404"):
             return (f"bucket {ref.bucket!r} does not exist" if self._bucket_missing(ref)
                     else f"no object {ref.key!r} in bucket {ref.bucket!r}")
         if code == "InvalidAccessKeyId":
@@ -200,7 +202,7 @@ class _Client:
             return "access denied: the AWS secret access key does not match the key id (bad credentials)"
         if code in ("ExpiredToken", "TokenRefreshRequired"):
             return "access denied: the AWS session token has expired; refresh the credentials"
-        if status == 403 or code in ("AccessDenied", "403", "Forbidden"):
+        if failure is Unauthorized or code in ("AccessDenied", "403", "Forbidden"):
             return ("access denied (HTTP 403): the credentials are invalid, or lack s3:GetObject/s3:ListBucket "
                     "on this bucket")
         if status == 301 or code in ("PermanentRedirect", "301"):

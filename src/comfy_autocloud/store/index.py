@@ -1,4 +1,8 @@
-"""The SQLite index under `<cache>/.autocloud/index.sqlite`: one connection per thread and process.
+"""The SQLite index under `<cache>/.autocloud/index.sqlite`: every SQL statement of the store lives here.
+
+`Index` holds one connection per thread and process and names each query as a method; methods that
+take a connection `c` run inside the caller's `write()` transaction (read-then-write decisions such
+as making room), the others on the thread's connection in autocommit.
 
 Many ComfyUI threads and several processes (ComfyUI, `autocloud` CLI, cron `clean`) share one index, so:
 WAL (readers never block the writer), synchronous=NORMAL (a commit costs no fsync; a power cut can lose
@@ -17,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from comfy_autocloud.errors import StoreError
 
@@ -69,6 +74,14 @@ CREATE TABLE IF NOT EXISTS access_log (
 
 BUSY_TIMEOUT_MS = 30_000
 _MAX_ATTEMPTS = 20
+
+# Entry rows are tuples in this column order (the store turns them into `Entry` objects).
+COLUMNS = ("key, folder, filename, size, sha256, source, etag, last_modified, created, last_access, hits, "
+           "pinned, priority, dev, ino")
+_CLOCK_SQL = "COALESCE((SELECT CAST(value AS REAL) FROM meta WHERE name='clock'), 0.0)"
+ACCESS_LOG_MAX = 50_000  # rows kept in the access log (a few MB); trimmed every ACCESS_LOG_TRIM inserts
+ACCESS_LOG_TRIM = 1_000
+_PROCESS_TABLES = ("reservations", "leases")  # rows owned by a running process (pid + start time)
 
 
 def _proc_start(pid: int) -> str:
@@ -202,3 +215,147 @@ class Index:
                     c.close()
         self._local = threading.local()
         self._closed = True
+
+    # ----------------------------------------------------------------- entries
+    def _c(self, c: sqlite3.Connection | None) -> sqlite3.Connection:
+        return c if c is not None else self.conn()
+
+    def entry_rows(self, c: sqlite3.Connection | None = None) -> list[tuple[Any, ...]]:
+        return self._c(c).execute(f"SELECT {COLUMNS} FROM entries ORDER BY key").fetchall()
+
+    def entry_row(self, key: str, c: sqlite3.Connection | None = None) -> tuple[Any, ...] | None:
+        return self._c(c).execute(f"SELECT {COLUMNS} FROM entries WHERE key=?", (key,)).fetchone()
+
+    def entry_row_with_leases(self, key: str) -> tuple[tuple[Any, ...], list[tuple[int, str]]] | None:
+        """One read: the row and the (pid, start) of every lease on it."""
+        r = self.conn().execute(
+            f"SELECT {COLUMNS}, (SELECT group_concat(pid || ':' || pstart, ',') FROM leases l "
+            f"WHERE l.key = e.key) FROM entries e WHERE key=?", (key,)).fetchone()
+        if r is None:
+            return None
+        leases = [(int(pid), ps) for pid, _, ps in (t.partition(":") for t in r[15].split(","))] if r[15] else []
+        return tuple(r[:15]), leases
+
+    def rows_with_sha(self, sha: str) -> list[tuple[Any, ...]]:
+        return self.conn().execute(f"SELECT {COLUMNS} FROM entries WHERE sha256=? ORDER BY created",
+                                   (sha,)).fetchall()
+
+    def entry_history(self, c: sqlite3.Connection, key: str) -> tuple[int, bool, float] | None:
+        """(hits, pinned, created) of the row a new version of `key` replaces."""
+        r = c.execute("SELECT hits, pinned, created FROM entries WHERE key=?", (key,)).fetchone()
+        return (int(r[0]), bool(r[1]), float(r[2])) if r else None
+
+    def put_entry(self, c: sqlite3.Connection, values: tuple[Any, ...]) -> None:
+        """Insert or replace one row (values in COLUMNS order)."""
+        c.execute(f"INSERT OR REPLACE INTO entries({COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", values)
+
+    def drop_entry(self, key: str, created: float | None = None, c: sqlite3.Connection | None = None) -> None:
+        """Forget `key`; with `created`, only that version (a concurrent commit of a new one is kept)."""
+        if created is None:
+            sql, params = "DELETE FROM entries WHERE key=?", (key,)
+        else:
+            sql, params = "DELETE FROM entries WHERE key=? AND created=?", (key, created)
+        if c is not None:
+            c.execute(sql, params)
+        else:
+            self.execute(sql, params)
+
+    def set_identity(self, key: str, created: float, dev: int, ino: int) -> None:
+        self.execute("UPDATE entries SET dev=?, ino=? WHERE key=? AND created=?", (dev, ino, key, created))
+
+    def set_pinned(self, key: str, value: bool) -> bool:
+        """False when `key` has no row."""
+        return self.execute("UPDATE entries SET pinned=? WHERE key=?", (int(value), key)).rowcount > 0
+
+    def touch(self, key: str, now: float) -> None:
+        """One access: last_access, hits, the policy's priority (SQL function ac_priority), the access log."""
+        with self.write() as c:
+            cur = c.execute(
+                f"UPDATE entries SET last_access=?1, hits=hits+1, "
+                f"priority=ac_priority(size, hits+1, ?1, {_CLOCK_SQL}) WHERE key=?2", (now, key))
+            if cur.rowcount:
+                self.log_access(c, now, key)
+
+    def rerank(self, policy_name: str) -> None:
+        """Recompute every priority when the cache was last used with another policy."""
+        if self.get_meta("policy") == policy_name:
+            return
+        with self.write() as c:
+            if self.get_meta("policy") == policy_name:
+                return
+            c.execute(f"UPDATE entries SET priority=ac_priority(size, hits, last_access, {_CLOCK_SQL})")
+            c.execute("INSERT OR REPLACE INTO meta(name, value) VALUES('policy', ?)", (policy_name,))
+
+    def clock(self, c: sqlite3.Connection | None = None) -> float:
+        """The eviction policy's clock (GreedyDual's inflation value)."""
+        row = self._c(c).execute("SELECT value FROM meta WHERE name='clock'").fetchone()
+        return float(row[0]) if row else 0.0
+
+    def set_clock(self, c: sqlite3.Connection, value: float) -> None:
+        c.execute("INSERT OR REPLACE INTO meta(name, value) VALUES('clock', ?)", (repr(value),))
+
+    # ----------------------------------------------------------------- access log
+    def log_access(self, c: sqlite3.Connection, now: float, key: str) -> None:
+        """The history predictive preloading learns from: one row per access, the newest ACCESS_LOG_MAX kept."""
+        cur = c.execute("INSERT INTO access_log(ts, key, size) SELECT ?, key, size FROM entries WHERE key=?",
+                        (now, key))
+        row_id = int(cur.lastrowid or 0)
+        if row_id and row_id % ACCESS_LOG_TRIM == 0:
+            c.execute("DELETE FROM access_log WHERE id <= ?", (row_id - ACCESS_LOG_MAX,))
+
+    def access_history(self, limit: int) -> list[tuple[float, str, int]]:
+        """The newest `limit` accesses as (timestamp, key, size), oldest first."""
+        rows = self.conn().execute(
+            "SELECT ts, key, size FROM access_log ORDER BY id DESC LIMIT ?", (max(0, limit),)).fetchall()
+        return [(float(ts), str(k), int(n)) for ts, k, n in reversed(rows)]
+
+    def last_access_id(self) -> int:
+        row = self.conn().execute("SELECT MAX(id) FROM access_log").fetchone()
+        return int(row[0] or 0)
+
+    # ----------------------------------------------------------------- rows owned by processes
+    def process_rows(self, table: str, c: sqlite3.Connection | None = None) -> list[tuple[int, str, int, int, str]]:
+        """(id, key, nbytes or 0, pid, pstart) of every reservation or lease, live or dead."""
+        if table not in _PROCESS_TABLES:
+            raise ValueError(f"not a table of process rows: {table}")
+        size = "nbytes" if table == "reservations" else "0"
+        return self._c(c).execute(f"SELECT id, key, {size}, pid, pstart FROM {table}").fetchall()
+
+    def live_leases(self, c: sqlite3.Connection | None = None) -> set[str]:
+        """Keys leased by running processes (files being read now)."""
+        return {k for _i, k, _n, pid, ps in self.process_rows("leases", c) if proc_alive(pid, ps)}
+
+    def live_reservations(self, c: sqlite3.Connection | None = None) -> list[tuple[int, str, int]]:
+        """(id, key, bytes) of room promised to downloads of running processes."""
+        return [(i, k, n) for i, k, n, pid, ps in self.process_rows("reservations", c) if proc_alive(pid, ps)]
+
+    def drop_process_row(self, table: str, row_id: int, c: sqlite3.Connection | None = None) -> None:
+        if table not in _PROCESS_TABLES:
+            raise ValueError(f"not a table of process rows: {table}")
+        if c is not None:
+            c.execute(f"DELETE FROM {table} WHERE id=?", (row_id,))
+        else:
+            self.execute(f"DELETE FROM {table} WHERE id=?", (row_id,))
+
+    def reap(self, c: sqlite3.Connection) -> None:
+        """Forget reservations and leases of processes that died without releasing them."""
+        for table in _PROCESS_TABLES:
+            dead = [(i,) for i, _k, _n, pid, ps in self.process_rows(table, c) if not proc_alive(pid, ps)]
+            if dead:
+                c.executemany(f"DELETE FROM {table} WHERE id=?", dead)
+
+    def add_reservation(self, c: sqlite3.Connection, key: str, nbytes: int, now: float) -> int:
+        pid, pstart = self_proc()
+        cur = c.execute("INSERT INTO reservations(key, nbytes, pid, pstart, created) VALUES(?,?,?,?,?)",
+                        (key, nbytes, pid, pstart, now))
+        return int(cur.lastrowid or 0)
+
+    def drop_own_reservations(self, c: sqlite3.Connection, key: str) -> None:
+        """This process's reservations for `key` (its download committed)."""
+        c.execute("DELETE FROM reservations WHERE key=? AND pid=?", (key, self_proc()[0]))
+
+    def add_lease(self, key: str, token: str, now: float) -> int:
+        pid, pstart = self_proc()
+        cur = self.execute("INSERT INTO leases(key, pid, pstart, token, created) VALUES(?,?,?,?,?)",
+                           (key, pid, pstart, token, now))
+        return int(cur.lastrowid or 0)

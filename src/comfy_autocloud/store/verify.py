@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from comfy_autocloud.errors import StoreError
 from comfy_autocloud.store.index import proc_alive
+from comfy_autocloud.store.layout import LOCKS_DIR, PRIVATE_DIR, QUARANTINE_DIR, group_name, is_commit_temp
 from comfy_autocloud.store.space import sha256_file
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def _flock_free(path: Path) -> bool:
 
 
 def _quarantine(store: Store, key: str, path: Path) -> Path:
-    qdir = store.private / "quarantine"
+    qdir = store.private / QUARANTINE_DIR
     qdir.mkdir(parents=True, exist_ok=True)
     dest = qdir / f"{int(time.time())}-{hashlib.sha1(key.encode()).hexdigest()[:12]}-{path.name}"
     os.replace(path, dest)
@@ -93,33 +94,41 @@ def _quarantine(store: Store, key: str, path: Path) -> Path:
 
 def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -> VerifyReport:
     """Compare index and disk; with `fix`, repair what can be repaired safely (see module docstring)."""
-    from comfy_autocloud.store.store import PRIVATE_DIR, TMP_SUFFIX
-
     report = VerifyReport()
-    add = report.findings.append
-    index = store._index
-    conn = index.conn()
     now = time.time()
     cutoff = now - stale_minutes * 60
+    _check_process_rows(store, report, fix)
+    known = _check_entries(store, report, rehash=rehash, fix=fix)
+    _check_final_paths(store, report, known, cutoff, fix)
+    kept, live = _check_partials(store, report, now, cutoff, fix)
+    _check_locks(store, report, kept | live, cutoff, fix)
+    return report
 
-    # Dead processes' reservations and leases.
+
+def _check_process_rows(store: Store, report: VerifyReport, fix: bool) -> None:
+    """Reservations and leases of processes that are no longer running."""
+    index = store._index
     for table, kind in (("reservations", "dead_reservation"), ("leases", "dead_lease")):
-        for row_id, key, pid, pstart in conn.execute(f"SELECT id, key, pid, pstart FROM {table}").fetchall():
+        for row_id, key, _n, pid, pstart in index.process_rows(table):
             if not proc_alive(pid, pstart):
                 if fix:
-                    index.execute(f"DELETE FROM {table} WHERE id=?", (row_id,))
-                add(Finding(kind, key, "", f"left by pid {pid}, which is no longer running", fix))
+                    index.drop_process_row(table, row_id)
+                report.findings.append(Finding(kind, key, "", f"left by pid {pid}, which is no longer running", fix))
 
-    # Index rows against files.
-    rows = conn.execute("SELECT key, size, sha256, created, dev, ino FROM entries ORDER BY key").fetchall()
+
+def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: bool) -> set[str]:
+    """Every row against its file (size, with `rehash` the sha256, the inode); returns the real paths checked."""
+    index = store._index
+    add = report.findings.append
     known: set[str] = set()
-    for key, size, sha, created, dev, ino in rows:
+    for r in index.entry_rows():
+        key, size, sha, created, dev, ino = r[0], r[3], r[4], r[8], r[13], r[14]
         report.checked += 1
         try:
             path = store.path_for(key)
         except StoreError as exc:
             if fix:
-                index.execute("DELETE FROM entries WHERE key=? AND created=?", (key, created))
+                index.drop_entry(key, created)
             reason = exc.reason + ("; row dropped, file left alone" if fix else "")
             add(Finding("unsafe_path", key, "", reason, fix))
             continue
@@ -128,7 +137,7 @@ def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -
             st = os.stat(path)
         except FileNotFoundError:
             if fix:
-                index.execute("DELETE FROM entries WHERE key=? AND created=?", (key, created))
+                index.drop_entry(key, created)
             add(Finding("missing", key, str(path), "indexed but the file is gone", fix))
             continue
         except OSError as exc:
@@ -153,7 +162,7 @@ def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -
                 try:
                     dest = _quarantine(store, key, path)
                     bad_reason += f"; moved to {dest}"
-                    index.execute("DELETE FROM entries WHERE key=? AND created=?", (key, created))
+                    index.drop_entry(key, created)
                     fixed = True
                 except OSError as exc:
                     bad_reason += f"; could not quarantine: {exc.strerror}"
@@ -161,18 +170,21 @@ def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -
             continue
         if ino is not None and (st.st_dev, st.st_ino) != (dev, ino):
             if fix:
-                index.execute("UPDATE entries SET dev=?, ino=? WHERE key=? AND created=?",
-                              (st.st_dev, st.st_ino, key, created))
+                index.set_identity(key, created, st.st_dev, st.st_ino)
             add(Finding("inode_changed", key, str(path),
                         "replaced outside the store (same size); --rehash checks its content", fix))
+    return known
 
-    # Files at final paths that the index does not know; commit temp files of crashed processes.
+
+def _check_final_paths(store: Store, report: VerifyReport, known: set[str], cutoff: float, fix: bool) -> None:
+    """Files at final paths that the index does not know; commit temp files of crashed processes."""
+    add = report.findings.append
     for dirpath, dirnames, filenames in os.walk(store.root):
         if Path(dirpath) == store.root:
             dirnames[:] = [d for d in dirnames if d != PRIVATE_DIR]
         for name in filenames:
             p = Path(dirpath) / name
-            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+            if is_commit_temp(name):
                 with contextlib.suppress(OSError):
                     if p.lstat().st_mtime < cutoff:
                         if fix:
@@ -184,22 +196,24 @@ def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -
                 add(Finding("orphan", rel if "/" in rel else None, str(p),
                             "file not in the index (not counted against the cap); left in place", False))
 
-    # Leftovers of dead downloads in .autocloud/partial and .autocloud/locks.
-    live_names = set()
-    for key, pid, pstart in conn.execute("SELECT key, pid, pstart FROM reservations").fetchall():
-        if proc_alive(pid, pstart):
-            with contextlib.suppress(StoreError):
-                live_names.add(store.partial_path(key).name.split(".")[0])
-    locks_dir = store.private / "locks"
+
+def _check_partials(store: Store, report: VerifyReport, now: float, cutoff: float,
+                    fix: bool) -> tuple[set[str], set[str]]:
+    """Leftovers of dead downloads in the partial dirs; returns (groups kept, groups of live reservations)."""
+    live: set[str] = set()
+    for _i, key, _n in store._index.live_reservations():
+        with contextlib.suppress(StoreError):
+            live.add(group_name(store.partial_path(key).name))
+    locks_dir = store.private / LOCKS_DIR
     groups: dict[str, list[Path]] = {}
     with contextlib.suppress(FileNotFoundError):
         for d in store.partial_dirs:  # the cache disk's, and the temp dir's (a RAM disk) when set
             for p in d.iterdir():
-                groups.setdefault(p.name.split(".")[0], []).append(p)
+                groups.setdefault(group_name(p.name), []).append(p)
     kept: set[str] = set()  # partial groups of downloads that may still be running
     for name, files in sorted(groups.items()):
         kept.add(name)
-        if name in live_names or not _flock_free(locks_dir / f"{name}.lock"):
+        if name in live or not _flock_free(locks_dir / f"{name}.lock"):
             continue
         try:
             newest = max(f.lstat().st_mtime for f in files)
@@ -212,12 +226,17 @@ def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -
             if fix:
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
-            add(Finding("stale_partial", None, str(f),
-                        f"left by a download that stopped {int((now - newest) // 60)} min ago", fix))
+            report.findings.append(Finding("stale_partial", None, str(f),
+                                           f"left by a download that stopped {int((now - newest) // 60)} min ago",
+                                           fix))
+    return kept, live
+
+
+def _check_locks(store: Store, report: VerifyReport, busy: set[str], cutoff: float, fix: bool) -> None:
+    """Lock files of no running download (older than the cutoff, not held, no partial kept)."""
     with contextlib.suppress(FileNotFoundError):
-        for lock in sorted(locks_dir.iterdir()):
-            name = lock.name.split(".")[0]
-            if name in kept or name in live_names:
+        for lock in sorted((store.private / LOCKS_DIR).iterdir()):
+            if group_name(lock.name) in busy:
                 continue
             try:
                 if lock.lstat().st_mtime >= cutoff:
@@ -231,8 +250,7 @@ def run_verify(store: Store, *, rehash: bool, fix: bool, stale_minutes: float) -
                     continue
             elif not _flock_free(lock):
                 continue
-            add(Finding("stale_lock", None, str(lock), "lock file of no running download", fixed))
-    return report
+            report.findings.append(Finding("stale_lock", None, str(lock), "lock file of no running download", fixed))
 
 
 def _remove_lock_if_free(lock: Path) -> bool:

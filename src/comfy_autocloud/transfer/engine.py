@@ -1,20 +1,22 @@
 """The download engine: ranged, parallel, adaptive, resumable, verified while it downloads.
 
 One call downloads one URL into `part_path` (never a final path: the store renames it after its own
-checks). The shape of a run:
+checks). The shape of a run (each step's mechanism in its own module):
 
-1. probe: HEAD (or `GET Range: bytes=0-` when HEAD is refused), redirects followed by hand so that
-   credentials are dropped when the redirect leaves the origin; learn size, ETag, Last-Modified and
-   whether byte ranges work;
+1. probe (`probe.py`; `http_policy.py` for redirects, statuses and retries): HEAD (or
+   `GET Range: bytes=0-` when HEAD is refused), redirects followed by hand so that credentials are
+   dropped when the redirect leaves the origin; learn size, ETag, Last-Modified and whether byte
+   ranges work;
 2. resume or start afresh: `<part>.state` (see `ranges.py`) is trusted only when URL key, size and a
    validator match; every ranged request then carries `If-Range`, and a 200 answer means the file
    changed, so the download restarts from zero on that very response;
 3. ranged workers on a preallocated file take pieces in file order and `pwrite` what they receive;
-   a controller adds connections while aggregate throughput rises (past 16 when an origin throttles
-   each connection) and backs off when more stop helping; free workers steal half of the largest
-   remaining piece;
+   a controller (`controller.py`) reads the requests' measured throughput and adds connections while
+   the aggregate rises (past 16 when an origin throttles each connection) and backs off when more
+   stop helping; free workers steal half of the largest remaining piece;
 4. a hasher thread hashes the contiguous finished prefix while bytes arrive (`hashlib` drops the GIL),
-   a saver thread fdatasyncs the part and then records finished ranges atomically every ~0.5 s;
+   a saver thread fdatasyncs the part and then records finished ranges atomically every ~0.5 s
+   (`threads.py`);
 5. the result is checked against the announced/expected size; errors name the redacted URL.
 
 Mirrors (`TransferOptions.mirrors`): more URLs serving the same bytes (fleet peers holding a verified
@@ -28,111 +30,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
-from yarl import URL
 
 from ..errors import Cancelled, IntegrityError, NotEnoughSpace, TransferError
 from ..progress import CancelToken
 from ..redact import redact_text, redact_url
+from .client import HttpClient, new_session
+from .controller import MIN_SPLIT, START_CONNECTIONS, Controller, Throughput
+from .http_policy import Retryable, status_error
+from .options import TransferOptions, TransferResult
+from .probe import CONTENT_RANGE, Remote, probe_remote
 from .ranges import PartState, Segment, SegmentTable, live_path, remove_state, state_path, url_key
 from .ratelimit import RateLimiter
-from .retry import FATAL_STATUSES, RetryPolicy
+from .threads import Hasher, Saver
 
 log = logging.getLogger("comfy_autocloud.transfer")
 
 ProgressFn = Callable[[int, "int | None"], None]
 
-START_CONNECTIONS = 8
-MIN_SPLIT = 1 << 20           # never steal less than 1 MiB per side
-MIN_PIECE = 4 << 20           # a worker's request when nothing is known yet
-MAX_PIECE = 64 << 20
-SAVE_INTERVAL = 0.5           # seconds between durable state records
-LIVE_INTERVAL = 0.1           # seconds between live progress records (for peers streaming this download)
 PROGRESS_INTERVAL = 0.1       # at most ~10 progress calls a second
 TICK = 0.05                   # main loop: cancel checks, progress, the controller
-MAX_REDIRECTS = 10
-MAX_RESTARTS = 3
-HASH_BLOCK = 8 << 20
-READ_BUFSIZE = 1 << 20
-_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key",
-                                 "x-amz-security-token"})
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Mirror:
-    """Another URL for the same bytes; its headers replace the call's (each peer has its own token)."""
-
-    url: str
-    headers: Mapping[str, str] = field(default_factory=dict)
-    display: str = ""
-
-
-@dataclass
-class TransferOptions:
-    connections: int | None = None      # None = adaptive; N = fixed
-    max_connections: int = 64
-    rate_limit: int | None = None       # bytes/s for this download
-    limiter: RateLimiter | None = None  # shared, process-wide bucket
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    connect_timeout: float = 15.0
-    read_timeout: float = 60.0          # idle read timeout
-    headers: Mapping[str, str] = field(default_factory=dict)  # may contain secrets (Authorization)
-    expected_size: int | None = None
-    mirrors: tuple[Mirror, ...] = ()    # ranged mode only; the caller verifies the sha256
-    # The caller verifies the sha256 of the whole file: resume a recorded partial of the same size even
-    # when it came from another URL or validator (a follower switching from a peer's download in
-    # progress to its finished file, or to another peer, keeps what it has).
-    resume_any_source: bool = False
-    # A finished download leaves a complete `.live` record (and no `.state`): peers streaming it read the
-    # last bytes at once instead of waiting for the caller's checks and commit; the caller removes it
-    # (`ranges.remove_live`) after committing, or with `discard_partial`.
-    keep_live_record: bool = False
-
-
-@dataclass
-class TransferResult:
-    size: int
-    sha256: str
-    etag: str | None
-    last_modified: str | None
-    bytes_downloaded: int   # bytes received over the network by THIS call
-    resumed_bytes: int      # bytes reused from an earlier partial
-    seconds: float
-    connections: int        # peak connections used
-    source_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # [start, end) each delivered
-
-    @property
-    def by_source(self) -> dict[str, int]:
-        """Body bytes each source (redacted) delivered in this call."""
-        return {src: sum(end - start for start, end in ranges) for src, ranges in self.source_ranges.items()}
-
-
-class _Retryable(Exception):
-    """One attempt failed in a way that may succeed when tried again."""
-
-    def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.retry_after = retry_after
-
-
-class _Switch(Exception):
-    """A mirror was dropped: retry the piece at once on another source (no retry budget spent)."""
 
 
 class _Restart(Exception):
@@ -143,18 +69,6 @@ class _Restart(Exception):
         self.response = response
         self.url = url
         self.headers = headers
-
-
-@dataclass
-class _Remote:
-    url: str                      # after redirects
-    headers: dict[str, str]       # request headers valid for `url` (credentials dropped cross-origin)
-    size: int | None
-    etag: str | None
-    last_modified: str | None
-    ranges: bool
-    response: aiohttp.ClientResponse | None = None  # an open GET to reuse as the first stream
-    response_offset: int = 0
 
 
 @dataclass
@@ -176,12 +90,6 @@ class _Source:
                 self.ranges.append((start, end))
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    p = urlsplit(url)
-    port = p.port or {"http": 80, "https": 443}.get(p.scheme)
-    return p.scheme, (p.hostname or "").lower(), port
-
-
 def _strong_etag(etag: str | None) -> str | None:
     """If-Range takes only strong validators; a weak ETag (W/"...") can't be used."""
     if etag and not etag.startswith("W/"):
@@ -200,102 +108,8 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int, where: str) -> No
         raise TransferError(where, f"cannot write the partial file: {e.strerror or e}") from None
 
 
-class _Hasher(threading.Thread):
-    """Hashes [0, prefix()) of the part file while the download goes on, reading from the page cache."""
-
-    def __init__(self, fd: int, prefix: Callable[[], int]) -> None:
-        super().__init__(name="autocloud-hash", daemon=True)
-        self.fd = fd
-        self.prefix = prefix
-        self.digest = hashlib.sha256()
-        self.done = 0
-        self.target: int | None = None
-        self.error: BaseException | None = None
-        self._stop_event = threading.Event()
-        self._buf = bytearray(HASH_BLOCK)
-
-    def run(self) -> None:
-        view = memoryview(self._buf)
-        try:
-            while not self._stop_event.is_set():
-                limit = self.prefix()
-                if self.target is not None:
-                    limit = min(limit, self.target)
-                if limit > self.done:
-                    n = os.preadv(self.fd, [view[: min(HASH_BLOCK, limit - self.done)]], self.done)
-                    if n <= 0:
-                        raise OSError(f"unexpected end of the partial file at {self.done}")
-                    self.digest.update(view[:n])
-                    self.done += n
-                elif self.target is not None and self.done >= self.target:
-                    return
-                else:
-                    self._stop_event.wait(0.01)
-        except BaseException as e:  # reported to the engine, which raises it
-            self.error = e
-
-    def finish(self, size: int) -> None:
-        self.target = size
-
-    def abort(self) -> None:
-        self._stop_event.set()
-
-
-class _Saver(threading.Thread):
-    """Every SAVE_INTERVAL: fdatasync the part, then atomically record the ranges that sync covered.
-
-    Every LIVE_INTERVAL in between: the `.live` record (ranges pwritten so far, no fsync) for a peer
-    server streaming this download to other nodes, so they trail it by ~0.1 s instead of ~0.5 s.
-    """
-
-    def __init__(self, fd: int, part_path: Path, table: SegmentTable, meta: PartState) -> None:
-        super().__init__(name="autocloud-state", daemon=True)
-        self.fd = fd
-        self.path = state_path(part_path)
-        self.live = live_path(part_path)
-        self._live_last: list[tuple[int, int]] | None = None
-        self.table = table
-        self.meta = meta
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._last: list[tuple[int, int]] | None = None
-        self.error: BaseException | None = None
-
-    def save_now(self) -> None:
-        with self._lock:
-            done = self.table.done_intervals()  # snapshot first: everything in it is already pwritten
-            if done == self._last:
-                return
-            os.fdatasync(self.fd)
-            self.meta.with_done(done).save(self.path)
-            self._last = done
-
-    def save_live(self) -> None:
-        done = self.table.done_intervals()
-        if done != self._live_last:
-            self.meta.with_done(done).save(self.live, durable=False)
-            self._live_last = done
-
-    def run(self) -> None:
-        ticks = 0
-        every = max(1, round(SAVE_INTERVAL / LIVE_INTERVAL))
-        while not self._stop_event.wait(LIVE_INTERVAL):
-            ticks += 1
-            try:
-                if ticks % every == 0:
-                    self.save_now()
-                else:
-                    self.save_live()
-            except OSError as e:  # a missed record only costs re-fetching; report, keep downloading
-                self.error = e
-                log.warning("cannot record download progress in %s: %s", self.path, e.strerror or e)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-
 class _Download:
-    """State of one `download_async` call."""
+    """State of one `download_async` call: the part file, its threads, the workers and the sources."""
 
     def __init__(self, url: str, part_path: Path, options: TransferOptions,
                  progress: ProgressFn | None, cancel: CancelToken | None) -> None:
@@ -305,141 +119,27 @@ class _Download:
         self.progress = progress
         self.cancel = cancel
         self.display = redact_url(url)
-        self.secrets = sorted({s for m in [Mirror(url, options.headers), *options.mirrors]
-                               for s in self._collect_secrets(m.url, m.headers)}, key=len, reverse=True)
         self.limiters = [x for x in (RateLimiter(options.rate_limit) if options.rate_limit else None,
                                      options.limiter) if x is not None]
+        self.client: HttpClient | None = None
         self.received = 0          # network body bytes this call
         self.resumed = 0
         self.peak = 0
-        self.rtt = 0.001
         self.fd = -1
         self.table: SegmentTable | None = None
-        self.remote: _Remote | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.remote: Remote | None = None
         self.workers: dict[int, asyncio.Task[None]] = {}
-        self.target = 1
-        self.piece = MIN_PIECE
-        self.hasher: _Hasher | None = None
-        self.saver: _Saver | None = None
+        self.throughput = Throughput()
+        self.ctl: Controller | None = None
+        self.hasher: Hasher | None = None
+        self.saver: Saver | None = None
         self.last_progress = 0.0
-        self.if_range: str | None = None
-        self.samples: list[tuple[float, float]] = []  # (request start, bytes/s) of finished requests
         self.sources: list[_Source] = []
 
-    # ---------------------------------------------------------------- helpers
-    @staticmethod
-    def _collect_secrets(url: str, headers: Mapping[str, str]) -> list[str]:
-        out = [v for v in headers.values() if v]
-        for v in headers.values():
-            out.extend(v.split()[1:])  # "Bearer TOKEN" -> also "TOKEN"
-        p = urlsplit(url)
-        if p.password:
-            out.append(p.password)
-        if p.username:
-            out.append(p.username)
-        out.extend(v for _, v in parse_qsl(p.query) if len(v) >= 4)
-        return sorted(set(out), key=len, reverse=True)
-
-    def _clean(self, text: str) -> str:
-        return redact_text(text, self.secrets)
-
-    def _fail(self, reason: str, status: int | None = None, retryable: bool = False) -> TransferError:
-        return TransferError(self.display, self._clean(reason), status=status, retryable=retryable)
-
-    async def _open(self, url: str, headers: dict[str, str], method: str = "GET"
-                    ) -> tuple[aiohttp.ClientResponse, str, dict[str, str]]:
-        """One request, redirects followed here: leaving the origin drops credential headers."""
-        assert self.session is not None
-        for _ in range(MAX_REDIRECTS + 1):
-            try:
-                resp = await self.session.request(method, URL(url, encoded=True), headers=headers,
-                                                  allow_redirects=False)
-            except asyncio.TimeoutError:
-                raise _Retryable("timed out connecting or waiting for the answer") from None
-            except (aiohttp.ClientError, OSError) as e:
-                raise _Retryable(f"connection failed ({type(e).__name__}: {e})") from None
-            if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                location = resp.headers["Location"]
-                resp.release()
-                new = str(URL(url, encoded=True).join(URL(location, encoded=True)))
-                if _origin(new) != _origin(url):
-                    headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIAL_HEADERS}
-                    log.info("redirected from %s to another origin %s; credentials not forwarded",
-                             redact_url(url), redact_url(new))
-                if resp.status == 303:
-                    method = "GET" if method != "HEAD" else method
-                url = new
-                continue
-            return resp, url, headers
-        raise self._fail(f"more than {MAX_REDIRECTS} redirects")
-
-    def _check_status(self, resp: aiohttp.ClientResponse, ok: tuple[int, ...]) -> None:
-        status = resp.status
-        if status in ok:
-            return
-        retry_after = resp.headers.get("Retry-After")
-        resp.release()
-        if self.opt.retry.is_retryable_status(status):
-            raise _Retryable(f"HTTP {status} {resp.reason or ''}".strip(), status, retry_after)
-        if status in FATAL_STATUSES or 400 <= status < 600:
-            raise self._fail(f"HTTP {status} {resp.reason or ''}".strip(), status=status)
-        raise self._fail(f"unexpected HTTP {status}", status=status)
-
-    async def _with_retries(self, what: Callable[[], Any], progress_ref: Callable[[], int] | None = None) -> Any:
-        """Run `what` until it succeeds, retrying _Retryable per the policy; progress resets the count."""
-        failures = 0
-        last_progress = progress_ref() if progress_ref else 0
-        while True:
-            try:
-                return await what()
-            except _Switch:
-                continue  # a mirror was dropped; another source takes the piece
-            except _Retryable as e:
-                now_progress = progress_ref() if progress_ref else 0
-                if now_progress > last_progress:
-                    failures = 0
-                    last_progress = now_progress
-                failures += 1
-                if not self.opt.retry.can_retry(failures):
-                    raise self._fail(f"{e.reason}; gave up after {failures} attempts", status=e.status,
-                                     retryable=True) from None
-                delay = self.opt.retry.delay(failures, e.retry_after)
-                log.warning("%s: %s; retry %d/%d in %.2fs", self.display, self._clean(e.reason),
-                            failures, self.opt.retry.attempts - 1, delay)
-                await asyncio.sleep(delay)
-
-    # ---------------------------------------------------------------- probe
-    async def _probe(self) -> _Remote:
-        headers = {"Accept-Encoding": "identity", **self.opt.headers}
-
-        async def attempt() -> _Remote:
-            t0 = time.monotonic()
-            resp, url, hdrs = await self._open(self.url, dict(headers), "HEAD")
-            self.rtt = max(0.0005, time.monotonic() - t0)
-            if resp.status in (401, 404, 410) or self.opt.retry.is_retryable_status(resp.status):
-                self._check_status(resp, (200,))
-            if 200 <= resp.status < 300:
-                h = resp.headers
-                resp.release()
-                size = int(h["Content-Length"]) if h.get("Content-Length", "").isdigit() else None
-                ranges = "bytes" in h.get("Accept-Ranges", "").lower() and size is not None
-                return _Remote(url, hdrs, size, h.get("ETag"), h.get("Last-Modified"), ranges)
-            resp.release()
-            # HEAD refused (405/501/403 on presigned URLs...): ask for everything, as a range.
-            resp, url, hdrs = await self._open(self.url, {**headers, "Range": "bytes=0-"})
-            self._check_status(resp, (200, 206))
-            h = resp.headers
-            if resp.status == 206:
-                m = _CONTENT_RANGE.match(h.get("Content-Range", ""))
-                if not m or m.group(1) != "0" or m.group(3) == "*":
-                    resp.close()
-                    raise _Retryable("malformed Content-Range in the answer to bytes=0-")
-                return _Remote(url, hdrs, int(m.group(3)), h.get("ETag"), h.get("Last-Modified"), True, resp)
-            size = int(h["Content-Length"]) if h.get("Content-Length", "").isdigit() else None
-            return _Remote(url, hdrs, size, h.get("ETag"), h.get("Last-Modified"), False, resp)
-
-        return await self._with_retries(attempt)
+    @property
+    def http(self) -> HttpClient:
+        assert self.client is not None
+        return self.client
 
     # ---------------------------------------------------------------- file
     def _open_part(self, size: int | None, keep: bool) -> None:
@@ -462,29 +162,20 @@ class _Download:
         if self.hasher is not None:
             self.hasher.abort()
             self.hasher.join()
-        self.hasher = _Hasher(self.fd, prefix)
+        self.hasher = Hasher(self.fd, prefix)
         self.hasher.start()
 
     def _stop_saver(self, final_save: bool) -> None:
-        if self.saver is None:
-            return
-        self.saver.stop()
-        self.saver.join()
-        if final_save:
-            try:
-                self.saver.save_now()
-            except OSError as e:
-                log.warning("cannot record download progress: %s", e.strerror or e)
-        self.saver = None
+        if self.saver is not None:
+            self.saver.close(final_save)
+            self.saver = None
 
     # ---------------------------------------------------------------- run
     async def run(self) -> TransferResult:
         t0 = time.monotonic()
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.opt.connect_timeout,
-                                        sock_read=self.opt.read_timeout)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                             read_bufsize=READ_BUFSIZE, trust_env=False)
+        session = new_session(self.opt.connect_timeout, self.opt.read_timeout, pooled=True)
+        requests = [(self.url, self.opt.headers), *((m.url, m.headers) for m in self.opt.mirrors)]
+        self.client = HttpClient(session, self.url, requests, self.opt.retry)
         try:
             return await self._run(t0)
         finally:
@@ -498,14 +189,15 @@ class _Download:
                 self.hasher.join()
             if self.remote is not None and self.remote.response is not None:
                 self.remote.response.close()
-            await self.session.close()
+            await session.close()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
 
     async def _run(self, t0: float) -> TransferResult:
         self._check_cancel()
-        remote = self.remote = await self._probe()
+        remote = self.remote = await probe_remote(self.http, self.url, self.opt.headers)
+        self.throughput.rtt = remote.rtt
         expected = self.opt.expected_size
         if expected is not None and remote.size is not None and remote.size != expected:
             raise IntegrityError(self.display, f"origin announces {remote.size} bytes, expected {expected}")
@@ -570,7 +262,7 @@ class _Download:
         r = self.remote
         return PartState(url_key(self.url), r.size, r.etag, r.last_modified, done)
 
-    def _resume_table(self, remote: _Remote) -> SegmentTable:
+    def _resume_table(self, remote: Remote) -> SegmentTable:
         assert remote.size is not None
         key = url_key(self.url)
         state = PartState.load(state_path(self.part_path)) if self.part_path.exists() else None
@@ -592,14 +284,14 @@ class _Download:
         self._open_part(remote.size, keep=False)
         return SegmentTable.fresh(remote.size)
 
-    async def _ranged(self, remote: _Remote) -> None:
+    async def _ranged(self, remote: Remote) -> None:
         assert remote.size is not None
         table = self.table = self._resume_table(remote)
         self._start_hasher(table.prefix)
-        self.saver = _Saver(self.fd, self.part_path, table, self._record([]))
+        self.saver = Saver(self.fd, self.part_path, table, self._record([]))
         self.saver.start()
-        self.if_range = _strong_etag(remote.etag) or remote.last_modified
-        self.sources = [_Source(remote.url, remote.headers, self.display, self.if_range)]
+        if_range = _strong_etag(remote.etag) or remote.last_modified
+        self.sources = [_Source(remote.url, remote.headers, self.display, if_range)]
         self.sources += [_Source(m.url, {"Accept-Encoding": "identity", **m.headers}, m.display or redact_url(m.url))
                          for m in self.opt.mirrors]
         if remote.size == 0:
@@ -608,14 +300,14 @@ class _Download:
         cap = max(1, self.opt.max_connections if fixed is None else fixed)
         todo = table.remaining()
         start = fixed or START_CONNECTIONS
-        self.target = max(1, min(start, cap, math.ceil(todo / MIN_SPLIT)))
+        self.ctl = ctl = Controller(self.throughput, min(start, cap, math.ceil(todo / MIN_SPLIT)),
+                                    fixed=fixed is not None, cap=cap, display=self.display)
         first = remote.response
         remote.response = None
         if first is not None and self.resumed:
             first.close()  # the bytes=0- answer started at zero; resumed work starts elsewhere
             first = None
         self._spawn(first)
-        ctl = _Controller(self, fixed is not None, cap)
         while True:
             done = [t for t in self.workers.values() if t.done()]
             for task in done:
@@ -631,27 +323,28 @@ class _Download:
             self._report()
             if table.complete():
                 break
-            ctl.tick()
-            if not self.workers or len(self.workers) < self.target:
+            ctl.tick(len(self.workers), table.unowned())
+            if not self.workers or len(self.workers) < ctl.target:
                 self._spawn(None)
             self.peak = max(self.peak, len(self.workers))
             table.compact()
             await asyncio.sleep(TICK)
 
     def _spawn(self, first: aiohttp.ClientResponse | None) -> None:
-        for wid in range(self.target):
+        assert self.ctl is not None
+        for wid in range(self.ctl.target):
             if wid not in self.workers:
                 self.workers[wid] = asyncio.ensure_future(self._worker(wid, first))
                 first = None
         self.peak = max(self.peak, len(self.workers))
 
     async def _worker(self, wid: int, first: aiohttp.ClientResponse | None) -> None:
-        assert self.table is not None
-        table = self.table
-        while wid < self.target:
+        assert self.table is not None and self.ctl is not None
+        table, ctl = self.table, self.ctl
+        while wid < ctl.target:
             # Never more than a fair share of what is left, so every worker starts on fresh bytes
             # instead of stealing (a steal cuts the victim's request short and wastes its tail).
-            piece = max(MIN_SPLIT, min(self.piece, -(-table.unowned() // max(1, self.target))))
+            piece = max(MIN_SPLIT, min(ctl.piece, -(-table.unowned() // max(1, ctl.target))))
             seg = table.take(wid, piece, MIN_SPLIT)
             if seg is None:
                 return
@@ -660,12 +353,12 @@ class _Download:
                     # The probe's open `bytes=0-` answer serves the first piece; a failure there is
                     # simply retried below from wherever it stopped.
                     begin = seg.pos
-                    with contextlib.closing(first), contextlib.suppress(_Retryable):
+                    with contextlib.closing(first), contextlib.suppress(Retryable):
                         if seg.pos == 0:
                             await self._consume(first, seg, wid)
                     first = None
                     self.sources[0].delivered(begin, seg.pos)
-                await self._with_retries(lambda seg=seg: self._fetch(seg, wid), lambda seg=seg: seg.pos)
+                await self.http.with_retries(lambda seg=seg: self._fetch(seg, wid), lambda seg=seg: seg.pos)
             finally:
                 seg.owner = None
 
@@ -682,7 +375,7 @@ class _Download:
         begin = seg.pos
         try:
             await self._fetch_from(src, seg, wid)
-        except (_Retryable, _Restart, TransferError) as e:
+        except (Retryable, _Restart, TransferError) as e:
             if sum(s.alive for s in self.sources) < 2:
                 raise
             if isinstance(e, _Restart):
@@ -692,8 +385,8 @@ class _Download:
                 reason = e.reason
             src.alive = False
             log.warning("%s: dropping source %s for this download: %s", self.display, src.display,
-                        self._clean(reason))
-            raise _Switch() from None
+                        self.http.clean(reason))
+            raise Retryable(reason, free=True) from None  # another source takes the piece at once
         finally:
             src.delivered(begin, seg.pos)
 
@@ -703,28 +396,26 @@ class _Download:
         if src.if_range:
             headers["If-Range"] = src.if_range
         t0 = time.monotonic()
-        resp, url, hdrs = await self._open(src.url, headers)
+        resp, url, hdrs = await self.http.open(src.url, headers)
         if resp.status == 200:
             raise _Restart(resp, url, hdrs)
         if resp.status == 416:
             resp.release()
-            raise self._fail("the origin refused a byte range inside the announced size (file changed?)", 416)
-        self._check_status(resp, (206,))
-        self.rtt = 0.8 * self.rtt + 0.2 * (time.monotonic() - t0)
-        m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            raise self.http.fail("the origin refused a byte range inside the announced size (file changed?)", 416)
+        self.http.check(resp, (206,))
+        self.throughput.answered(time.monotonic() - t0)
+        m = CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
         if not m or int(m.group(1)) != seg.pos or (m.group(3) != "*" and int(m.group(3)) != self.table_size):
             resp.close()
             if m and m.group(3) != "*" and int(m.group(3)) != self.table_size:
-                raise self._fail(f"file size changed during the download ({m.group(3)} bytes now)")
-            raise _Retryable("the origin answered a different byte range")
+                raise self.http.fail(f"file size changed during the download ({m.group(3)} bytes now)")
+            raise Retryable("the origin answered a different byte range")
         begin = seg.pos
         with contextlib.closing(resp):
             await self._consume(resp, seg, wid)
-        elapsed = time.monotonic() - t0
-        if elapsed > 0 and seg.pos > begin:
-            self.samples.append((t0, (seg.pos - begin) / elapsed))
+        self.throughput.finished(t0, seg.pos - begin, time.monotonic())
         if seg.pos < seg.end:
-            raise _Retryable(f"short body: the answer ended {seg.end - seg.pos} bytes early")
+            raise Retryable(f"short body: the answer ended {seg.end - seg.pos} bytes early")
 
     @property
     def table_size(self) -> int:
@@ -757,12 +448,12 @@ class _Download:
                 for limiter in limiters:
                     await limiter.acquire(n)
         except asyncio.TimeoutError:
-            raise _Retryable(f"no data for {self.opt.read_timeout:g}s (idle read timeout)") from None
+            raise Retryable(f"no data for {self.opt.read_timeout:g}s (idle read timeout)") from None
         except (aiohttp.ClientError, OSError) as e:
-            raise _Retryable(f"connection broke after {pos - seg.start} bytes ({type(e).__name__})") from None
+            raise Retryable(f"connection broke after {pos - seg.start} bytes ({type(e).__name__})") from None
 
     # ---------------------------------------------------------------- single stream
-    async def _single(self, remote: _Remote,
+    async def _single(self, remote: Remote,
                       restart: tuple[aiohttp.ClientResponse, str, dict[str, str]] | None) -> int:
         """No ranges (or the file changed under us): one GET from byte zero; a failure starts over."""
         for task in self.workers.values():
@@ -790,8 +481,8 @@ class _Download:
             resp = pending
             pending = None
             if resp is None:
-                resp, _, _ = await self._open(remote.url, dict(remote.headers))
-                self._check_status(resp, (200,))
+                resp, _, _ = await self.http.open(remote.url, dict(remote.headers))
+                self.http.check(resp, (200,))
             size = int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length", "").isdigit() else None
             remote.size = size
             self._open_part(size, keep=False)
@@ -811,7 +502,7 @@ class _Download:
                     seg.end = got
             return got
 
-        return int(await self._with_retries(attempt))
+        return int(await self.http.with_retries(attempt))
 
     async def _consume_stream(self, resp: aiohttp.ClientResponse, seg: Segment, size: int | None) -> None:
         task = asyncio.ensure_future(self._consume(resp, seg, 0))
@@ -827,73 +518,7 @@ class _Download:
                     await task
         task.result()
         if size is not None and seg.pos != size:
-            raise _Retryable(f"short body: {seg.pos} of {size} bytes")
-
-
-class _Controller:
-    """Adaptive connection count: grow while aggregate throughput rises, back off when it stops.
-
-    Throughput at a level is judged from the requests that *started* at that level: each finished
-    request gives bytes / (time from sending it to its last byte), which averages out the bursts of
-    paced origins (nginx sends a second's worth, then pauses) and includes round trips between
-    requests. Aggregate = median per-request rate x connections. The count doubles while a step
-    brings near-linear gains (an origin that throttles each connection), grows by a quarter while
-    gains are modest, and returns to the previous count when the last step bought less than 20% of
-    its proportional gain (CPU, disk or link saturated); after a pause it probes once more.
-    """
-
-    def __init__(self, dl: _Download, fixed: bool, cap: int) -> None:
-        self.dl = dl
-        self.fixed = fixed
-        self.cap = cap
-        self.level_start = time.monotonic()
-        self.prev: tuple[int, float] | None = None
-        self.hold_until = 0.0
-        self.probing_done = False
-
-    def tick(self) -> None:
-        dl = self.dl
-        if self.fixed:
-            return
-        now = time.monotonic()
-        n = len(dl.workers)
-        samples = [rate for t, rate in dl.samples if t >= self.level_start]
-        if not n or len(samples) < max(3, n // 2):
-            return
-        samples.sort()
-        per_conn = samples[len(samples) // 2]
-        rate = per_conn * n
-        # Requests of ~1/4 s (or 20 round trips on slow links): few requests, short tails.
-        dl.piece = max(MIN_PIECE, min(MAX_PIECE, int(per_conn * max(0.25, 20 * dl.rtt))))
-        target = dl.target
-        unowned = dl.table.unowned() if dl.table is not None else 0
-        if now < self.hold_until or unowned < 2 * target * MIN_SPLIT:
-            self._new_level(now)  # holding, or too little left to give more connections work
-            return
-        if self.prev is None or n <= self.prev[0]:
-            new = min(self.cap, target * 2 if not self.probing_done else math.ceil(target * 1.25))
-        else:
-            prev_n, prev_rate = self.prev
-            gain = rate / prev_rate - 1 if prev_rate > 0 else 1.0
-            efficiency = gain / (n / prev_n - 1)
-            if efficiency >= 0.5 and not self.probing_done:
-                new = min(self.cap, target * 2)
-            elif efficiency >= 0.2:
-                new = min(self.cap, math.ceil(target * 1.25))
-            else:
-                new = prev_n  # the last step did not pay: back off, probe again later
-                self.probing_done = True
-                self.hold_until = now + 5.0
-        if new == target:
-            self.hold_until = now + 5.0
-        self.prev = (n, rate) if new > n else None
-        dl.target = max(1, new)
-        log.debug("%s: %d connections at %.1f MB/s -> %d", dl.display, n, rate / 1e6, dl.target)
-        self._new_level(now)
-
-    def _new_level(self, now: float) -> None:
-        self.level_start = now
-        self.dl.samples.clear()
+            raise Retryable(f"short body: {seg.pos} of {size} bytes")
 
 
 async def download_async(url: str, part_path: Path, options: TransferOptions, *,
@@ -906,37 +531,8 @@ async def download_async(url: str, part_path: Path, options: TransferOptions, *,
         return await _Download(url, Path(part_path), options, progress, cancel).run()
     except asyncio.CancelledError:
         raise
-    except _Retryable as e:  # only reachable if a retry path escaped; never leak raw text
-        raise TransferError(redact_url(url), redact_text(e.reason), status=e.status, retryable=True) from None
-
-
-@dataclass(frozen=True)
-class RemoteInfo:
-    """What the origin says about a URL before downloading (for free-space checks and planning)."""
-
-    size: int | None
-    etag: str | None
-    last_modified: str | None
-    accept_ranges: bool
-    display: str  # final URL after redirects, redacted
-
-
-async def probe_async(url: str, options: TransferOptions) -> RemoteInfo:
-    """HEAD (or a `bytes=0-` GET) with the engine's redirect, retry and redaction rules."""
-    dl = _Download(url, Path(os.devnull), options, None, None)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.connect_timeout,
-                                    sock_read=options.read_timeout)
-    async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False, trust_env=False) as session:
-        dl.session = session
-        remote = await dl._probe()
-        if remote.response is not None:
-            remote.response.close()
-    return RemoteInfo(remote.size, remote.etag, remote.last_modified, remote.ranges, redact_url(remote.url))
-
-
-def probe(url: str, options: TransferOptions) -> RemoteInfo:
-    """Synchronous `probe_async`."""
-    return asyncio.run(probe_async(url, options))
+    except Retryable as e:  # only reachable if a retry path escaped; never leak raw text
+        raise status_error(redact_url(url), redact_text(e.reason), e.status, retryable=True) from None
 
 
 def download(url: str, part_path: Path, options: TransferOptions, *,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import Cancelled, IntegrityError, NotEnoughSpace, TransferError
 from ..progress import CancelToken
-from .engine import TransferResult
+from .options import TransferResult
 
 BLOCK = 16 << 20
 PROGRESS_INTERVAL = 0.1

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-# Answers that will not change by asking again: fail at once with the status.
-FATAL_STATUSES = frozenset({400, 401, 403, 404, 405, 410, 416, 451})
 
 
 @dataclass(frozen=True)
