@@ -18,6 +18,7 @@ from yarl import URL
 from ..errors import TransferError
 from ..redact import redact_text, redact_url
 from .http_policy import Retryable, RetryLoop, answer_failure, redirect, status_error
+from .proxy import proxy_for, proxy_secrets
 from .retry import RetryPolicy
 
 log = logging.getLogger("comfy_autocloud.transfer")
@@ -44,8 +45,8 @@ def secrets_of(url: str, headers: Mapping[str, str]) -> list[str]:
 
 
 def new_session(connect_timeout: float, read_timeout: float, *, pooled: bool) -> aiohttp.ClientSession:
-    """The engine's session: no decompression, no proxy from the environment; `pooled` lifts the
-    connection cap for the ranged workers."""
+    """The engine's session: no decompression; proxies are chosen per request by `proxy.proxy_for`
+    (aiohttp's own environment handling is off); `pooled` lifts the connection cap for the ranged workers."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
     if not pooled:
         return aiohttp.ClientSession(timeout=timeout, auto_decompress=False, trust_env=False)
@@ -61,7 +62,8 @@ class HttpClient:
                  policy: RetryPolicy) -> None:
         self.session = session
         self.display = redact_url(url)
-        self.secrets = sorted({s for u, h in requests for s in secrets_of(u, h)}, key=len, reverse=True)
+        self.secrets = sorted({s for u, h in requests for s in secrets_of(u, h)} | proxy_secrets(), key=len,
+                              reverse=True)
         self.policy = policy
 
     def clean(self, text: str) -> str:
@@ -74,13 +76,16 @@ class HttpClient:
                    ) -> tuple[aiohttp.ClientResponse, str, dict[str, str]]:
         """One request, redirects followed here (`http_policy.redirect`): leaving the origin drops credentials."""
         for _ in range(MAX_REDIRECTS + 1):
+            proxy = proxy_for(url)  # per hop: NO_PROXY may exempt the host a redirect leads to
+            via = f" via proxy {proxy.display}" if proxy else ""
+            sent, extra = (headers, {}) if proxy is None else proxy.request_args(url, headers)
             try:
-                resp = await self.session.request(method, URL(url, encoded=True), headers=headers,
-                                                  allow_redirects=False)
+                resp = await self.session.request(method, URL(url, encoded=True), headers=sent,
+                                                  allow_redirects=False, **extra)
             except asyncio.TimeoutError:
-                raise Retryable("timed out connecting or waiting for the answer") from None
+                raise Retryable(f"timed out connecting or waiting for the answer{via}") from None
             except (aiohttp.ClientError, OSError) as e:
-                raise Retryable(f"connection failed ({type(e).__name__}: {e})") from None
+                raise Retryable(self.clean(f"connection failed{via} ({type(e).__name__}: {e})")) from None
             hop = redirect(url, resp.status, resp.headers.get("Location"), headers, method)
             if hop is None:
                 return resp, url, headers
