@@ -28,6 +28,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("comfy_autocloud.cli.warmup_cmd", "warmup_cmd"),
     ("comfy_autocloud.cli.start_cmd", "start_cmd"),
     ("comfy_autocloud.cli.config_cmd", "config_cmd"),
+    ("comfy_autocloud.cli.doctor_cmd", "doctor_cmd"),
     ("comfy_autocloud.cli.demo_cmd", "demo_cmd"),
     ("comfy_autocloud.cli.fleet_cmd", "serve_peer_cmd"),
     ("comfy_autocloud.cli.fleet_cmd", "fleet_group"),

@@ -41,19 +41,27 @@ def merge_names(on_disk: Iterable[str], offered: Iterable[str], extensions: Coll
     return sorted(names)
 
 
-class Catalog:
-    """Thread-safe index of ModelSpecs by (ComfyUI folder, filename); later additions merge sources."""
+ORIGINS = ("manifest", "workflow", "request")  # AUTOCLOUD_MANIFEST, a workflow's hints, POST /autocloud/fetch
 
-    def __init__(self, specs: Iterable[ModelSpec] = ()) -> None:
+
+class Catalog:
+    """Thread-safe index of ModelSpecs by (ComfyUI folder, filename); later additions merge sources.
+
+    Each entry remembers where it was first defined (one of ORIGINS), so the panel can say so and a
+    failed download of something a workflow or a request added can be dropped again.
+    """
+
+    def __init__(self, specs: Iterable[ModelSpec] = (), origin: str = "manifest") -> None:
         self._lock = threading.Lock()
         self._by_name: dict[tuple[str, str], ModelSpec] = {}
-        self.add(specs)
+        self._origin: dict[tuple[str, str], str] = {}
+        self.add(specs, origin)
 
-    def add(self, specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+    def add(self, specs: Iterable[ModelSpec], origin: str = "manifest") -> list[ModelSpec]:
         """Add or merge specs (sources of the same key are combined); returns the stored versions.
 
         An entry that contradicts one already known (other sha256, unproven other URL) is logged and
-        ignored: the first definition (the operator's manifest) keeps serving.
+        ignored: the first definition (the operator's manifest) keeps serving, and keeps its origin.
         """
         out = []
         with self._lock:
@@ -67,12 +75,28 @@ class Catalog:
                         log.warning("autocloud: ignoring %s", exc)
                         spec = old
                 self._by_name[k] = spec
+                self._origin.setdefault(k, origin)
                 out.append(spec)
         return out
 
     def lookup(self, folder: str, filename: str) -> ModelSpec | None:
         with self._lock:
             return self._by_name.get((comfy_folder(folder), normalize_name(filename)))
+
+    def origin(self, folder: str, filename: str) -> str | None:
+        """Where the entry came from (one of ORIGINS), None if unknown."""
+        with self._lock:
+            return self._origin.get((comfy_folder(folder), normalize_name(filename)))
+
+    def remove(self, folder: str, filename: str, *, unless: str = "manifest") -> bool:
+        """Forget an entry (a workflow's or a request's URL that failed); the `unless` origin stays."""
+        k = (comfy_folder(folder), normalize_name(filename))
+        with self._lock:
+            if k not in self._by_name or self._origin.get(k) == unless:
+                return False
+            del self._by_name[k]
+            self._origin.pop(k, None)
+            return True
 
     def names(self, folder: str) -> list[str]:
         folder = comfy_folder(folder)
@@ -84,15 +108,24 @@ class Catalog:
         with self._lock:
             return sorted({s.folder for s in self._by_name.values()})
 
-    def replace(self, specs: Iterable[ModelSpec]) -> None:
-        """Swap in a whole new set at once (a reloaded manifest: removed entries go, changed ones change)."""
-        fresh = Catalog(specs)
+    def replace(self, specs: Iterable[ModelSpec], origin: str = "manifest") -> None:
+        """Swap in a whole new set of one origin at once (a reloaded manifest: removed entries go, changed
+        ones change); entries of other origins stay unless the new set defines them."""
+        fresh = Catalog(specs, origin)
         with self._lock:
-            self._by_name = fresh._by_name
+            others = [(s, o) for k, s in self._by_name.items() if (o := self._origin[k]) != origin]
+            self._by_name, self._origin = fresh._by_name, fresh._origin
+        for spec, o in others:  # merged into a new entry of the same key, or kept as it was
+            self.add([spec], o)
 
     def specs(self) -> list[ModelSpec]:
         with self._lock:
             return list(self._by_name.values())
+
+    def entries(self) -> list[tuple[ModelSpec, str]]:
+        """(spec, origin) of every entry."""
+        with self._lock:
+            return [(s, self._origin[k]) for k, s in self._by_name.items()]
 
     def __len__(self) -> int:
         with self._lock:

@@ -173,3 +173,38 @@ def original_is_present(fp: Any) -> Callable[[str, str], bool]:
             return False
 
     return is_present
+
+
+def layout(fp: Any) -> Any:
+    """The model folders this ComfyUI process reads, in search order (what `autocloud doctor` reads from a
+    checkout), for the panel's Health section."""
+    from importlib import metadata
+
+    from comfy_autocloud.doctor import Layout
+
+    base = getattr(fp, "base_path", None)
+    version = None
+    try:
+        import comfyui_version  # ComfyUI
+
+        version = getattr(comfyui_version, "__version__", None)
+    except Exception:
+        pass
+    try:
+        frontend: str | None = metadata.version("comfyui-frontend-package")
+    except metadata.PackageNotFoundError:
+        frontend = None
+    known: dict[str, tuple[list[str], Any]] = getattr(fp, "folder_names_and_paths", None) or {}
+    lay = Layout(str(base) if base else None, version, frontend, where="this ComfyUI process")
+    lay.folders = {name: list(paths) for name, (paths, _exts) in known.items()
+                   if name not in _SKIP_FOLDERS and name not in ("configs", MANIFEST_FOLDER)}
+    models_dir = getattr(fp, "models_dir", None)
+    lay.roots = [str(models_dir)] if models_dir else []
+    # extra_model_paths.yaml sections' base paths: parents of registered folders outside models_dir
+    for paths in lay.folders.values():
+        for p in paths:
+            parent = str(Path(p).parent)
+            if parent not in lay.roots and models_dir and not parent.startswith(str(models_dir)):
+                lay.roots.append(parent)
+    return lay
+

@@ -49,8 +49,9 @@ class PrefetchPlan:
 
 
 def workflow_hints(json_data: dict[str, Any], allowed_hosts: Iterable[str]) -> tuple[list[ModelSpec], list[str]]:
-    """`extra_data.extra_pnginfo.workflow.models[]` (the editor's download hints) as specs whose
-    sources are only allowlisted URLs; returns (specs, refused redacted URLs)."""
+    """`extra_data.extra_pnginfo.workflow.models[]` (the editor's download hints; the panel's script puts
+    them back, the frontend drops them) as specs whose sources are only allowlisted URLs; returns
+    (specs, refused redacted URLs)."""
     workflow = ((json_data.get("extra_data") or {}).get("extra_pnginfo") or {}).get("workflow")
     if not isinstance(workflow, dict):
         return [], []
@@ -59,6 +60,11 @@ def workflow_hints(json_data: dict[str, Any], allowed_hosts: Iterable[str]) -> t
     except ManifestError as exc:
         log.warning("autocloud: ignoring the workflow's model hints: %s", exc)
         return [], []
+    return allowed_hints(refs, allowed_hosts)
+
+
+def allowed_hints(refs: Iterable[ModelSpec], allowed_hosts: Iterable[str]) -> tuple[list[ModelSpec], list[str]]:
+    """The refs that carry URLs, each keeping only its allowlisted ones; returns (specs, refused URLs)."""
     hosts = tuple(allowed_hosts)
     specs: list[ModelSpec] = []
     refused: list[str] = []
@@ -92,7 +98,7 @@ def plan_prefetch(json_data: Any, catalog: Catalog, is_present: IsPresent,
         log.warning("autocloud: workflow model URLs outside AUTOCLOUD_ALLOWED_HOSTS are not downloaded: %s",
                     " ".join(plan.refused))
     if hints:
-        catalog.add(hints)
+        catalog.add(hints, "workflow")
     seen: set[str] = set()
     for ref in refs:
         spec = catalog.lookup(ref.folder, ref.filename)

@@ -91,8 +91,22 @@ def route_defs(adapter: Adapter) -> list[web.RouteDef]:
             return _error(404, f"{key}: no download of it is running")
         return web.json_response({"key": key, "cancelled": True})
 
+    async def dismiss(request: web.Request) -> web.StreamResponse:
+        key = _key(await _body(request))
+        return web.json_response({"key": key, "dismissed": await asyncio.to_thread(adapter.dismiss, key)})
+
+    async def workflow(request: web.Request) -> web.StreamResponse:
+        data = await _body(request)
+        return web.json_response(await asyncio.to_thread(adapter.check_workflow, data.get("workflow")))
+
+    async def doctor(request: web.Request) -> web.StreamResponse:
+        return web.json_response(await asyncio.to_thread(adapter.doctor))
+
     return [
         *preload_route_defs(),
+        web.get("/autocloud/doctor", _guard(doctor)),
+        web.post("/autocloud/dismiss", _guard(dismiss)),
+        web.post("/autocloud/workflow", _guard(workflow)),
         web.get("/autocloud/status", _guard(status)),
         web.get("/autocloud/metrics", _guard(metrics)),
         web.post("/autocloud/fetch", _guard(fetch)),

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from comfy_autocloud.comfy.catalog import Catalog
-from comfy_autocloud.comfy.prefetch import IsPresent, PrefetchPlan, host_allowed, plan_prefetch
+from comfy_autocloud.comfy.catalog import Catalog, comfy_folder
+from comfy_autocloud.comfy.prefetch import IsPresent, PrefetchPlan, allowed_hints, host_allowed, plan_prefetch
 from comfy_autocloud.comfy.tracker import Tracker
 from comfy_autocloud.config import Settings
 from comfy_autocloud.errors import AutoCloudError, Cancelled, ManifestError, StoreError
@@ -29,6 +29,7 @@ from comfy_autocloud.fetch.service import FetchResult, FetchService
 from comfy_autocloud.keys import split_key
 from comfy_autocloud.manifest import load_manifests
 from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.manifest.workflow import LEGACY_FOLDERS, workflow_model_refs
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.store import Store
@@ -139,6 +140,7 @@ class Adapter:
         # must not wait for a 10 GB download (its partial file is kept and resumed next time).
         self.peer_node: Any = None  # fleet.node.PeerNode when AUTOCLOUD_PEER_SERVE is on
         self._tokens: dict[str, CancelToken] = {}  # one per running download: the panel's cancel button
+        self.layout_provider: Callable[[], Any] | None = None  # hooks.layout: the folders ComfyUI reads
         register = getattr(threading, "_register_atexit", None)
         if callable(register):
             try:
@@ -201,8 +203,7 @@ class Adapter:
             return len(self.catalog)
         self.manifest_error = None
         with self._lock:
-            extra = [s for s in self.catalog.specs() if s.key not in self._manifest_keys]
-            self.catalog.replace([*specs, *extra])
+            self.catalog.replace(specs, "manifest")
             self._manifest_keys = {s.key for s in specs}
         log.info("autocloud: %d models offered from %s", len(self.catalog), ", ".join(map(redact_url, entries)))
         return len(self.catalog)
@@ -292,13 +293,17 @@ class Adapter:
         try:
             result = self.fetch_service.fetch(spec, progress=self.tracker.callback(reason), cancel=token)
         except AutoCloudError as exc:
+            cancelled = isinstance(exc, Cancelled)
             with self._lock:
-                if not isinstance(exc, Cancelled):  # a cancelled download may be asked for again at once
+                if not cancelled:  # a cancelled download may be asked for again at once
                     self._failed[spec.key] = (time.monotonic(), exc)
                 self._futures.pop(spec.key, None)
                 self._tokens.pop(spec.key, None)
-            self.tracker.finish(spec.key, error=str(exc))
-            log.error("autocloud: %s", exc)
+            self.tracker.finish(spec.key, error=str(exc), cancelled=cancelled)
+            if not cancelled and self.catalog.remove(spec.folder, spec.filename):
+                # a workflow's or a request's URL that failed is no longer offered (the manifest's stay)
+                self._changed(spec.key)
+            (log.info if cancelled else log.error)("autocloud: %s", exc)
             raise
         except BaseException as exc:
             with self._lock:
@@ -379,7 +384,7 @@ class Adapter:
             except ValueError as exc:
                 raise ManifestError("request.key", str(exc)) from None
             spec = self.catalog.lookup(folder, filename)
-            if spec is None:
+            if spec is None or not spec.sources:
                 raise ManifestError("request.key", f"{key} is not in any manifest; give {{url, folder, name}}")
             return spec
         url, folder = body.get("url"), body.get("folder")
@@ -394,12 +399,68 @@ class Adapter:
                              defined_in="POST /autocloud/fetch")
         except ValueError as exc:
             raise ManifestError("request", str(exc).splitlines()[0] if str(exc) else "invalid") from None
-        return self.catalog.add([spec])[0]
+        return self.catalog.add([spec], "request")[0]
 
     def request_fetch(self, body: Any) -> str:
         spec = self.spec_for_request(body)
         self.submit(spec, "api")
         return spec.key
+
+    def dismiss(self, key: str) -> bool:
+        """Forget the finished (failed or cancelled) download of `key` shown by the panel."""
+        return self.tracker.dismiss(key)
+
+    def check_workflow(self, workflow: Any) -> dict[str, Any]:
+        """What the browser asks when a workflow loads: each model it names, whether AutoCloud can provide
+        it, and the workflow's allowlisted download hints added to the catalog (so Run finds them).
+
+        A model is `cached` (in AutoCloud's cache), `on_disk` (in another folder ComfyUI reads),
+        `downloading`, `available` (a source is known: it downloads on Run), `refused` (its URL's host
+        is not in AUTOCLOUD_ALLOWED_HOSTS) or `missing` (nobody can provide it).
+        """
+        if not isinstance(workflow, dict):
+            raise ManifestError("request.workflow", "expected the workflow object (the editor's JSON)")
+        refs = workflow_model_refs(workflow, "request.workflow")
+        hints, _ = allowed_hints(refs, self.allowed_hosts)
+        if hints:
+            self.catalog.add(hints, "workflow")
+            for folder in sorted({h.folder for h in hints}):
+                self._changed(f"{folder}/")
+        active = {d["key"] for d in self.tracker.active()}
+        models: list[dict[str, Any]] = []
+        for ref in refs:
+            spec = self.catalog.lookup(ref.folder, ref.filename)
+            key = spec.key if spec is not None else ref.key
+            folder = comfy_folder(ref.folder)
+            row: dict[str, Any] = {"key": key, "folder": folder, "name": ref.filename,
+                                   "directories": [folder, *(k for k, v in LEGACY_FOLDERS.items() if v == folder)],
+                                   "origin": self.catalog.origin(ref.folder, ref.filename),
+                                   "size": spec.size if spec is not None else None}
+            if key in active:
+                row["status"] = "downloading"
+            elif self._in_store(ref.folder, ref.filename):
+                row["status"] = "cached"
+            elif self.is_present(ref.folder, ref.filename):
+                row["status"] = "on_disk"
+            elif spec is not None and spec.sources:
+                row["status"] = "available"
+            elif ref.sources:
+                row["status"] = "refused"
+                row["reason"] = (f"{', '.join(redact_url(u) for u in ref.sources)}: host not in "
+                                 f"AUTOCLOUD_ALLOWED_HOSTS ({', '.join(self.allowed_hosts) or 'empty'})")
+            else:
+                row["status"] = "missing"
+            models.append(row)
+        return {"models": models}
+
+    def doctor(self) -> dict[str, Any]:
+        """`autocloud doctor`'s checks as this ComfyUI process sees them (GET /autocloud/doctor)."""
+        from comfy_autocloud.doctor import report, run_checks
+
+        lay = self.layout_provider() if self.layout_provider is not None else None
+        checks = run_checks(self.settings, lay, cached_bytes=self.store.usage().bytes,
+                            manifest_loaded=len(self._manifest_keys), manifest_error=self.manifest_error)
+        return report(checks, lay)
 
     def evict(self, key: str, force: bool = False) -> dict[str, Any]:
         entry = self.store.evict(key, force=force)
@@ -416,8 +477,15 @@ class Adapter:
         entries = self.store.entries()
         cached = {e.key for e in entries}
         files = sorted(entries, key=lambda e: -e.last_access)[:STATUS_ENTRIES]
-        available = [{"key": s.key, "size": s.size} for s in self.catalog.specs()
-                     if s.key not in cached and s.sources and not s.key.startswith(MANIFEST_FOLDER + "/")]
+        downloads = self.tracker.active()
+        busy = {d["key"] for d in downloads}
+        origins = {s.key: o for s, o in self.catalog.entries()}
+        available = [{"key": s.key, "size": s.size, "origin": o} for s, o in self.catalog.entries()
+                     if s.key not in cached and s.key not in busy and s.sources
+                     and not s.key.startswith(MANIFEST_FOLDER + "/")]
+        recent = self.tracker.recent()
+        for d in (*downloads, *recent):
+            d["origin"] = origins.get(d["key"])
         return {
             "cache_dir": str(self.store.root),
             "policy": self.store.policy.name,
@@ -425,10 +493,11 @@ class Adapter:
             "pinned": sum(e.pinned for e in entries),
             "in_use": sum(e.in_use for e in entries),
             "files": [{"key": e.key, "size": e.size, "hits": e.hits, "last_access": e.last_access,
-                       "created": e.created, "pinned": e.pinned, "in_use": e.in_use, "source": e.source}
+                       "created": e.created, "pinned": e.pinned, "in_use": e.in_use, "source": redact_url(e.source),
+                       "origin": origins.get(e.key)}
                       for e in files],
-            "downloads": self.tracker.active(),
-            "recent": self.tracker.recent(),
+            "downloads": downloads,
+            "recent": recent,
             "available": sorted(available, key=lambda a: a["key"])[:STATUS_ENTRIES],
             "catalog_entries": len(self.catalog),
             "manifest_error": self.manifest_error,

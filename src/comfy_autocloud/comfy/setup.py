@@ -101,6 +101,7 @@ def setup() -> Adapter | None:
             settings = load_comfy_settings(user_dir)
             adapter = Adapter.create(settings, is_present=hooks.original_is_present(folder_paths))
             wrapped = hooks.install(folder_paths, adapter)
+            adapter.layout_provider = lambda: hooks.layout(folder_paths)
         except Exception:
             log.exception("autocloud: adapter not installed; ComfyUI runs with its standard model folders")
             return None

@@ -34,6 +34,7 @@ class Download:
     finished: float | None = None
     speed: float = 0.0  # bytes/s over the last SPEED_WINDOW seconds
     error: str | None = None
+    cancelled: bool = False  # stopped by the user; the partial file (bytes_done of bytes_total) is kept
     source: str = ""
     _samples: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
     _emitted: float = 0.0
@@ -125,12 +126,15 @@ class Tracker:
         self._notify(d)
 
     def finish(self, key: str, *, error: str | None = None, bytes_downloaded: int = 0, seconds: float = 0.0,
-               cached: bool = False) -> None:
-        """Close the record of `key` (called once per submitted fetch, success or failure)."""
+               cached: bool = False, cancelled: bool = False) -> None:
+        """Close the record of `key` (called once per submitted fetch, success or failure); the newest
+        outcome of a key replaces older ones in `recent` (a retry that works clears the failure)."""
         with self._lock:
             dl = self._active.pop(key, None) or Download(key, "unknown")
             dl.finished = time.time()
-            if error is not None:
+            if cancelled:
+                dl.phase, dl.error, dl.cancelled = "cancelled", error, True
+            elif error is not None:
                 dl.phase, dl.error = "error", error
                 self.counters.errors += 1
             else:
@@ -144,9 +148,22 @@ class Tracker:
                 if seconds > 0:
                     dl.speed = bytes_downloaded / seconds
             if not cached:
+                self._forget(key)
                 self._recent.appendleft(dl)
             d = dl.as_dict()
         self._notify(d)
+
+    def _forget(self, key: str) -> bool:
+        before = len(self._recent)
+        kept = [d for d in self._recent if d.key != key]
+        self._recent.clear()
+        self._recent.extend(kept)
+        return len(kept) != before
+
+    def dismiss(self, key: str) -> bool:
+        """Drop the finished download of `key` from `recent` (the panel's dismiss button)."""
+        with self._lock:
+            return self._forget(key)
 
     def hit(self) -> None:
         with self._lock:
@@ -170,7 +187,8 @@ class Tracker:
         with self._lock:
             dl = self._active.get(key)
             return None if dl is None else Download(dl.key, dl.reason, dl.phase, dl.bytes_done, dl.bytes_total,
-                                                    dl.started, dl.finished, dl.speed, dl.error, dl.source)
+                                                    dl.started, dl.finished, dl.speed, dl.error, dl.cancelled,
+                                                    dl.source)
 
     def counters_dict(self) -> dict[str, Any]:
         with self._lock:
