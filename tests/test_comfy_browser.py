@@ -98,6 +98,11 @@ def click(b: Browser, selector_js: str, button: str) -> None:
            " if (btn) { btn.click(); return true; } return false;", what=f"{button} in {selector_js}")
 
 
+def type_filter(b: Browser, text: str) -> None:
+    b.js("const i = document.querySelector('.autocloud-filter'); i.value = arguments[0];"
+         " i.dispatchEvent(new Event('input'))", text)
+
+
 def our_console_errors(b: Browser) -> list[dict]:
     b.logs()
     return [e for e in b.console if e["level"] == "SEVERE" and ("autocloud" in e["message"].lower())]
@@ -241,19 +246,23 @@ def test_health_and_screenshot_of_the_panel(env: Env, tmp_path: Path) -> None:
     health = b.wait("return document.querySelector('.autocloud-panel .autocloud-section')?.innerText.includes("
                     "'Health') && document.querySelector('.autocloud-panel').innerText", what="Health")
     assert "Health: all" in health and "checks OK" in health, health
+    lora = f"loras/{LORA}"
+    click(b, row(".autocloud-available", lora), ".autocloud-fetch")
+    click(b, row(".autocloud-file", lora), ".autocloud-pin")
+    b.wait(f"return !!{row('.autocloud-file', lora)}.querySelector('.autocloud-pinned')", what="a pinned file")
     b.js_async("await fetch('/autocloud/fetch', {method: 'POST', headers: {'Content-Type': 'application/json'},"
                " body: JSON.stringify({key: arguments[0]})});", key)
     b.wait(f"return {row('.autocloud-download', key)}?.innerText.includes('left')", what="progress")
-    b.js("const i = document.querySelector('.autocloud-filter'); i.value = ''; i.dispatchEvent(new Event('input'))")
+    type_filter(b, "")
     time.sleep(0.6)
     shot = Path(os.environ.get("AUTOCLOUD_SCREENSHOT", str(tmp_path / "panel.png")))
     b.screenshot(shot, ".autocloud-panel")
     assert shot.stat().st_size > 10_000
-    b.js("const i = document.querySelector('.autocloud-filter'); i.value = 'lora'; i.dispatchEvent(new Event('input'))")
-    b.wait("return !document.querySelector('.autocloud-panel .autocloud-available[data-key^=\"upscale\"]')"
-           " && !!document.querySelector('.autocloud-panel .autocloud-available[data-key^=\"loras/\"]')",
-           what="the filter")
-    b.js("const i = document.querySelector('.autocloud-filter'); i.value = ''; i.dispatchEvent(new Event('input'))")
+    type_filter(b, "UPSCALE")
+    b.wait(f"return !{row('.autocloud-file', lora)} && document.querySelector('.autocloud-panel').innerText"
+           ".includes('nothing matches the filter')", what="the filter hiding the LoRA")
+    type_filter(b, "")
+    b.wait(f"return !!{row('.autocloud-file', lora)}", what="the LoRA back")
     click(b, row(".autocloud-download", key), ".autocloud-cancel")
     b.wait(f"return !!{row('.autocloud-cancelled', key)}", what="cancelled")
     assert our_console_errors(b) == []

@@ -207,7 +207,7 @@ def test_web_panel_renders_in_headless_chromium(env: Env, tmp_path: Path) -> Non
             text = ""
             for _ in range(100):
                 text = await js("(document.querySelector('.autocloud-panel') || {}).innerText || ''")
-                if "Downloads (1)" in text and "MiB /" in text:
+                if "Downloads (1 running" in text and "MiB of" in text:
                     break
                 await asyncio.sleep(0.1)
             shot = await call("Page.captureScreenshot", format="png")
@@ -225,4 +225,4 @@ def test_web_panel_renders_in_headless_chromium(env: Env, tmp_path: Path) -> Non
     text = out["text"]
     assert "AutoCloud model cache" in text and "Usage" in text, text
     assert f"checkpoints/{CKPT}" in text or "Cached (" in text, text
-    assert "Downloads (1)" in text and "panel-demo.pth" in text, text
+    assert "Downloads (1 running" in text and "panel-demo.pth" in text, text
