@@ -235,8 +235,15 @@ def test_workflow_hint_counts_as_available_and_run_downloads_it(env: Env) -> Non
     assert done["status"]["status_str"] == "success", json.dumps(done["status"])[-2000:]
     assert done["prompt"][3]["extra_pnginfo"]["workflow"]["models"][0]["name"] == HINTED  # put back by our script
     assert (env.cache / "vae" / HINTED).is_file()
-    recent = {r["key"]: r for r in srv.get("/autocloud/status")["recent"]}
+    st = srv.get("/autocloud/status")
+    recent = {r["key"]: r for r in st["recent"]}
     assert recent[f"vae/{HINTED}"]["reason"] == "prefetch" and recent[f"vae/{HINTED}"]["origin"] == "workflow"
+    # the counters agree: each file's loads from the cache add up to the total the tab shows
+    loads = st["counters"]["hits"]
+    assert sum(f["hits"] - 1 for f in st["files"]) == loads
+    b.wait(f"return document.querySelector('.autocloud-counters').textContent.includes('{loads} loads from cache')"
+           f" && {row('.autocloud-file', 'vae/' + HINTED)}?.innerText.includes('0 loads from cache')",
+           what="counters that agree")
     assert our_console_errors(b) == []
 
 
@@ -256,7 +263,7 @@ def test_health_and_screenshot_of_the_panel(env: Env, tmp_path: Path) -> None:
     type_filter(b, "")
     time.sleep(0.6)
     shot = Path(os.environ.get("AUTOCLOUD_SCREENSHOT", str(tmp_path / "panel.png")))
-    b.screenshot(shot, ".autocloud-panel")
+    b.screenshot(shot)  # the whole window: the tab beside the graph it serves
     assert shot.stat().st_size > 10_000
     type_filter(b, "UPSCALE")
     b.wait(f"return !{row('.autocloud-file', lora)} && document.querySelector('.autocloud-panel').innerText"

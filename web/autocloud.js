@@ -247,7 +247,8 @@ function finishedRowUpdate(row, r) {
     actions.replaceChildren(button("resume", "pi-play", "continue from the kept part", again, "autocloud-resume"),
       dismiss);
   } else {
-    reason.textContent = `failed: ${r.error || "unknown error"}`;
+    const error = r.error || "unknown error";  // the row already names the model: no "<key>: " prefix
+    reason.textContent = `failed: ${error.startsWith(`${r.key}: `) ? error.slice(r.key.length + 2) : error}`;
     const retry = r.origin ? [button("retry", "pi-refresh", "try the download again", again, "autocloud-retry")] : [];
     actions.replaceChildren(...retry, dismiss);
   }
@@ -269,7 +270,10 @@ function fileRowUpdate(row, f) {
   name.replaceChildren(...(f.pinned ? [el("i", { class: "pi pi-thumbtack autocloud-pinned", title: "pinned" }), " "] : []),
     file, el("span", { class: "autocloud-muted" }, ` ${folder}`), originTag(f.origin));
   name.title = `${f.key}\n${f.source || ""}`;
-  info.textContent = `${human(f.size)} · used ${f.hits}× · last ${ago(f.last_access)}${f.in_use ? " · in use" : ""}`;
+  // the index counts the request that downloaded a file as its first access: loads from the cache are the rest
+  const loads = Math.max(0, f.hits - 1);
+  info.textContent = `${human(f.size)} · ${loads} load${loads === 1 ? "" : "s"} from cache · last used `
+    + `${ago(f.last_access)}${f.in_use ? " · in use" : ""}`;
   const sig = `${f.pinned}|${state.confirming === f.key}`;
   if (actions.dataset.sig === sig) return;
   actions.dataset.sig = sig;
@@ -397,7 +401,8 @@ function render() {
   p.cacheDir.textContent = s.cache_dir;
 
   p.workflow.node.style.display = state.workflow.length ? "" : "none";
-  p.workflow.head.textContent = `This workflow (${state.workflow.length} models)`;
+  const n = state.workflow.length;
+  p.workflow.head.textContent = `This workflow (${n} model${n === 1 ? "" : "s"})`;
   syncRows(p.workflow.body, state.workflow, (m) => m.key, workflowRowCreate, workflowRowUpdate);
 
   renderDownloads();
@@ -405,9 +410,10 @@ function render() {
   p.cached.head.textContent = `Cached (${s.files.length})`;
   p.cached.empty.textContent = s.files.length ? (files.length ? "" : "nothing matches the filter") : "nothing cached yet";
   syncRows(p.cached.body, files, (f) => f.key, fileRowCreate, fileRowUpdate);
-  const avail = s.available.filter((a) => matches(a.key) && !state.downloads.has(a.key));
-  p.available.node.style.display = s.available.length ? "" : "none";
-  p.available.head.textContent = `Not downloaded yet (${s.available.length})`;
+  const notBusy = s.available.filter((a) => !state.downloads.has(a.key));
+  const avail = notBusy.filter((a) => matches(a.key));
+  p.available.node.style.display = notBusy.length ? "" : "none";
+  p.available.head.textContent = `Not downloaded yet (${notBusy.length})`;
   p.available.empty.textContent = avail.length ? "" : "nothing matches the filter";
   syncRows(p.available.body, avail.slice(0, 200), (a) => a.key, availableRowCreate, availableRowUpdate);
 }
