@@ -2,9 +2,10 @@
 Chromium through selenium. The AutoCloud tab opens; a fetch shows live progress (rows updated in place)
 then Cached; cancel keeps the partial and resume finishes it; pin, evict (after a confirmation); a failed
 URL fetch is named, wrapped, dismissable and leaves the loaders' lists; a workflow whose VAE is only a
-download hint in its top-level `models[]` loads without a missing-models row for it (one nobody can
-provide is still listed), and Run downloads the hinted VAE on the server and makes the image; our script
-logs no console errors. Set AUTOCLOUD_SCREENSHOT=path to keep the panel's screenshot (the README's)."""
+download hint in its top-level `models[]` and whose LoRA is only in the manifest loads without a
+missing-models row for the VAE (one nobody can provide is still listed) and with a toast, and Run
+downloads both on the server and makes the image; the counters agree; our script logs no console errors.
+Set AUTOCLOUD_SCREENSHOT=path to keep the panel's screenshot (the README's)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ TAESD = "tiny-taesd.safetensors"
 HINTED = "hinted-taesd.safetensors"  # only in the workflow's models[] hints
 NOWHERE = "nowhere-lora.safetensors"  # a hint whose host is not allowed: nobody can provide it
 SLOW = "slow-upscaler.pth"  # 12 MiB at 2 x 1 MB/s: slow enough to watch, cancel and resume
-LORA = "manifest-lora.safetensors"
+LORA = "manifest-lora.safetensors"  # random bytes: fetched, pinned and filtered in the tab, never loaded
+RUN_LORA = "tiny-lora-a.safetensors"  # only in the manifest: the workflow's LoraLoader downloads it on Run
 
 
 @dataclass
@@ -48,6 +50,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     www = base / "www"
     www.mkdir()
     shutil.copy(models / TAESD, www / HINTED)
+    shutil.copy(models / RUN_LORA, www / RUN_LORA)
     write_random_file(www / SLOW, 12 * 2**20, seed=19)
     write_random_file(www / LORA, 3 * 2**20, seed=20)
     origin = TimedNginx(www, base / "nginx", limit_rate="1m")
@@ -59,7 +62,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         os.link(models / CKPT, target)
     except OSError:
         shutil.copy(models / CKPT, target)
-    manifest = {"upscale_models": {SLOW: origin.url(f"/slow/{SLOW}")}, "loras": {LORA: origin.url(LORA)}}
+    manifest = {"upscale_models": {SLOW: origin.url(f"/slow/{SLOW}")},
+                "loras": {LORA: origin.url(LORA), RUN_LORA: origin.url(RUN_LORA)}}
     (base / "manifest.json").write_text(json.dumps(manifest))
     cache = base / "cache"
     server = ComfyServer(comfy, comfy_base, extra_args=("--force-fp32",), env={
@@ -182,7 +186,7 @@ def test_failed_url_fetch_is_named_wrapped_dismissable_and_dropped(env: Env) -> 
 
 
 BUILD_WORKFLOW = """
-const [ckpt, vaeName, hints] = args;
+const [ckpt, vaeName, loraName, hints] = args;
 const app = window.app;
 await app.loadGraphData();  // the default text-to-image graph
 const g = app.graph;
@@ -198,6 +202,15 @@ g.add(vae);
 vae.widgets[0].value = vaeName;
 const decode = g.nodes.find((n) => n.type === "VAEDecode");
 vae.connect(0, decode, decode.inputs.findIndex((i) => i.name === "vae"));
+const loader = g.nodes.find((n) => n.type === "CheckpointLoaderSimple");
+const lora = LiteGraph.createNode("LoraLoader");
+g.add(lora);
+lora.widgets.find((w) => w.name === "lora_name").value = loraName;
+loader.connect(0, lora, 0);
+loader.connect(1, lora, 1);
+const sampler = g.nodes.find((n) => n.type === "KSampler");
+lora.connect(0, sampler, sampler.inputs.findIndex((i) => i.name === "model"));
+for (const enc of g.nodes.filter((n) => n.type === "CLIPTextEncode")) lora.connect(1, enc, 0);
 const wf = g.serialize();
 wf.models = hints;
 await app.loadGraphData(wf);
@@ -209,7 +222,7 @@ def test_workflow_hint_counts_as_available_and_run_downloads_it(env: Env) -> Non
     b, srv = env.browser, env.server
     hints = [{"name": HINTED, "url": env.origin.url(HINTED), "directory": "vae"},
              {"name": NOWHERE, "url": f"https://example.invalid/{NOWHERE}", "directory": "loras"}]
-    assert b.js_async(BUILD_WORKFLOW, CKPT, HINTED, hints) is True
+    assert b.js_async(BUILD_WORKFLOW, CKPT, HINTED, RUN_LORA, hints) is True
     dialog = b.wait("return document.querySelector('.comfy-missing-models')?.innerText", what="the dialog")
     assert f"loras / {NOWHERE}" in dialog and HINTED not in dialog, dialog  # only what nobody can provide
     b.js("document.querySelector('.p-dialog-close-button, .p-dialog-header-close')?.click()")
@@ -220,6 +233,11 @@ def test_workflow_hint_counts_as_available_and_run_downloads_it(env: Env) -> Non
     wf = b.wait("return document.querySelector('.autocloud-panel .autocloud-wf[data-key=\"vae/" + HINTED + "\"]')"
                 "?.innerText", what="This workflow")
     assert "downloads on Run" in wf and "from workflow" in wf, wf
+    lora = b.js("return document.querySelector('.autocloud-wf[data-key=\"loras/" + RUN_LORA + "\"]').innerText")
+    assert "downloads on Run" in lora and "manifest" in lora, lora
+    toast = b.wait("return [...document.querySelectorAll('.p-toast-message')].map((t) => t.innerText).join(' ')",
+                   what="the toast")
+    assert "2 models download on the server when you run this workflow" in toast, toast
     nowhere = b.js("return document.querySelector('.autocloud-wf[data-key=\"loras/" + NOWHERE + "\"]').innerText")
     assert "not allowed" in nowhere and "AUTOCLOUD_ALLOWED_HOSTS" in nowhere, nowhere
 
@@ -234,7 +252,8 @@ def test_workflow_hint_counts_as_available_and_run_downloads_it(env: Env) -> Non
     assert done is not None, srv.log()[-3000:]
     assert done["status"]["status_str"] == "success", json.dumps(done["status"])[-2000:]
     assert done["prompt"][3]["extra_pnginfo"]["workflow"]["models"][0]["name"] == HINTED  # put back by our script
-    assert (env.cache / "vae" / HINTED).is_file()
+    assert (env.cache / "vae" / HINTED).is_file() and (env.cache / "loras" / RUN_LORA).is_file()
+    assert {n["class_type"] for n in done["prompt"][2].values()} >= {"LoraLoader", "VAELoader"}
     st = srv.get("/autocloud/status")
     recent = {r["key"]: r for r in st["recent"]}
     assert recent[f"vae/{HINTED}"]["reason"] == "prefetch" and recent[f"vae/{HINTED}"]["origin"] == "workflow"
