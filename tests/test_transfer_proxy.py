@@ -160,3 +160,20 @@ def test_unreachable_proxy_error_names_it_without_the_password(nginx_origin: Ngi
     text = str(info.value)
     assert f"via proxy http://***@127.0.0.1:{port}" in text, text
     assert "pr0xy-Secret-77" not in text and "alice" not in text, text
+
+
+def test_source_api_calls_use_the_same_proxy(nginx_origin: NginxOrigin, random_file, auth_proxy: TinyProxy,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Civitai/Hugging Face API calls (sources/_net.py) choose their proxy the same way as downloads."""
+    from comfy_autocloud.sources._net import request
+
+    random_file(nginx_origin.data_dir / "api.json", 100, seed=46)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # dead: AUTOCLOUD_PROXY wins
+    monkeypatch.setenv("AUTOCLOUD_PROXY", auth_proxy.url())
+    answer = request(nginx_origin.url("api.json"), {})
+    assert answer.status == 200 and len(answer.body) == 100
+    assert [line for line in auth_proxy.proxied() if "/api.json" in line]
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    before = len(auth_proxy.proxied())
+    assert request(nginx_origin.url("api.json"), {}).status == 200
+    assert len(auth_proxy.proxied()) == before  # NO_PROXY: direct

@@ -16,9 +16,11 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from ..errors import TransferError
 from ..transfer.http_policy import Retryable, RetryLoop, error_type, redirect
+from ..transfer.proxy import proxy_for
 from ..transfer.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -79,7 +81,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # redirects are followed by `request`, which decides about credentials
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect())
+# No proxy from urllib's own environment handling: `transfer.proxy` picks it per request, as for the engine.
+_OPENER = urllib.request.build_opener(_NoRedirect(), urllib.request.ProxyHandler({}))
 
 
 def request(url: str, headers: Mapping[str, str], *, method: str = "GET", follow: bool = True,
@@ -91,7 +94,12 @@ def request(url: str, headers: Mapping[str, str], *, method: str = "GET", follow
     """
     hdrs = dict(headers)
     for _ in range(MAX_REDIRECTS + 1):
+        proxy = proxy_for(url)
         req = urllib.request.Request(url, headers=hdrs, method=method)
+        if proxy is not None:  # an https URL is tunnelled; urllib moves Proxy-Authorization to the CONNECT
+            req.set_proxy(urlsplit(proxy.url).netloc, urlsplit(url).scheme)
+            if proxy.headers:
+                req.add_unredirected_header("Proxy-Authorization", proxy.headers["Proxy-Authorization"])
         try:
             resp = _OPENER.open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
