@@ -30,6 +30,7 @@ HINTED = "hinted-taesd.safetensors"  # only in the workflow's models[] hints
 NOWHERE = "nowhere-lora.safetensors"  # a hint whose host is not allowed: nobody can provide it
 SLOW = "slow-upscaler.pth"  # 12 MiB at 2 x 1 MB/s: slow enough to watch, cancel and resume
 LORA = "manifest-lora.safetensors"  # random bytes: fetched, pinned and filtered in the tab, never loaded
+LATE = "late-lora.safetensors"  # in the manifest, missing at the origin until the test puts it there
 RUN_LORA = "tiny-lora-a.safetensors"  # only in the manifest: the workflow's LoraLoader downloads it on Run
 
 
@@ -63,7 +64,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     except OSError:
         shutil.copy(models / CKPT, target)
     manifest = {"upscale_models": {SLOW: origin.url(f"/slow/{SLOW}")},
-                "loras": {LORA: origin.url(LORA), RUN_LORA: origin.url(RUN_LORA)}}
+                "loras": {LORA: origin.url(LORA), RUN_LORA: origin.url(RUN_LORA), LATE: origin.url(LATE)}}
     (base / "manifest.json").write_text(json.dumps(manifest))
     cache = base / "cache"
     server = ComfyServer(comfy, comfy_base, extra_args=("--force-fp32",), env={
@@ -182,6 +183,13 @@ def test_failed_url_fetch_is_named_wrapped_dismissable_and_dropped(env: Env) -> 
     assert key not in {a["key"] for a in env.server.get("/autocloud/status")["available"]}
     click(b, row(".autocloud-failed", key), ".autocloud-dismiss")
     b.wait(f"return !{row('.autocloud-failed', key)}", what="dismissed")
+
+    late = f"loras/{LATE}"  # a manifest entry keeps its source: retry, which works once the origin has it
+    click(b, row(".autocloud-available", late), ".autocloud-fetch")
+    b.wait(f"return {row('.autocloud-failed', late)}?.innerText.includes('HTTP 404')", what="the failure")
+    write_random_file(env.origin.data_dir / LATE, 2**20, seed=21)
+    click(b, row(".autocloud-failed", late), ".autocloud-retry")
+    b.wait(f"return !!{row('.autocloud-file', late)} && !{row('.autocloud-failed', late)}", what="retried")
     assert our_console_errors(b) == []
 
 
@@ -260,7 +268,8 @@ def test_workflow_hint_counts_as_available_and_run_downloads_it(env: Env) -> Non
     # the counters agree: each file's loads from the cache add up to the total the tab shows
     loads = st["counters"]["hits"]
     assert sum(f["hits"] - 1 for f in st["files"]) == loads
-    b.wait(f"return document.querySelector('.autocloud-counters').textContent.includes('{loads} loads from cache')"
+    total = f"{loads} load{'' if loads == 1 else 's'} from cache"
+    b.wait(f"return document.querySelector('.autocloud-counters').textContent.includes('{total}')"
            f" && {row('.autocloud-file', 'vae/' + HINTED)}?.innerText.includes('0 loads from cache')",
            what="counters that agree")
     assert our_console_errors(b) == []

@@ -54,6 +54,10 @@ function ago(ts) {
   return `${Math.floor(d)}s ago`;
 }
 
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
 function splitKey(key) {
   const i = key.indexOf("/");
   return i < 0 ? ["", key] : [key.slice(0, i), key.slice(i + 1)];
@@ -271,8 +275,7 @@ function fileRowUpdate(row, f) {
     file, el("span", { class: "autocloud-muted" }, ` ${folder}`), originTag(f.origin));
   name.title = `${f.key}\n${f.source || ""}`;
   // the index counts the request that downloaded a file as its first access: loads from the cache are the rest
-  const loads = Math.max(0, f.hits - 1);
-  info.textContent = `${human(f.size)} · ${loads} load${loads === 1 ? "" : "s"} from cache · last used `
+  info.textContent = `${human(f.size)} · ${plural(Math.max(0, f.hits - 1), "load")} from cache · last used `
     + `${ago(f.last_access)}${f.in_use ? " · in use" : ""}`;
   const sig = `${f.pinned}|${state.confirming === f.key}`;
   if (actions.dataset.sig === sig) return;
@@ -395,14 +398,14 @@ function render() {
     : `${human(s.bytes)} used (no size cap)`;
   p.usageFill.style.width = `${cap ? Math.min(100, (100 * s.bytes) / cap) : 0}%`;
   const c = s.counters;
-  p.usageInfo.textContent = `${s.files.length} files, ${s.pinned} pinned · ${human(s.disk_free)} free on disk · `
-    + `${c.downloads} downloaded (${human(c.bytes_downloaded)}) · ${c.hits} loads from cache`
+  p.usageInfo.textContent = `${plural(s.files.length, "file")}, ${s.pinned} pinned · ${human(s.disk_free)} free on disk · `
+    + `${c.downloads} downloaded (${human(c.bytes_downloaded)}) · ${plural(c.hits, "load")} from cache`
     + (c.errors ? ` · ${c.errors} failed` : "");
   p.cacheDir.textContent = s.cache_dir;
 
   p.workflow.node.style.display = state.workflow.length ? "" : "none";
   const n = state.workflow.length;
-  p.workflow.head.textContent = `This workflow (${n} model${n === 1 ? "" : "s"})`;
+  p.workflow.head.textContent = `This workflow (${plural(n, "model")})`;
   syncRows(p.workflow.body, state.workflow, (m) => m.key, workflowRowCreate, workflowRowUpdate);
 
   renderDownloads();

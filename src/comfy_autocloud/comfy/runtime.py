@@ -402,7 +402,10 @@ class Adapter:
         return self.catalog.add([spec], "request")[0]
 
     def request_fetch(self, body: Any) -> str:
+        """The panel's fetch/retry/resume: tries again at once (a remembered failure is for loaders only)."""
         spec = self.spec_for_request(body)
+        with self._lock:
+            self._failed.pop(spec.key, None)
         self.submit(spec, "api")
         return spec.key
 
