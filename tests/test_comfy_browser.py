@@ -237,6 +237,8 @@ def test_workflow_hint_counts_as_available_and_run_downloads_it(env: Env) -> Non
     # the server heard the hints when the workflow loaded (allowlisted ones only), labelled as the workflow's
     cat = {a["key"]: a for a in srv.get("/autocloud/status")["available"]}
     assert cat[f"vae/{HINTED}"]["origin"] == "workflow" and f"loras/{NOWHERE}" not in cat
+    vae_list = srv.get("/object_info/VAELoader")["VAELoader"]["input"]["required"]["vae_name"][0]
+    assert HINTED not in vae_list  # opening a workflow does not add its hints to every user's lists
     open_panel(b)
     wf = b.wait("return document.querySelector('.autocloud-panel .autocloud-wf[data-key=\"vae/" + HINTED + "\"]')"
                 "?.innerText", what="This workflow")
@@ -261,6 +263,7 @@ def test_workflow_hint_counts_as_available_and_run_downloads_it(env: Env) -> Non
     assert done["status"]["status_str"] == "success", json.dumps(done["status"])[-2000:]
     assert done["prompt"][3]["extra_pnginfo"]["workflow"]["models"][0]["name"] == HINTED  # put back by our script
     assert (env.cache / "vae" / HINTED).is_file() and (env.cache / "loras" / RUN_LORA).is_file()
+    assert HINTED in srv.get("/object_info/VAELoader")["VAELoader"]["input"]["required"]["vae_name"][0]  # on disk
     assert {n["class_type"] for n in done["prompt"][2].values()} >= {"LoraLoader", "VAELoader"}
     st = srv.get("/autocloud/status")
     recent = {r["key"]: r for r in st["recent"]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,19 @@ def test_catalog_remembers_origins_through_a_manifest_reload() -> None:
     cat.add([_spec("clip", "t.safetensors", "https://r/t")], "request")
     assert cat.origin("text_encoders", "t.safetensors") == "request" and cat.remove("text_encoders", "t.safetensors")
     assert cat.lookup("text_encoders", "t.safetensors") is None
+
+
+def test_workflow_hints_are_listed_only_for_the_prompt_that_names_them() -> None:
+    cat = Catalog([_spec("vae", "m.safetensors", "https://m/m")])
+    hint = cat.add([_spec("vae", "h.safetensors", "https://w/h")], "workflow")
+    assert cat.names("vae") == ["m.safetensors"]  # opening a workflow does not grow everyone's lists
+    cat.show(hint, seconds=0.3)  # a queued prompt names it: its validation finds it
+    assert cat.names("vae") == ["h.safetensors", "m.safetensors"]
+    time.sleep(0.4)
+    assert cat.names("vae") == ["m.safetensors"]
+    assert cat.lookup("vae", "h.safetensors") is not None  # still resolvable when its loader runs
+    cat.replace([_spec("vae", "m.safetensors", "https://m/m"), _spec("vae", "h.safetensors", "https://w/h")])
+    assert cat.names("vae") == ["h.safetensors", "m.safetensors"]  # now the manifest offers it to everyone
 
 
 def test_workflow_check_reports_each_model_and_takes_allowed_hints(origin: TimedNginx, tmp_path: Path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Collection, Iterable
 
 from comfy_autocloud.errors import ManifestError
@@ -42,6 +43,7 @@ def merge_names(on_disk: Iterable[str], offered: Iterable[str], extensions: Coll
 
 
 ORIGINS = ("manifest", "workflow", "request")  # AUTOCLOUD_MANIFEST, a workflow's hints, POST /autocloud/fetch
+PROMPT_WINDOW = 60.0  # seconds a workflow's hinted model is listed after a prompt named it (its validation)
 
 
 class Catalog:
@@ -55,6 +57,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._by_name: dict[tuple[str, str], ModelSpec] = {}
         self._origin: dict[tuple[str, str], str] = {}
+        self._listed_until: dict[tuple[str, str], float] = {}  # workflow hints a queued prompt needs listed
         self.add(specs, origin)
 
     def add(self, specs: Iterable[ModelSpec], origin: str = "manifest") -> list[ModelSpec]:
@@ -96,12 +99,25 @@ class Catalog:
                 return False
             del self._by_name[k]
             self._origin.pop(k, None)
+            self._listed_until.pop(k, None)
             return True
 
-    def names(self, folder: str) -> list[str]:
-        folder = comfy_folder(folder)
+    def show(self, specs: Iterable[ModelSpec], seconds: float = PROMPT_WINDOW) -> None:
+        """List these workflow hints for `seconds` (the prompt that named them is validated against the
+        loaders' lists); once downloaded they are listed from the disk like any file."""
+        until = time.monotonic() + seconds
         with self._lock:
-            return sorted(name for (f, name) in self._by_name if f == folder)
+            for spec in specs:
+                self._listed_until[(comfy_folder(spec.folder), spec.filename)] = until
+
+    def names(self, folder: str) -> list[str]:
+        """What loaders offer: manifest and requested entries, and a workflow's hints only while a prompt
+        that names them is being queued (another user's lists do not grow with every workflow opened)."""
+        folder = comfy_folder(folder)
+        now = time.monotonic()
+        with self._lock:
+            return sorted(name for (f, name) in self._by_name if f == folder and (
+                self._origin.get((f, name)) != "workflow" or self._listed_until.get((f, name), 0) > now))
 
     def folders(self) -> list[str]:
         """Store folder names used by the manifest (as written, so the cache layout matches)."""

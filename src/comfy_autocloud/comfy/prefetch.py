@@ -98,7 +98,7 @@ def plan_prefetch(json_data: Any, catalog: Catalog, is_present: IsPresent,
         log.warning("autocloud: workflow model URLs outside AUTOCLOUD_ALLOWED_HOSTS are not downloaded: %s",
                     " ".join(plan.refused))
     if hints:
-        catalog.add(hints, "workflow")
+        catalog.show(catalog.add(hints, "workflow"))
     seen: set[str] = set()
     for ref in refs:
         spec = catalog.lookup(ref.folder, ref.filename)
