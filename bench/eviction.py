@@ -1,12 +1,20 @@
-"""Byte hit ratio of the default eviction policy against LRU (the strongest simple baseline) on seeded traces.
+"""Byte hit ratio of the adaptive default eviction policy against the textbook ones, on differently shaped traces.
 
-Usage: python bench/eviction.py [--seeds 3] [--requests 5000] [--capacities 50G,100G,200G,400G]
+Usage: python bench/eviction.py [--seeds 1,2,3] [--days 84] [--fractions 0.05,0.1,0.2]
 
-One line per (trace, capacity), averaged over the seeds:
-  eviction trace=zipf capacity=100G lru_bhr=0.367 default_bhr=0.434 ratio=1.18 lfuda_bhr=... gdsf_bhr=...
-ratio = default_bhr / lru_bhr (above 1: the default policy downloads fewer bytes than LRU would).
-Trace "zipf" is the realistic mix (Zipf-popular library + one-off scans); "zipf-noscan" has no scans,
-the case most favourable to LRU.
+Traces come from tests/traces.py (the generator the tests use): "realistic" (sessions of workflows,
+shared checkpoints, time-of-day load, daily drift, a batch scan of rare models every ~3 days),
+"scans" (a batch scan every day, 40-120 models), "drift" (users change workflows almost daily, no
+scans) and "zipf" (independent requests, Zipf popularity, bursts of one-off models). The default's
+parameters were chosen on seed 0; the seeds reported here are others. The cache is a fraction of the
+trace's distinct bytes (its library); the cache warms up on the first half and is scored on the
+second (held-out) half. One line per (trace, cache), byte hit ratios averaged over the seeds:
+
+  eviction trace=realistic cap=10% lru=0.522 lfuda=0.610 gdsf=0.456 default=0.650 vs_lru=1.25 vs_best=1.07(lfuda)
+
+vs_lru = default / lru; vs_best = default / the best of lru, lfuda, gdsf on that line. The last line
+sums up: the realistic trace at 10% (target >= 1.20x LRU) and on how many lines the default is at least
+the best textbook policy.
 """
 
 from __future__ import annotations
@@ -14,32 +22,72 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-from comfy_autocloud.store.simulate import simulate, zipf_trace
-from comfy_autocloud.units import parse_size
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
 
-POLICIES = ("lru", "default", "lfuda", "gdsf")
+from comfy_autocloud.store.simulate import Request, Simulator  # noqa: E402
+from traces import realistic_trace, zipf_trace  # noqa: E402
+
+TEXTBOOK = ("lru", "lfuda", "gdsf")
+
+
+def held_out_bhr(trace: list[Request], capacity: int, policy: str) -> float:
+    """Byte hit ratio on the second half, the cache warmed by the first."""
+    sim = Simulator(capacity, policy)
+    split = len(trace) // 2
+    asked = hit = 0
+    for i, (ts, key, size) in enumerate(trace):
+        h = sim.request(ts, key, size)
+        if i >= split:
+            asked += size
+            hit += size if h else 0
+    return hit / asked if asked else 0.0
+
+
+SHAPES: dict[str, Callable[[int, int], list[Request]]] = {
+    "realistic": lambda seed, days: realistic_trace(seed, days=days),
+    "scans": lambda seed, days: realistic_trace(seed, days=days, scan_every_days=1.0, scan_size=(40, 120)),
+    "drift": lambda seed, days: realistic_trace(seed, days=days, drift=0.9, scan_every_days=0),
+    "zipf": lambda seed, days: zipf_trace(seed=seed, requests=8000),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--capacities", default="50G,100G,200G,400G")
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--days", type=int, default=84)
+    ap.add_argument("--fractions", default="0.05,0.1,0.2")
     args = ap.parse_args(argv)
-    caps = [c.strip() for c in args.capacities.split(",") if c.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
     t0 = time.perf_counter()
-    for trace_name, scan_share in (("zipf", 0.15), ("zipf-noscan", 0.0)):
-        traces = [zipf_trace(seed=s, requests=args.requests, scan_share=scan_share)
-                  for s in range(args.seeds)]
-        for cap_text in caps:
-            cap = parse_size(cap_text)
-            bhr = {p: sum(simulate(t, cap, p).byte_hit_ratio for t in traces) / len(traces) for p in POLICIES}
-            ratio = bhr["default"] / bhr["lru"] if bhr["lru"] else float("inf")
-            print(f"eviction trace={trace_name} capacity={cap_text} lru_bhr={bhr['lru']:.3f} "
-                  f"default_bhr={bhr['default']:.3f} ratio={ratio:.2f} lfuda_bhr={bhr['lfuda']:.3f} "
-                  f"gdsf_bhr={bhr['gdsf']:.3f} seeds={args.seeds} requests={args.requests}", flush=True)
+    lines = at_least_best = 0
+    realistic_10: list[float] = []
+    for shape, make in SHAPES.items():
+        traces = [make(seed, args.days) for seed in seeds]
+        for frac in fractions:
+            bhr = dict.fromkeys((*TEXTBOOK, "default"), 0.0)
+            for trace in traces:
+                cap = int(sum({k: s for _t, k, s in trace}.values()) * frac)
+                for p in bhr:
+                    bhr[p] += held_out_bhr(trace, cap, p) / len(traces)
+            best = max(TEXTBOOK, key=lambda p: bhr[p])
+            vs_lru = bhr["default"] / bhr["lru"] if bhr["lru"] else float("inf")
+            vs_best = bhr["default"] / bhr[best] if bhr[best] else float("inf")
+            lines += 1
+            at_least_best += bhr["default"] >= bhr[best]
+            if shape == "realistic" and abs(frac - 0.1) < 1e-9:
+                realistic_10.append(vs_lru)
+            print(f"eviction trace={shape} cap={frac:.0%} " + " ".join(f"{p}={v:.3f}" for p, v in bhr.items())
+                  + f" vs_lru={vs_lru:.2f} vs_best={vs_best:.3f}({best}) seeds={args.seeds}", flush=True)
     print(f"# {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    summary = f"realistic at 10%: default {realistic_10[0]:.2f}x LRU (target >= 1.20); " if realistic_10 else ""
+    print(f"eviction summary: {summary}default >= best textbook policy on {at_least_best}/{lines} (trace, cache) "
+          f"lines, seeds {args.seeds} (tuned on 0)")
     return 0
 
 

@@ -22,7 +22,8 @@ from comfy_autocloud.cli.store_cmds import (
     verify_cmd,
 )
 from comfy_autocloud.config import load_settings
-from comfy_autocloud.store import Store, write_trace, zipf_trace
+from comfy_autocloud.store import Store, write_trace
+from traces import zipf_trace
 
 MiB = 2**20
 

@@ -1,6 +1,6 @@
 """The ComfyUI adapter without ComfyUI: catalog, allowlist, prefetch planning, the Adapter's downloads
 against a real Store/FetchService and nginx, the /autocloud routes on a real aiohttp server, metrics,
-settings from ComfyUI's user directory, URL manifests, and the popular-model preloader."""
+settings from ComfyUI's user directory, URL manifests, and the background disk prefetch."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from aiohttp import web
 from comfy_autocloud.comfy.catalog import Catalog, comfy_folder, merge_names
 from comfy_autocloud.comfy.config import load_comfy_settings
 from comfy_autocloud.comfy.metrics import render_metrics
-from comfy_autocloud.comfy.prefetch import host_allowed, plan_prefetch, workflow_hints
+from comfy_autocloud.comfy.prompt_prefetch import host_allowed, plan_prefetch, workflow_hints
 from comfy_autocloud.comfy.routes import route_defs
 from comfy_autocloud.comfy.runtime import MANIFEST_FOLDER, Adapter, ModelUnavailable
 from comfy_autocloud.config import load_settings
 from comfy_autocloud.manifest.spec import ModelSpec
-from comfy_autocloud.preload_popular import Popularity, plan_popular
+from comfy_autocloud.prefetch.popularity import Popularity, plan_popular
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer.ranges import PartState, state_path
 from comfy_env import TimedNginx
@@ -408,7 +408,7 @@ def test_interrupting_the_waiting_loader_cancels_its_download(origin: TimedNginx
     finally:
         a.close()
 
-# ------------------------------------------------------------------ popular-model preloader
+# ------------------------------------------------------------------ background disk prefetch (popular models)
 
 def test_plan_popular_pinned_first_then_most_used_within_budget(tmp_path: Path) -> None:
     def s(name: str, size: int, pin: bool = False) -> ModelSpec:
@@ -429,9 +429,9 @@ def test_preloader_rate_limited_and_yields_to_on_demand(origin: TimedNginx, tmp_
                     pin=True)
     need = _spec("loras", "need.safetensors", origin.url("need.safetensors"))
     a = _adapter(tmp_path, [pop, need], preload_rate="2M")  # 4 MiB take ~2 s: long enough to interrupt
-    from comfy_autocloud.comfy.preloader import preloader_for
+    from comfy_autocloud.comfy.background_prefetch import prefetcher_for
 
-    pre = preloader_for(a)
+    pre = prefetcher_for(a)
     pre.poll = 0.05
     try:
         t0 = time.monotonic()

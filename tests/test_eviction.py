@@ -18,21 +18,22 @@ from comfy_autocloud.store import (
     select_victims,
     simulate,
     write_trace,
-    zipf_trace,
 )
+from traces import zipf_trace
 
 GiB = 2**30
 
 
 def test_get_policy_names() -> None:
-    names = ("default", "lru", "lfuda", "gdsf")
+    names = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d")
     assert {get_policy(n).name for n in names} == set(names)
     with pytest.raises(ValueError, match="known: default, lfuda, gdsf, lru"):
         get_policy("fifo")
 
 
 def test_priorities() -> None:
-    lru, d, gdsf = get_policy("lru"), get_policy("default"), get_policy("gdsf")
+    # "gdlfu" (the default before the adaptive policy): LFU-DA plus a per-download cost.
+    lru, d, gdsf = get_policy("lru"), get_policy("gdlfu"), get_policy("gdsf")
     assert lru.priority(10, 5, now=123.0, clock=7.0) == 123.0
     # Frequency dominates, size only through the per-download cost; the clock lifts new entries.
     assert d.priority(10 * GiB, 3, 0, 0) > d.priority(10 * GiB, 2, 0, 0)
@@ -56,7 +57,7 @@ def test_select_victims_rules() -> None:
         Item("pinned_twin", 10, 0, priority=50, group=(1, 8), pinned=True),
         Item("dear", 10, 0, priority=5),
     ]
-    pol = get_policy("default")
+    pol = get_policy("gdlfu")  # ranks by the rows' stored priority
     assert select_victims(pol, items, 0) == []
     v = select_victims(pol, items, 10, protect={"self"})
     assert [x.key for x in v] == ["cheap"]

@@ -156,13 +156,13 @@ SETTINGS: tuple[Setting, ...] = (
             "fetch every missing model of a queued prompt at once, before its loaders run"),
     Setting("parallel", "AUTOCLOUD_PARALLEL", 4, _positive_int, "model downloads at once in ComfyUI"),
     Setting("preload", "AUTOCLOUD_PRELOAD", False, _bool,
-            "keep pinned and most-used models present in the background (popular-model preloader)"),
+            "keep pinned and most-used models present in the background (background disk prefetch)"),
     Setting("preload_rate", "AUTOCLOUD_PRELOAD_RATE", 50 * 2**20, lambda v: parse_rate(v),
-            "byte rate the preloader may use; on-demand downloads always go first"),
+            "byte rate the background prefetcher may use; on-demand downloads always go first"),
     Setting("preload_interval", "AUTOCLOUD_PRELOAD_INTERVAL", 3600.0, float,
-            "seconds between preloader passes"),
+            "seconds between background prefetch passes"),
     Setting("preload_top", "AUTOCLOUD_PRELOAD_TOP", 10, int,
-            "how many of the most-used models the preloader keeps present"),
+            "how many of the most-used models the background prefetcher keeps on disk"),
     # memory preload (seed 000): models held in RAM/VRAM by the preload registry
     Setting("preload_config", "AUTOCLOUD_PRELOAD_CONFIG", None, _optional(lambda v: str(Path(v).expanduser())),
             "preload_config.json to load at ComfyUI start-up (default: ComfyUI's user dir, then the pack dir)"),
@@ -177,9 +177,10 @@ SETTINGS: tuple[Setting, ...] = (
             "with auto_gpu_load (and /autocloud/preload/to_gpu): run each preloaded model once on a tiny input, so "
             "the first prompt pays no first-call costs"),
     Setting("predict", "AUTOCLOUD_PREDICT", False, _bool,
-            "preloader also fetches the models the access history predicts next (transitions, hour of day)"),
+            "the background prefetcher also fetches the models the access history predicts next "
+            "(context model over the session)"),
     Setting("predict_top", "AUTOCLOUD_PREDICT_TOP", 2, int,
-            "how many predicted models the preloader fetches per pass"),
+            "how many predicted models the background prefetcher fetches after each load"),
     # fleet (seed 004 §5): nodes share files through Redis and each other's peer servers
     Setting("redis_url", "AUTOCLOUD_REDIS_URL", None, _optional(_redis_url),
             "Redis of the fleet; unset: this node works alone"),

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from comfy_autocloud.comfy.catalog import Catalog, comfy_folder
-from comfy_autocloud.comfy.prefetch import IsPresent, PrefetchPlan, allowed_hints, host_allowed, plan_prefetch
+from comfy_autocloud.comfy.prompt_prefetch import IsPresent, PrefetchPlan, allowed_hints, host_allowed, plan_prefetch
 from comfy_autocloud.comfy.tracker import Tracker
 from comfy_autocloud.config import Settings
 from comfy_autocloud.errors import AutoCloudError, Cancelled, ManifestError, StoreError

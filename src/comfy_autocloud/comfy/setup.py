@@ -1,8 +1,9 @@
 """Entry point called from the pack's `__init__.py` when ComfyUI loads custom nodes.
 
 Order matters: settings -> store/catalog -> folder_paths hooks -> routes and the prompt handler on
-PromptServer -> websocket progress -> preloader. Each step that touches ComfyUI is guarded: a missing
-piece is logged once and the rest still works; nothing here may stop ComfyUI from starting.
+PromptServer -> websocket progress -> background prefetcher. Each step that touches ComfyUI is
+guarded: a missing piece is logged once and the rest still works; nothing here may stop ComfyUI from
+starting.
 """
 
 from __future__ import annotations
@@ -66,13 +67,12 @@ def _attach_server(adapter: Adapter, server: Any) -> None:
         adapter.tracker.add_listener(push)
 
 
-def _start_preloader(adapter: Adapter) -> None:
+def _start_prefetcher(adapter: Adapter) -> None:
     if not adapter.settings.values.get("preload"):
         return
-    from comfy_autocloud.comfy.preloader import preloader_for
+    from comfy_autocloud.comfy.background_prefetch import prefetcher_for
 
-    pre = preloader_for(adapter).start()
-    adapter.preloader = pre  # type: ignore[attr-defined]
+    adapter.prefetcher = prefetcher_for(adapter).start()  # type: ignore[attr-defined]
 
 
 def _start_memory_preload(adapter: Adapter, user_dir: str | None) -> None:
@@ -114,9 +114,9 @@ def setup() -> Adapter | None:
         else:
             log.warning("autocloud: no PromptServer instance; routes, prefetch and UI progress are off")
         try:
-            _start_preloader(adapter)
+            _start_prefetcher(adapter)
         except Exception:
-            log.exception("autocloud: popular-model preloader not started")
+            log.exception("autocloud: background disk prefetcher not started")
         _adapter = adapter  # before the memory preload: it fetches missing files through get_adapter()
         try:
             _start_memory_preload(adapter, user_dir)

@@ -179,7 +179,7 @@ class Tracker:
             return [d.as_dict() for d in self._recent]
 
     def busy(self, *, ignore: tuple[str, ...] = ("preload",)) -> bool:
-        """True while a download other than `ignore`d kinds runs (the preloader yields to these)."""
+        """True while a download other than `ignore`d kinds runs (the background prefetcher yields to these)."""
         with self._lock:
             return any(d.reason not in ignore for d in self._active.values())
 

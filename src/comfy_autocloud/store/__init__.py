@@ -10,7 +10,7 @@ from comfy_autocloud.store.eviction import (
     get_policy,
     select_victims,
 )
-from comfy_autocloud.store.simulate import SimResult, Simulator, read_trace, simulate, write_trace, zipf_trace
+from comfy_autocloud.store.simulate import SimResult, Simulator, read_trace, simulate, write_trace
 from comfy_autocloud.store.store import Entry, Reservation, Store, Usage
 from comfy_autocloud.store.verify import Finding, VerifyReport
 
@@ -34,5 +34,4 @@ __all__ = [
     "select_victims",
     "simulate",
     "write_trace",
-    "zipf_trace",
 ]

@@ -1,32 +1,32 @@
-"""Eviction policies: one priority function and one victim selector shared by the Store and the simulator.
+"""Eviction policies and the one victim selector shared by the Store and the simulator.
 
-Every policy is a pure `priority(size, hits, now, clock) -> float` (lower is evicted first) plus a rule
-for advancing the aging clock when something is evicted. The Store registers `priority` as an SQLite
-function so `touch()` is a single UPDATE, and the simulator calls the very same method, so a simulated
-byte hit ratio is the ratio the real store would get on that trace.
+A policy ranks cached files (`rank(item)`, lowest evicted first). The textbook ones are pure
+functions of one row: `priority(size, hits, now, clock) -> float` plus a rule for the aging clock; the
+Store registers `priority` as an SQLite function so `touch()` is a single UPDATE. Stateful policies
+also learn from the request stream (`observe(now, key, size)`): the Store feeds them its access log
+before it picks victims, the simulator after each request, so a simulated byte hit ratio is the
+ratio the real store would get on that trace.
 
-Why the default is LFU with dynamic aging plus a per-download cost (GD-LFU, "default"):
-
-* A cache of model files is judged by bytes it saves downloading (byte hit ratio), not by object count.
-  Keeping an object of size s costs s bytes of cache and saves (requests x s) bytes, so the value per
-  cached byte is its request frequency: the byte-optimal rule is "keep the most frequently used",
-  whatever the size. Greedy-Dual with cost = size gives H = L + hits * size / size = L + hits (LFUDA).
-* Classic GDSF (cost = 1, H = L + hits / size) keeps many small LoRAs and throws out big checkpoints;
-  it wins on object hit ratio and loses on byte hit ratio (see `bench/eviction.py`).
-* Plain LFU never forgets; the aging clock L (the priority of the last evicted file, persisted in the
-  index's `meta` table) lets yesterday's hot model fall out once it goes cold.
-* Each download also has a fixed cost (request setup, HEAD, hash check, ComfyUI waiting): we add it as
-  `DOWNLOAD_COST_BYTES` to the size, H = L + hits * (size + c) / size. Small files get a modest bonus
-  (a 100 MB LoRA re-download is mostly overhead), big ones are ranked by frequency alone. A sweep of c
-  over 0..2 GiB on the Zipf + scan traces of `bench/eviction.py` (6 seeds x 4 capacities) put the byte
-  hit ratio peak at c = 128 MiB (mean 0.393 -> 0.400 vs LFUDA) while the object hit ratio rose
-  0.43 -> 0.46; both beat LRU (byte hit ratio 0.34), which one-off scans of big checkpoints flush;
-  classic GDSF reaches 0.36 (object hit ratio 0.60: it hoards small files).
+* "lru": last access. "lfuda": Greedy-Dual with cost = size, H = L + hits (LFU with dynamic aging).
+  "gdsf": cost = 1, H = L + hits / size (keeps many small files: object hits, not bytes).
+  "gdlfu": LFU-DA plus a fixed per-download cost (`DOWNLOAD_COST_BYTES`): small files get a modest
+  bonus, big ones are ranked by frequency alone (the default before the adaptive policy).
+* "lrfu-1d", "lrfu-14d": exponentially decayed request frequency (half-life one day / two weeks),
+  remembered for files that were evicted (a ghost history), so a model that comes back every morning
+  or every Monday is known when it does, and a batch job's one-off models rank below it.
+* "default" (adaptive): a shadow cache of the same capacity per candidate (the policies above), all
+  fed every request; each shadow's byte hits decay with a half-life of `ADAPT_HALF_LIFE` requests.
+  The best shadow decides which real files go: files it no longer holds first, then in its order.
+  It hands over only when another shadow is `HYSTERESIS` better at an epoch boundary (no flapping).
+  On the project's traces (`bench/eviction.py`) no single policy wins everywhere: LRU wins while
+  habits drift fast in a small cache, decayed frequency with a long memory wins the stable
+  workloads with batch scans; following the best shadow keeps up with whichever wins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import math
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,8 +50,12 @@ class Item:
     group: object | None = None
 
 
+Rank = tuple[float, float, str]
+
+
 class Policy(Protocol):
     name: str
+    stateful: bool  # learns from `observe` (the Store then feeds it its access log)
 
     def priority(self, size: int, hits: int, now: float, clock: float) -> float:
         """Priority of a file right after an access (or insert); lower values are evicted first."""
@@ -61,8 +65,28 @@ class Policy(Protocol):
         """The aging clock after evicting `victims` (unchanged for policies without aging)."""
         ...
 
+    def rank(self, item: Item) -> Rank:
+        """Eviction order: lowest first."""
+        ...
 
-class LRUPolicy:
+    def observe(self, now: float, key: str, size: int) -> None:
+        """One request (hit or miss) of the stream the cache sees; a no-op for row-only policies."""
+        ...
+
+
+class _RowPolicy:
+    """A policy that ranks by the row's stored priority and learns nothing from the stream."""
+
+    stateful = False
+
+    def rank(self, item: Item) -> Rank:
+        return (item.priority, item.last_access, item.key)
+
+    def observe(self, now: float, key: str, size: int) -> None:
+        return None
+
+
+class LRUPolicy(_RowPolicy):
     """Least recently used: priority is the time of the last access. The baseline."""
 
     name = "lru"
@@ -74,7 +98,7 @@ class LRUPolicy:
         return clock
 
 
-class GreedyDualPolicy:
+class GreedyDualPolicy(_RowPolicy):
     """Greedy-Dual family: H = L + hits * cost(size) / size, L = priority of the last evicted file.
 
     cost(size) = size * size_weight + fixed_cost. size_weight=1, fixed_cost=0 is LFUDA; size_weight=0,
@@ -96,33 +120,125 @@ class GreedyDualPolicy:
         return max(clock, max(v.priority for v in victims))
 
 
-_POLICIES = {
-    "default": lambda: GreedyDualPolicy("default", size_weight=1.0, fixed_cost=DOWNLOAD_COST_BYTES),
-    "lfuda": lambda: GreedyDualPolicy("lfuda", size_weight=1.0, fixed_cost=0.0),
-    "gdsf": lambda: GreedyDualPolicy("gdsf", size_weight=0.0, fixed_cost=1.0),
-    "lru": LRUPolicy,
+class DecayedFrequencyPolicy:
+    """LRFU with a ghost history: rank = log2 of sum(2^(t_i / half_life)) over the key's requests, kept
+    for evicted keys too (so it is stateful: it needs the stream, not only the row)."""
+
+    stateful = True
+    FORGET = 40.0  # a key whose weight fell below 2^-FORGET of a fresh request is forgotten
+
+    def __init__(self, name: str, half_life: float, max_keys: int = 100_000) -> None:
+        self.name = name
+        self.half_life = half_life
+        self.max_keys = max_keys
+        self.weight: dict[str, float] = {}  # key -> log2 sum 2^(t_i / half_life)
+        self._seen = 0
+
+    def priority(self, size: int, hits: int, now: float, clock: float) -> float:
+        return float(now)  # the stored column (not used for ranking): the last access, as for LRU
+
+    def clock_after(self, clock: float, victims: Sequence[Item]) -> float:
+        return clock
+
+    def rank(self, item: Item) -> Rank:
+        return (self.weight.get(item.key, -math.inf), item.last_access, item.key)
+
+    def observe(self, now: float, key: str, size: int) -> None:
+        x = now / self.half_life
+        old = self.weight.get(key)
+        self.weight[key] = x if old is None else max(old, x) + math.log2(1.0 + 2.0 ** -abs(old - x))
+        self._seen += 1
+        if self._seen % 1000 == 0 or len(self.weight) > self.max_keys:
+            floor = x - self.FORGET
+            kept = sorted(((w, k) for k, w in self.weight.items() if w >= floor), reverse=True)
+            self.weight = {k: w for w, k in kept[:self.max_keys * 3 // 4 or 1]} if len(kept) > self.max_keys \
+                else {k: w for w, k in kept}
+
+
+ADAPT_CANDIDATES = ("lrfu-14d", "lrfu-1d", "lfuda", "gdlfu", "gdsf", "lru")  # first: the choice before evidence
+ADAPT_HALF_LIFE = 2000.0  # requests over which a shadow's byte hits count half as much
+ADAPT_EPOCH = 100  # requests between decisions
+HYSTERESIS = 0.03  # another shadow must be this much better (relative decayed byte hits) to take over
+
+
+class AdaptivePolicy:
+    """Shadow caches of the candidates on the same request stream; the best recent one decides."""
+
+    stateful = True
+
+    def __init__(self, capacity: int | None, candidates: Sequence[str] = ADAPT_CANDIDATES,
+                 name: str = "default") -> None:
+        from comfy_autocloud.store.simulate import Simulator  # the simulator is built on this module
+
+        self.name = name
+        self.capacity = capacity
+        self.shadows = {c: Simulator(capacity, c) for c in candidates} if capacity else {}
+        self.fallback = get_policy(candidates[0])  # no cap: nothing to shadow, rank by the first candidate
+        self._stored = GreedyDualPolicy("gdlfu", size_weight=1.0, fixed_cost=DOWNLOAD_COST_BYTES)
+        self.score = dict.fromkeys(candidates, 0.0)
+        self.chosen = candidates[0]
+        self.switches = 0
+        self._seen = 0
+        self._decay = 0.5 ** (1.0 / ADAPT_HALF_LIFE)
+
+    def priority(self, size: int, hits: int, now: float, clock: float) -> float:
+        """The stored column keeps a frequency-with-aging value (GD-LFU's) for listings; ranking is `rank`."""
+        return self._stored.priority(size, hits, now, clock)
+
+    def clock_after(self, clock: float, victims: Sequence[Item]) -> float:
+        return self._stored.clock_after(clock, victims)
+
+    def rank(self, item: Item) -> Rank:
+        if not self.shadows:
+            return self.fallback.rank(item)
+        sim = self.shadows[self.chosen]
+        shadow = sim.table.get(item.key)
+        if shadow is None:  # the best policy would not hold it: it goes first, oldest first
+            return (-math.inf, item.last_access, item.key)
+        return sim.policy.rank(shadow)
+
+    def observe(self, now: float, key: str, size: int) -> None:
+        if not self.shadows:
+            self.fallback.observe(now, key, size)
+            return
+        for name, sim in self.shadows.items():
+            hit = sim.request(now, key, size)
+            self.score[name] = self.score[name] * self._decay + (size if hit else 0)
+        self._seen += 1
+        if self._seen % ADAPT_EPOCH == 0:
+            best = max(self.score, key=lambda n: (self.score[n], n == self.chosen))
+            if self.score[best] > self.score[self.chosen] * (1.0 + HYSTERESIS):
+                self.chosen = best
+                self.switches += 1
+
+
+_POLICIES: dict[str, Callable[[int | None], Policy]] = {
+    "default": lambda cap: AdaptivePolicy(cap),
+    "lfuda": lambda cap: GreedyDualPolicy("lfuda", size_weight=1.0, fixed_cost=0.0),
+    "gdsf": lambda cap: GreedyDualPolicy("gdsf", size_weight=0.0, fixed_cost=1.0),
+    "lru": lambda cap: LRUPolicy(),
+    "gdlfu": lambda cap: GreedyDualPolicy("gdlfu", size_weight=1.0, fixed_cost=DOWNLOAD_COST_BYTES),
+    "lrfu-1d": lambda cap: DecayedFrequencyPolicy("lrfu-1d", 86400.0),
+    "lrfu-14d": lambda cap: DecayedFrequencyPolicy("lrfu-14d", 14 * 86400.0),
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
 
 
-def get_policy(name: str) -> Policy:
-    """Policy by name ('default', 'lru', 'lfuda', 'gdsf'); ValueError lists the known names."""
+def get_policy(name: str, capacity: int | None = None) -> Policy:
+    """Policy by name ('default', 'lru', 'lfuda', 'gdsf', ...) for a cache of `capacity` bytes (the
+    adaptive default sizes its shadow caches by it); ValueError lists the known names."""
     try:
         factory = _POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown eviction policy {name!r} (known: {', '.join(POLICY_NAMES)})") from None
-    return factory()
-
-
-def _order(item: Item) -> tuple[float, float, str]:
-    return (item.priority, item.last_access, item.key)
+    return factory(capacity)
 
 
 def select_victims(
     policy: Policy, items: Iterable[Item], bytes_to_free: int, *, protect: Collection[str] = ()
 ) -> list[Item]:
-    """Cheapest-first victims that free at least `bytes_to_free` unique bytes.
+    """Cheapest-first victims (in `policy.rank` order) that free at least `bytes_to_free` unique bytes.
 
     Never picks pinned or in-use items or keys in `protect`, nor a hardlink twin of one (that would free
     nothing). Returns [] if nothing needs freeing and every candidate if they are not enough; the caller
@@ -145,7 +261,7 @@ def select_victims(
             if not (it.pinned or it.in_use or it.key in protect)
             and (it.group is None or it.group not in blocked_groups)
         ),
-        key=_order,
+        key=policy.rank,
     )
     victims: list[Item] = []
     freed = 0

@@ -309,6 +309,11 @@ class Index:
             "SELECT ts, key, size FROM access_log ORDER BY id DESC LIMIT ?", (max(0, limit),)).fetchall()
         return [(float(ts), str(k), int(n)) for ts, k, n in reversed(rows)]
 
+    def access_since(self, after: int, c: sqlite3.Connection | None = None) -> list[tuple[int, float, str, int]]:
+        """Access-log rows (id, ts, key, size) newer than id `after`, oldest first."""
+        return [(int(i), float(ts), str(k), int(n)) for i, ts, k, n in self._c(c).execute(
+            "SELECT id, ts, key, size FROM access_log WHERE id > ? ORDER BY id", (after,))]
+
     def last_access_id(self) -> int:
         row = self.conn().execute("SELECT MAX(id) FROM access_log").fetchone()
         return int(row[0] or 0)

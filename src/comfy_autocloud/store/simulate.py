@@ -1,15 +1,15 @@
 """Replay an access trace through an eviction policy to compare policies before changing a node's cache.
 
-The replay uses the Store's own `Policy.priority`, `Policy.clock_after` and `select_victims`; only the
-table of items lives in memory instead of SQLite. A miss is admitted the way `Store.reserve()` admits a
-download: evict just enough to fit, never the key itself; a file larger than the cache is not cached.
+The replay uses the Store's own `Policy.priority`, `Policy.clock_after`, `Policy.observe` and
+`select_victims`; only the table of items lives in memory instead of SQLite. A miss is admitted the
+way `Store.reserve()` admits a download: evict just enough to fit, never the key itself; a file
+larger than the cache is not cached.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,13 +41,19 @@ class Simulator:
 
     def __init__(self, capacity: int, policy: str = "default") -> None:
         self.capacity = capacity
-        self.policy = get_policy(policy)
+        self.policy = get_policy(policy, capacity)
         self.table: dict[str, Item] = {}
         self.used = 0
         self.clock = 0.0
         self.evictions = 0
 
     def request(self, now: float, key: str, size: int) -> bool:
+        hit = self._request(now, key, size)
+        if self.policy.stateful:  # after the request, as the Store's access log records it
+            self.policy.observe(now, key, size)
+        return hit
+
+    def _request(self, now: float, key: str, size: int) -> bool:
         pol, table = self.policy, self.table
         item = table.get(key)
         if item is not None and item.size == size:
@@ -145,76 +151,3 @@ def write_trace(path: str | Path, trace: Iterable[Request]) -> None:
         w.writerow(["timestamp", "key", "size"])
         for ts, key, size in trace:
             w.writerow([f"{ts:.3f}", key, size])
-
-
-_KINDS = (  # (folder, share of the library, min size, max size): a typical ComfyUI model library
-    ("loras", 0.55, 100 * 2**20, 900 * 2**20),
-    ("controlnet", 0.10, 700 * 2**20, 2_500 * 2**20),
-    ("vae", 0.05, 160 * 2**20, 400 * 2**20),
-    ("checkpoints", 0.30, 2 * 2**30, 20 * 2**30),
-)
-
-
-def zipf_trace(
-    *,
-    seed: int = 0,
-    requests: int = 5000,
-    models: int = 400,
-    alpha: float = 0.9,
-    scan_share: float = 0.15,
-    interval: float = 30.0,
-) -> list[Request]:
-    """A seeded synthetic model-access trace: Zipf-popular library plus one-off scans.
-
-    Popular models follow Zipf(alpha) over a library whose sizes run from 100 MB LoRAs to 20 GB
-    checkpoints (log-uniform within each kind; popularity independent of size). `scan_share` of the
-    requests are bursts of models tried exactly once (someone browsing new checkpoints), which is what
-    flushes an LRU cache.
-    """
-    rng = random.Random(seed)
-    library: list[tuple[str, int]] = []
-    for i in range(models):
-        r, acc = rng.random(), 0.0
-        kind = _KINDS[-1]
-        for kind in _KINDS:
-            acc += kind[1]
-            if r <= acc:
-                break
-        folder, _share, lo, hi = kind
-        size = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        library.append((f"{folder}/model_{i:04d}.safetensors", size))
-    rng.shuffle(library)
-    weights = [1.0 / (rank + 1) ** alpha for rank in range(models)]
-    cum: list[float] = []
-    total = 0.0
-    for w in weights:
-        total += w
-        cum.append(total)
-    trace: list[Request] = []
-    now = 1_700_000_000.0
-    scan_id = 0
-    while len(trace) < requests:
-        now += rng.expovariate(1.0 / interval)
-        if rng.random() < scan_share / 4:
-            for _ in range(min(rng.randint(2, 6), requests - len(trace))):  # a burst of one-off models
-                folder, _share, lo, hi = _KINDS[3] if rng.random() < 0.6 else _KINDS[0]
-                size = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-                trace.append((now, f"{folder}/scan_{scan_id:05d}.safetensors", size))
-                scan_id += 1
-                now += rng.expovariate(1.0 / interval)
-            continue
-        idx = _bisect(cum, rng.random() * total)
-        key, size = library[idx]
-        trace.append((now, key, size))
-    return trace
-
-
-def _bisect(cum: list[float], x: float) -> int:
-    lo, hi = 0, len(cum) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cum[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo

@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from comfy_autocloud.store.verify import VerifyReport, run_verify
 from comfy_autocloud.units import human_size
 
 log = logging.getLogger(__name__)
+POLICY_REPLAY = 20_000  # access-log rows a stateful eviction policy learns from when a process opens the store
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class Store:
         if max_size is not None and max_size < 0:
             raise StoreError(str(root), f"max_size must not be negative: {max_size}")
         try:
-            self.policy: Policy = get_policy(policy)
+            self.policy: Policy = get_policy(policy, max_size)
         except ValueError as exc:
             raise StoreError(str(root), str(exc)) from None
         self.root = Path(root).expanduser().absolute()
@@ -157,6 +158,7 @@ class Store:
         self.temp_dir = self._open_temp_dir(temp_dir)
         self._index = Index(self.private / INDEX_NAME, {"ac_priority": (4, self.policy.priority)})
         self._index.rerank(self.policy.name)
+        self._policy_seen = -1  # the last access-log row a stateful policy has observed
 
     # ----------------------------------------------------------------- paths
     def path_for(self, key: str) -> Path:
@@ -313,6 +315,33 @@ class Store:
                      reserved_bytes=reserved, cap=self.max_size, disk_free=free, disk_total=total)
 
     # ----------------------------------------------------------------- removing and making room
+    def _feed_policy(self, conn: sqlite3.Connection | None = None) -> None:
+        """A stateful policy observes the accesses logged since it last looked (every process's, in order;
+        at first the newest POLICY_REPLAY), before it ranks victims."""
+        if not self.policy.stateful:
+            return
+        if self._policy_seen < 0:
+            self._policy_seen = max(0, self._index.last_access_id() - POLICY_REPLAY)
+        for row_id, ts, key, size in self._index.access_since(self._policy_seen, conn):
+            self.policy.observe(ts, key, size)
+            self._policy_seen = row_id
+
+    def would_evict(self, nbytes: int, *, protect: Collection[str] = ()) -> list[Entry] | None:
+        """What the policy would evict under the cap to make room for `nbytes` more (a dry run): [] when
+        it fits, None when evicting every unpinned, unused file would not make room."""
+        if self.max_size is None:
+            return []
+        self._feed_policy()
+        rows = self._load()
+        live_res = self._index.live_reservations()
+        items = [r.item(frozenset({*protect, *(k for _i, k, _n in live_res)})) for r in rows]
+        need = unique_bytes(items) + sum(n for _i, _k, n in live_res) + nbytes - self.max_size
+        victims = select_victims(self.policy, items, need)
+        if need > 0 and bytes_freed(victims, items) < need:
+            return None
+        by_key = {r.entry.key: r.entry for r in rows}
+        return [by_key[v.key] for v in victims]
+
     def _remove(self, conn: sqlite3.Connection, rows: list[_Row], *, policy_eviction: bool) -> list[Entry]:
         """Unlink files then drop rows (inside the caller's transaction); a crash leaves rows that
         `lookup` heals, never files the index forgot."""
@@ -343,7 +372,9 @@ class Store:
         final = self.path_for(key)
         if nbytes < 0:
             raise StoreError(key, f"cannot reserve a negative size ({nbytes})")
+        self._feed_policy()  # the long catch-up outside the write lock
         with self._index.write() as c:
+            self._feed_policy(c)
             self._index.reap(c)
             rows = self._load(c)
             by_key = {r.entry.key: r for r in rows}
@@ -367,6 +398,7 @@ class Store:
         rows = self._load(conn)
         live_res = self._index.live_reservations(conn)
         protect = frozenset({just_committed, *(k for _i, k, _n in live_res)})
+        self._feed_policy(conn)
         victims = over_watermark(self.policy, [r.item(protect) for r in rows], sum(n for _i, _k, n in live_res),
                                  self.max_size, self.high_watermark, self.low_watermark)
         by_key = {r.entry.key: r for r in rows}
@@ -545,6 +577,7 @@ class Store:
         now = time.time()
         target = max_size if max_size is not None else self.max_size
         with self._index.write() as c:
+            self._feed_policy(c)
             self._index.reap(c)
             rows = self._load(c)
             protect = frozenset(k for _i, k, _n in self._index.live_reservations(c))
