@@ -2,6 +2,8 @@
 
 from comfy_autocloud.store.eviction import (
     POLICY_NAMES,
+    AdaptivePolicy,
+    DecayedFrequencyPolicy,
     GreedyDualPolicy,
     Item,
     LRUPolicy,
@@ -16,6 +18,8 @@ from comfy_autocloud.store.verify import Finding, VerifyReport
 
 __all__ = [
     "POLICY_NAMES",
+    "AdaptivePolicy",
+    "DecayedFrequencyPolicy",
     "Entry",
     "Finding",
     "GreedyDualPolicy",
