@@ -25,7 +25,7 @@ from comfy_autocloud.prefetch.predictor import (
     collapse_repeats,
     top,
 )
-from comfy_autocloud.prefetch.prefetcher import BackgroundPrefetcher
+from comfy_autocloud.prefetch.prefetcher import BackgroundPrefetcher, learn_from_store
 from comfy_autocloud.store import Store
 from comfy_autocloud.store import index as index_mod
 from servers import NginxOrigin, nginx_running, write_random_file
@@ -268,3 +268,27 @@ def test_prefetcher_fetches_what_usually_comes_next(tmp_path: Path, origin: Ngin
     assert lora.key in top(scores, 2) and scores[lora.key] >= pre.min_score  # likely enough, but:
     assert pre.run_once(predicted_only=True) == []
     assert tight.lookup(lora.key) is None
+
+
+def test_a_broken_saved_predictor_is_replaced_and_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path / "cache")
+    data = b"x" * 10
+    import hashlib
+
+    store.commit("loras/a.safetensors", _part(store, "loras/a.safetensors", data), size=10,
+                 sha256=hashlib.sha256(data).hexdigest(), source="test")
+    saved = store.private / "predictor.json"
+    saved.write_text("{broken")
+    with caplog.at_level("WARNING"):
+        model = learn_from_store(store)
+    assert model.seen == 1 and str(saved) in caplog.text
+    assert ContextPredictor.load(saved).seen == 1  # rewritten whole
+    assert learn_from_store(store).seen == 1  # nothing new in the log: nothing learned twice
+    store.close()
+
+
+def _part(store: Store, key: str, data: bytes) -> Path:
+    part = store.partial_path(key)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(data)
+    return part
