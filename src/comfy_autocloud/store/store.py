@@ -43,7 +43,7 @@ from comfy_autocloud.store.verify import VerifyReport, run_verify
 from comfy_autocloud.units import human_size
 
 log = logging.getLogger(__name__)
-POLICY_REPLAY = 20_000  # access-log rows a stateful eviction policy learns from when a process opens the store
+POLICY_REPLAY = 5_000  # access-log rows (weeks of a node's loads) a stateful policy replays at first use
 
 
 @dataclass(frozen=True)
