@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
@@ -159,6 +160,7 @@ class Store:
         self._index = Index(self.private / INDEX_NAME, {"ac_priority": (4, self.policy.priority)})
         self._index.rerank(self.policy.name)
         self._policy_seen = -1  # the last access-log row a stateful policy has observed
+        self._policy_lock = threading.Lock()  # threads of this process feed it each row once
 
     # ----------------------------------------------------------------- paths
     def path_for(self, key: str) -> Path:
@@ -320,11 +322,12 @@ class Store:
         at first the newest POLICY_REPLAY), before it ranks victims."""
         if not self.policy.stateful:
             return
-        if self._policy_seen < 0:
-            self._policy_seen = max(0, self._index.last_access_id() - POLICY_REPLAY)
-        for row_id, ts, key, size in self._index.access_since(self._policy_seen, conn):
-            self.policy.observe(ts, key, size)
-            self._policy_seen = row_id
+        with self._policy_lock:
+            if self._policy_seen < 0:
+                self._policy_seen = max(0, self._index.last_access_id() - POLICY_REPLAY)
+            for row_id, ts, key, size in self._index.access_since(self._policy_seen, conn):
+                self.policy.observe(ts, key, size)
+                self._policy_seen = row_id
 
     def would_evict(self, nbytes: int, *, protect: Collection[str] = ()) -> list[Entry] | None:
         """What the policy would evict under the cap to make room for `nbytes` more (a dry run): [] when
