@@ -10,7 +10,8 @@ parameters were chosen on seed 0; the seeds reported here are others. The cache 
 trace's distinct bytes (its library); the cache warms up on the first half and is scored on the
 second (held-out) half. One line per (trace, cache), byte hit ratios averaged over the seeds:
 
-  eviction trace=realistic cap=10% lru=0.522 lfuda=0.610 gdsf=0.456 default=0.650 vs_lru=1.25 vs_best=1.07(lfuda)
+  eviction trace=realistic cap=10% lru=0.506 lfuda=0.603 gdsf=0.476 default=0.625 vs_lru=1.23
+    vs_best=1.036(lfuda) seeds=1,2,3
 
 vs_lru = default / lru; vs_best = default / the best of lru, lfuda, gdsf on that line. The last line
 sums up: the realistic trace at 10% (target >= 1.20x LRU) and on how many lines the default is at least
