@@ -292,3 +292,26 @@ def _part(store: Store, key: str, data: bytes) -> Path:
     part.parent.mkdir(parents=True, exist_ok=True)
     part.write_bytes(data)
     return part
+
+
+def test_after_a_pause_the_prefetcher_turns_to_what_starts_a_session(tmp_path: Path) -> None:
+    store = Store(tmp_path / "cache")
+    import hashlib
+
+    for key in ("checkpoints/start.safetensors", "loras/then.safetensors"):
+        data = key.encode() * 4
+        store.commit(key, _part(store, key, data), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                     source="test")
+    pre = BackgroundPrefetcher(store, FetchService(store), lambda: [], rate=MiB, top=0, predict_top=1)
+    pre.model().fixed_gap = 0.3  # sessions end after 0.3 s here
+    for _ in range(3):  # three sessions, each starting with the checkpoint
+        time.sleep(0.4)
+        store.touch("checkpoints/start.safetensors")
+        store.touch("loras/then.safetensors")
+    store.evict("checkpoints/start.safetensors")
+    pre.run_once(predicted_only=True)  # learns the newest loads; the session is still on
+    assert not pre._session_just_ended()
+    time.sleep(0.4)
+    assert pre._session_just_ended() and not pre._session_just_ended()  # once per pause
+    assert pre.predicted() == ["checkpoints/start.safetensors"]
+    store.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from comfy_autocloud.prefetch.plan import worth_prefetching
+from comfy_autocloud.prefetch.plan import PAUSE_MIN_SCORE, PAUSE_PREFETCH, worth_prefetching
 from comfy_autocloud.prefetch.predictor import (
     MIN_SCORE,
     ContextPredictor,
@@ -158,7 +158,8 @@ def replay(model: Model | None, train: Sequence[Request], test: Sequence[Request
                 # the session is over: after the gap, the plan turns to what starts the next one
                 node.prefetch(plan, prev[0], prev[0] + gap)
                 later = prev[0] + gap + 1
-                plan = node.plan(model, model.scores(later), prev[1], sizes, prefetch, min_score)
+                plan = node.plan(model, model.scores(later), prev[1], sizes, max(prefetch, PAUSE_PREFETCH),
+                                 min(min_score, PAUSE_MIN_SCORE))
                 node.prefetch(plan, later, ts)
             else:
                 node.prefetch(plan, prev[0], ts)

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 HORIZON = 30  # loads within which an evicted model would have been used again (about a session or two)
+# After the session gap the link is idle for a long while and the next load starts a session, which is
+# harder to guess (each start is less likely): plan more guesses, down to a lower score, by the same rule.
+PAUSE_PREFETCH, PAUSE_MIN_SCORE = 3, 0.05
 
 
 def reuse_probability(share: float, horizon: int = HORIZON) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 from comfy_autocloud.errors import AutoCloudError, Cancelled
 from comfy_autocloud.fetch.service import FetchResult, FetchService
 from comfy_autocloud.manifest.spec import ModelSpec
-from comfy_autocloud.prefetch.plan import worth_prefetching
+from comfy_autocloud.prefetch.plan import PAUSE_MIN_SCORE, PAUSE_PREFETCH, worth_prefetching
 from comfy_autocloud.prefetch.popularity import merge_history, plan_popular, read_history, write_history
 from comfy_autocloud.prefetch.predictor import MIN_SCORE, ContextPredictor, top
 from comfy_autocloud.progress import CancelToken, ProgressCallback
@@ -114,6 +114,7 @@ class BackgroundPrefetcher:
         self._model: ContextPredictor | None = None
         self._own: dict[str, float] = {}  # guesses this prefetcher committed -> when it started (not loads)
         self._seen_access = -1
+        self._pause_planned = -1  # the access id after which the pause plan already ran
 
     def model(self) -> ContextPredictor:
         """The predictor, brought up to date with the access log (see `learn_from_store`)."""
@@ -128,12 +129,16 @@ class BackgroundPrefetcher:
         model = self.model()
         if model.seen == 0:
             return []
-        scores = model.scores(time.time())
+        now = time.time()
+        scores = model.scores(now)
+        k, min_score = self.predict_top, self.min_score
+        if model.new_session(now):  # the session is over: what starts the next one (see plan.PAUSE_*)
+            k, min_score = max(k, PAUSE_PREFETCH), min(min_score, PAUSE_MIN_SCORE)
         total = sum(model.overall.values()) or 1.0
         out: list[str] = []
-        for key in top(scores, self.predict_top):
+        for key in top(scores, k):
             size = model.sizes.get(key)
-            if size is None or scores[key] < self.min_score or self.store.lookup(key) is not None:
+            if size is None or scores[key] < min_score or self.store.lookup(key) is not None:
                 continue
             victims = self.store.would_evict(size, protect=(key,))
             if victims is None:
@@ -215,6 +220,8 @@ class BackgroundPrefetcher:
                     made = self.run_once()
                 elif self.predict_top and self.store.last_access_id() != self._seen_access:
                     made = self.run_once(predicted_only=True)  # something was used: prefetch what follows it
+                elif self.predict_top and self._session_just_ended():
+                    made = self.run_once(predicted_only=True)  # a pause: prefetch what starts the next session
                 else:
                     made = []
                 if made:
@@ -224,6 +231,16 @@ class BackgroundPrefetcher:
             wait = min(self.interval, self.predict_poll) if self.predict_top else self.interval
             if self._stop.wait(wait):
                 return
+
+    def _session_just_ended(self) -> bool:
+        """True once per pause: the session gap has passed since the newest load (planned for already)."""
+        model = self._model
+        if model is None or model.last_ts is None or self._pause_planned == self._seen_access:
+            return False
+        if not model.new_session(time.time()):
+            return False
+        self._pause_planned = self._seen_access
+        return True
 
     def start(self) -> BackgroundPrefetcher:
         self._thread = threading.Thread(target=self._loop, name="autocloud-prefetcher", daemon=True)
