@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,7 @@ from comfy_autocloud.errors import (
 )
 from comfy_autocloud.fetch.singleflight import single_flight
 from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.phases import Laps
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
@@ -78,11 +79,17 @@ class FetchResult:
     bytes_downloaded: int
     cached: bool  # True when served from the cache without downloading
     source: str  # redacted
+    # Seconds per step of a download (probe, reserve, transfer, hash_tail, records, fsync, rename, index).
+    phases: dict[str, float] = field(default_factory=dict, compare=False)
 
-    def as_json(self) -> dict[str, object]:
-        return {"key": self.key, "path": str(self.path), "size": self.size, "sha256": self.sha256,
-                "seconds": round(self.seconds, 4), "bytes_downloaded": self.bytes_downloaded,
-                "cached": self.cached, "source": self.source}
+    def as_json(self, *, phases: bool = False) -> dict[str, object]:
+        out: dict[str, object] = {
+            "key": self.key, "path": str(self.path), "size": self.size, "sha256": self.sha256,
+            "seconds": round(self.seconds, 4), "bytes_downloaded": self.bytes_downloaded,
+            "cached": self.cached, "source": self.source}
+        if phases:
+            out["phases"] = {k: round(v, 4) for k, v in self.phases.items()}
+        return out
 
 
 class FetchService:
@@ -311,7 +318,9 @@ class FetchService:
         attempts = attempts or self.integrity_attempts
         options = replace(base, headers={**base.headers, **resolved.headers},
                           keep_live_record=self.fleet is not None)  # peers streaming it get the tail at once
+        laps = Laps()
         size = self._size_of(spec, resolved, options)
+        laps.lap("probe")
         if size is not None:
             options = replace(options, expected_size=size)
         part = self.store.partial_path(key, size)  # on the temp dir (RAM disk) when it has room
@@ -323,6 +332,7 @@ class FetchService:
         self._emit(progress, ProgressEvent(key, "start", 0, size, message=resolved.display))
         downloaded = 0
         with self.store.reserve(key, size or 0) as reservation:
+            laps.lap("reserve")
             for attempt in range(1, attempts + 1):
                 try:
                     result = self._transfer(resolved, part, options, on_bytes, cancel)
@@ -335,6 +345,7 @@ class FetchService:
                     part = self.store.partial_path(key, size, disk=True)
                     part.parent.mkdir(parents=True, exist_ok=True)
                     result = self._transfer(resolved, part, options, on_bytes, cancel)
+                _add_phases(laps, result)
                 downloaded += result.bytes_downloaded
                 if len(result.by_source) > 1:
                     log.info("%s: bytes per source: %s", key,
@@ -353,13 +364,15 @@ class FetchService:
                     key, f"sha256 mismatch from {resolved.display}: expected {expected_sha}, got {result.sha256} "
                          f"({attempts} attempts); the cached copy, if any, is untouched")
             self._emit(progress, ProgressEvent(key, "commit", result.size, result.size))
+            laps.skip()
             entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
-                                      etag=result.etag, last_modified=result.last_modified, pin=spec.pin)
+                                      etag=result.etag, last_modified=result.last_modified, pin=spec.pin,
+                                      timings=laps.times)
             remove_live(part)  # streaming readers now follow the committed file
         self._announce(key, entry.sha256, entry.size, reservation.evicted)
         self._emit(progress, ProgressEvent(key, "done", entry.size, entry.size))
         return FetchResult(key, entry.path, entry.size, entry.sha256, time.perf_counter() - t0, downloaded, False,
-                           resolved.display)
+                           resolved.display, laps.times)
 
     # -- fleet ----------------------------------------------------------------------------------------------
 
@@ -581,6 +594,15 @@ class FetchService:
         if resolved.kind == "file":
             return copy_file(Path(resolved.url), part, progress=on_bytes, cancel=cancel)
         return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
+
+
+def _add_phases(laps: Laps, result: TransferResult) -> None:
+    """Fold one transfer's own steps into the fetch's; its set-up (event loop, session) counts as transfer."""
+    laps.lap("transfer")
+    for name, secs in result.phases.items():
+        if name != "transfer":
+            laps.times[name] = laps.times.get(name, 0.0) + secs
+            laps.times["transfer"] -= secs
 
 
 def _same_ranges(a: Path, b: Path, ranges: list[tuple[int, int]], block: int = 1 << 20) -> bool:

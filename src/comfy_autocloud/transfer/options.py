@@ -51,6 +51,9 @@ class TransferResult:
     seconds: float
     connections: int        # peak connections used
     source_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # [start, end) each delivered
+    # Seconds per step of the call: probe, transfer (bytes arriving), hash_tail (hashing what was left
+    # after the last byte), records (stopping the saver, removing the progress record).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def by_source(self) -> dict[str, int]:
