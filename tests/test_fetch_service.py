@@ -231,3 +231,13 @@ def test_verbose_fetch_says_where_the_time_went(tmp_path: Path, origin: NginxOri
     p = _cli(cache, "fetch", origin.url("timed.bin"), "--folder", "checkpoints", "--json")
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0 and "phases" not in json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_url_of_unknown_size_is_probed_once(tmp_path: Path, origin: NginxOrigin) -> None:
+    """The size probe that makes room before the download is the download's probe too: one HEAD per fetch."""
+    want = write_random_file(origin.data_dir / "once.bin", 5 * MiB, seed=78)
+    with Store(tmp_path / "cache") as store:
+        res = FetchService(store).fetch(_spec(origin, "once.bin", sha256=want))
+    assert res.sha256 == want and not res.cached
+    methods = [e.method for e in origin.entries("once.bin")]
+    assert methods.count("HEAD") == 1 and "GET" in methods

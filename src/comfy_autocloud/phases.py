@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import time
 
+# The steps of one fetch in the order they happen (how breakdowns are printed).
+STEPS = ("startup", "probe", "reserve", "transfer", "hash_tail", "records", "fsync", "rename", "index")
+
+
+def in_order(times: dict[str, float]) -> dict[str, float]:
+    """`times` with the known steps first, in the order they happen."""
+    rank = {name: i for i, name in enumerate(STEPS)}
+    return dict(sorted(times.items(), key=lambda kv: rank.get(kv[0], len(STEPS))))
+
 
 class Laps:
     """Adds the seconds since the previous lap to `times[name]` (a name lapped twice accumulates)."""

@@ -14,7 +14,7 @@ from comfy_autocloud.errors import AutoCloudError
 from comfy_autocloud.fetch import FetchResult, FetchService, specs_from_urls
 from comfy_autocloud.manifest import load_manifests
 from comfy_autocloud.manifest.spec import ModelSpec
-from comfy_autocloud.phases import process_age
+from comfy_autocloud.phases import in_order, process_age
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.units import human_rate, human_size, parse_rate
 
@@ -36,15 +36,10 @@ def build_service(app: AppContext, connections: int | None = None, rate_limit: s
     return FetchService(app.store(), options=options, fleet=fleet)
 
 
-PHASE_NAMES = {"startup": "start-up", "probe": "probe", "reserve": "reserve", "transfer": "transfer",
-               "hash_tail": "hash tail", "records": "records", "fsync": "fsync", "rename": "rename",
-               "index": "index"}
-
-
 def breakdown(res: FetchResult, startup: float | None, total: float | None) -> str:
     """One line: where the wall-clock time of this process went (`-v`)."""
-    steps = ({"startup": startup} if startup is not None else {}) | res.phases
-    parts = [f"{PHASE_NAMES.get(k, k)} {v:.3f}" for k, v in steps.items()]
+    steps = in_order(({"startup": startup} if startup is not None else {}) | res.phases)
+    parts = [f"{k.replace('_', ' ').replace('startup', 'start-up')} {v:.3f}" for k, v in steps.items()]
     if total is not None:
         parts.append(f"other {max(0.0, total - sum(steps.values())):.3f}")
         return f"{res.key}: {total:.3f} s = " + " + ".join(parts)

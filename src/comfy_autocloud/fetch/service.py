@@ -41,7 +41,7 @@ from comfy_autocloud.errors import (
 )
 from comfy_autocloud.fetch.singleflight import single_flight
 from comfy_autocloud.manifest.spec import ModelSpec
-from comfy_autocloud.phases import Laps
+from comfy_autocloud.phases import Laps, in_order
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
@@ -88,7 +88,7 @@ class FetchResult:
             "seconds": round(self.seconds, 4), "bytes_downloaded": self.bytes_downloaded,
             "cached": self.cached, "source": self.source}
         if phases:
-            out["phases"] = {k: round(v, 4) for k, v in self.phases.items()}
+            out["phases"] = {k: round(v, 4) for k, v in in_order(self.phases).items()}
         return out
 
 
@@ -297,14 +297,16 @@ class FetchService:
             raise TransferError(f"{spec.key} from {subject}", reason)
         raise TransferError(spec.key, "every source failed: " + "; ".join(errors))
 
-    def _size_of(self, spec: ModelSpec, resolved: ResolvedSource, options: TransferOptions) -> int | None:
+    def _sized(self, spec: ModelSpec, resolved: ResolvedSource, options: TransferOptions) -> TransferOptions:
+        """`options` with the expected size (known, or probed: the download then starts from that probe)."""
         if spec.size is not None:
-            return spec.size
+            return replace(options, expected_size=spec.size)
         if resolved.expected_size is not None:
-            return resolved.expected_size
+            return replace(options, expected_size=resolved.expected_size)
         if resolved.kind == "file":
-            return os.stat(resolved.url).st_size
-        return probe(resolved.url, options).size
+            return replace(options, expected_size=os.stat(resolved.url).st_size)
+        info = probe(resolved.url, options)
+        return replace(options, expected_size=info.size, probed=info)
 
     def _download_from(self, spec: ModelSpec, resolved: ResolvedSource, t0: float,
                        progress: ProgressCallback | None, cancel: CancelToken | None, *,
@@ -319,10 +321,9 @@ class FetchService:
         options = replace(base, headers={**base.headers, **resolved.headers},
                           keep_live_record=self.fleet is not None)  # peers streaming it get the tail at once
         laps = Laps()
-        size = self._size_of(spec, resolved, options)
+        options = self._sized(spec, resolved, options)
+        size = options.expected_size
         laps.lap("probe")
-        if size is not None:
-            options = replace(options, expected_size=size)
         part = self.store.partial_path(key, size)  # on the temp dir (RAM disk) when it has room
         part.parent.mkdir(parents=True, exist_ok=True)
 

@@ -198,7 +198,11 @@ class _Download:
     async def _run(self, t0: float) -> TransferResult:
         self._check_cancel()
         laps = Laps()
-        remote = self.remote = await probe_remote(self.http, self.url, self.opt.headers)
+        probed = self.opt.probed
+        if probed is not None and probed.url:
+            remote = self.remote = probed.remote()
+        else:
+            remote = self.remote = await probe_remote(self.http, self.url, self.opt.headers)
         self.throughput.rtt = remote.rtt
         laps.lap("probe")
         expected = self.opt.expected_size
