@@ -346,7 +346,7 @@ class FetchService:
                     part = self.store.partial_path(key, size, disk=True)
                     part.parent.mkdir(parents=True, exist_ok=True)
                     result = self._transfer(resolved, part, options, on_bytes, cancel)
-                _add_phases(laps, result)
+                laps.lap_with("transfer", result.phases)  # the engine's own steps told apart
                 downloaded += result.bytes_downloaded
                 if len(result.by_source) > 1:
                     log.info("%s: bytes per source: %s", key,
@@ -595,15 +595,6 @@ class FetchService:
         if resolved.kind == "file":
             return copy_file(Path(resolved.url), part, progress=on_bytes, cancel=cancel)
         return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
-
-
-def _add_phases(laps: Laps, result: TransferResult) -> None:
-    """Fold one transfer's own steps into the fetch's; its set-up (event loop, session) counts as transfer."""
-    laps.lap("transfer")
-    for name, secs in result.phases.items():
-        if name != "transfer":
-            laps.times[name] = laps.times.get(name, 0.0) + secs
-            laps.times["transfer"] -= secs
 
 
 def _same_ranges(a: Path, b: Path, ranges: list[tuple[int, int]], block: int = 1 << 20) -> bool:
