@@ -208,3 +208,36 @@ def test_disk_full_refused_before_download_cached_files_intact(tmp_path: Path, o
         assert not (cache / "checkpoints" / "huge.safetensors").exists()
         assert hashlib.sha256(small.read_bytes()).hexdigest() == sha_small
         assert store.verify(fix=False).ok
+
+
+def test_verbose_fetch_says_where_the_time_went(tmp_path: Path, origin: NginxOrigin) -> None:
+    """`autocloud -v fetch` breaks the process's time down (start-up, probe, transfer, hash tail, fsync,
+    rename, index) on stderr and in its JSON; without -v the JSON stays as it was."""
+    want = write_random_file(origin.data_dir / "timed.bin", 3 * MiB, seed=77)
+    cache = tmp_path / "cache"
+    p = _cli(cache, "-v", "fetch", origin.url("timed.bin"), "--folder", "checkpoints", "--sha256", want, "--json")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["sha256"] == want and res["cached"] is False
+    phases = res["phases"]
+    assert {"probe", "reserve", "transfer", "hash_tail", "records", "fsync", "rename", "index"} <= set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= res["seconds"] + 0.01  # steps of the fetch, inside its wall-clock time
+    assert res["startup"] > 0
+    line = next(ln for ln in err.splitlines() if ln.startswith("checkpoints/timed.bin: ") and " s = " in ln)
+    for step in ("start-up", "probe", "transfer", "hash tail", "fsync", "rename", "index", "other"):
+        assert f" {step} " in line, line
+    p = _cli(cache, "fetch", origin.url("timed.bin"), "--folder", "checkpoints", "--json")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "phases" not in json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_url_of_unknown_size_is_probed_once(tmp_path: Path, origin: NginxOrigin) -> None:
+    """The size probe that makes room before the download is the download's probe too: one HEAD per fetch."""
+    want = write_random_file(origin.data_dir / "once.bin", 5 * MiB, seed=78)
+    with Store(tmp_path / "cache") as store:
+        res = FetchService(store).fetch(_spec(origin, "once.bin", sha256=want))
+    assert res.sha256 == want and not res.cached
+    methods = [e.method for e in origin.entries("once.bin")]
+    assert methods.count("HEAD") == 1 and "GET" in methods

@@ -44,6 +44,8 @@ def test_ranged_download_is_correct(nginx_origin: NginxOrigin, random_file, tmp_
     assert r.etag and r.last_modified
     assert not state_path(part).exists()
     assert calls[-1] == (size, size)
+    assert set(r.phases) == {"probe", "transfer", "hash_tail", "records"}  # where the call's time went
+    assert all(v >= 0 for v in r.phases.values()) and sum(r.phases.values()) <= r.seconds
 
 
 def test_fixed_connections_and_progress_rate(nginx_origin: NginxOrigin, random_file, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from comfy_autocloud.errors import AutoCloudError
 from comfy_autocloud.fetch import FetchResult, FetchService, specs_from_urls
 from comfy_autocloud.manifest import load_manifests
 from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.phases import in_order, process_age
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.units import human_rate, human_size, parse_rate
 
@@ -35,8 +36,23 @@ def build_service(app: AppContext, connections: int | None = None, rate_limit: s
     return FetchService(app.store(), options=options, fleet=fleet)
 
 
-def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, parallel: int) -> int:
-    """Fetch and report; returns the exit code (1 if any file failed)."""
+def breakdown(res: FetchResult, startup: float | None, total: float | None) -> str:
+    """One line: where the wall-clock time of this process went (`-v`)."""
+    steps = in_order(({"startup": startup} if startup is not None else {}) | res.phases)
+    parts = [f"{k.replace('_', ' ').replace('startup', 'start-up')} {v:.3f}" for k, v in steps.items()]
+    if total is not None:
+        parts.append(f"other {max(0.0, total - sum(steps.values())):.3f}")
+        return f"{res.key}: {total:.3f} s = " + " + ".join(parts)
+    return f"{res.key}: " + " + ".join(parts)
+
+
+def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, parallel: int,
+              phases: bool = False, startup: float | None = None) -> int:
+    """Fetch and report; returns the exit code (1 if any file failed).
+
+    `phases`: also say where the time went (start-up, probe, transfer, hash tail, fsync, rename,
+    index), on stderr and in each JSON object.
+    """
     cancel = CancelToken()
     view = FetchProgress(err_console if as_json else console, enabled=sys.stderr.isatty() or not as_json)
     with view:  # Ctrl-C: fetch_many cancels every download, keeps partials, and re-raises
@@ -44,8 +60,10 @@ def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, p
     failed = 0
     for spec, res in zip(specs, results, strict=True):
         if isinstance(res, FetchResult):
+            if phases:
+                err_console.print(breakdown(res, startup, process_age()), soft_wrap=True, highlight=False)
             if as_json:
-                emit_json(res.as_json())
+                emit_json(res.as_json(phases=phases) | ({"startup": round(startup, 4)} if phases and startup else {}))
             else:
                 rate = res.bytes_downloaded / res.seconds if res.seconds > 0 and res.bytes_downloaded else 0
                 how = "cached" if res.cached else f"{human_size(res.bytes_downloaded)} in {res.seconds:.2f}s" + (
@@ -78,7 +96,12 @@ def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, p
 def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: str | None, sha256: str | None,
               manifests: tuple[Path, ...], connections: int | None, rate_limit: str | None, parallel: int,
               as_json: bool) -> None:
-    """Download model files into the cache (verified, resumable, once per key)."""
+    """Download model files into the cache (verified, resumable, once per key).
+
+    With -v, each file's line says where the time went (start-up, probe, transfer, hash tail, fsync,
+    rename, index).
+    """
+    startup = process_age()
     if not urls and not manifests:
         raise click.UsageError("give URLs (with --folder) or --manifest FILE")
     if urls and not folder:
@@ -89,6 +112,7 @@ def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: 
     if manifests:
         specs += [s for s in load_manifests(manifests) if s.sources]
     service = build_service(app, connections, rate_limit)
-    code = run_fetch(service, specs, as_json=as_json, parallel=parallel)
+    verbose = click.get_current_context().find_root().params.get("verbose") or 0
+    code = run_fetch(service, specs, as_json=as_json, parallel=parallel, phases=verbose > 0, startup=startup)
     if code:
         raise SystemExit(code)

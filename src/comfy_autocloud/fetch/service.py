@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,7 @@ from comfy_autocloud.errors import (
 )
 from comfy_autocloud.fetch.singleflight import single_flight
 from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.phases import Laps, in_order
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
@@ -78,11 +79,17 @@ class FetchResult:
     bytes_downloaded: int
     cached: bool  # True when served from the cache without downloading
     source: str  # redacted
+    # Seconds per step of a download (probe, reserve, transfer, hash_tail, records, fsync, rename, index).
+    phases: dict[str, float] = field(default_factory=dict, compare=False)
 
-    def as_json(self) -> dict[str, object]:
-        return {"key": self.key, "path": str(self.path), "size": self.size, "sha256": self.sha256,
-                "seconds": round(self.seconds, 4), "bytes_downloaded": self.bytes_downloaded,
-                "cached": self.cached, "source": self.source}
+    def as_json(self, *, phases: bool = False) -> dict[str, object]:
+        out: dict[str, object] = {
+            "key": self.key, "path": str(self.path), "size": self.size, "sha256": self.sha256,
+            "seconds": round(self.seconds, 4), "bytes_downloaded": self.bytes_downloaded,
+            "cached": self.cached, "source": self.source}
+        if phases:
+            out["phases"] = {k: round(v, 4) for k, v in in_order(self.phases).items()}
+        return out
 
 
 class FetchService:
@@ -290,14 +297,16 @@ class FetchService:
             raise TransferError(f"{spec.key} from {subject}", reason)
         raise TransferError(spec.key, "every source failed: " + "; ".join(errors))
 
-    def _size_of(self, spec: ModelSpec, resolved: ResolvedSource, options: TransferOptions) -> int | None:
+    def _sized(self, spec: ModelSpec, resolved: ResolvedSource, options: TransferOptions) -> TransferOptions:
+        """`options` with the expected size (known, or probed: the download then starts from that probe)."""
         if spec.size is not None:
-            return spec.size
+            return replace(options, expected_size=spec.size)
         if resolved.expected_size is not None:
-            return resolved.expected_size
+            return replace(options, expected_size=resolved.expected_size)
         if resolved.kind == "file":
-            return os.stat(resolved.url).st_size
-        return probe(resolved.url, options).size
+            return replace(options, expected_size=os.stat(resolved.url).st_size)
+        info = probe(resolved.url, options)
+        return replace(options, expected_size=info.size, probed=info)
 
     def _download_from(self, spec: ModelSpec, resolved: ResolvedSource, t0: float,
                        progress: ProgressCallback | None, cancel: CancelToken | None, *,
@@ -311,9 +320,10 @@ class FetchService:
         attempts = attempts or self.integrity_attempts
         options = replace(base, headers={**base.headers, **resolved.headers},
                           keep_live_record=self.fleet is not None)  # peers streaming it get the tail at once
-        size = self._size_of(spec, resolved, options)
-        if size is not None:
-            options = replace(options, expected_size=size)
+        laps = Laps()
+        options = self._sized(spec, resolved, options)
+        size = options.expected_size
+        laps.lap("probe")
         part = self.store.partial_path(key, size)  # on the temp dir (RAM disk) when it has room
         part.parent.mkdir(parents=True, exist_ok=True)
 
@@ -323,6 +333,7 @@ class FetchService:
         self._emit(progress, ProgressEvent(key, "start", 0, size, message=resolved.display))
         downloaded = 0
         with self.store.reserve(key, size or 0) as reservation:
+            laps.lap("reserve")
             for attempt in range(1, attempts + 1):
                 try:
                     result = self._transfer(resolved, part, options, on_bytes, cancel)
@@ -335,6 +346,7 @@ class FetchService:
                     part = self.store.partial_path(key, size, disk=True)
                     part.parent.mkdir(parents=True, exist_ok=True)
                     result = self._transfer(resolved, part, options, on_bytes, cancel)
+                laps.lap_with("transfer", result.phases)  # the engine's own steps told apart
                 downloaded += result.bytes_downloaded
                 if len(result.by_source) > 1:
                     log.info("%s: bytes per source: %s", key,
@@ -353,13 +365,15 @@ class FetchService:
                     key, f"sha256 mismatch from {resolved.display}: expected {expected_sha}, got {result.sha256} "
                          f"({attempts} attempts); the cached copy, if any, is untouched")
             self._emit(progress, ProgressEvent(key, "commit", result.size, result.size))
+            laps.skip()
             entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
-                                      etag=result.etag, last_modified=result.last_modified, pin=spec.pin)
+                                      etag=result.etag, last_modified=result.last_modified, pin=spec.pin,
+                                      timings=laps.times)
             remove_live(part)  # streaming readers now follow the committed file
         self._announce(key, entry.sha256, entry.size, reservation.evicted)
         self._emit(progress, ProgressEvent(key, "done", entry.size, entry.size))
         return FetchResult(key, entry.path, entry.size, entry.sha256, time.perf_counter() - t0, downloaded, False,
-                           resolved.display)
+                           resolved.display, laps.times)
 
     # -- fleet ----------------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
 from comfy_autocloud.fsutil import fsync_dir, fsync_file
 from comfy_autocloud.keys import check_sha256, split_key
+from comfy_autocloud.phases import Laps
 from comfy_autocloud.store.eviction import Item, Policy, bytes_freed, get_policy, select_victims
 from comfy_autocloud.store.index import ACCESS_LOG_MAX, Index, proc_alive
 from comfy_autocloud.store.layout import (
@@ -419,8 +420,13 @@ class Store:
         etag: str | None = None,
         last_modified: str | None = None,
         pin: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> Entry:
-        """Move a complete, verified partial file to its final path atomically and index it."""
+        """Move a complete, verified partial file to its final path atomically and index it.
+
+        `timings`, when given, gets the seconds spent on fsync, rename and index (see `phases.Laps`).
+        """
+        laps = Laps(timings)
         final = self.path_for(key)
         try:
             sha = check_sha256(sha256)
@@ -442,13 +448,16 @@ class Store:
             placed = True  # identical bytes already at the final path
         elif twin is not None:
             placed = self._link_twin(twin, final, size)
+        laps.lap("index")
         if placed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part_path)
+            laps.lap("rename")
         else:
-            self._move_into_place(key, part_path, final)
+            self._move_into_place(key, part_path, final, laps)
         fsync_dir(final.parent)
         fst = os.stat(final)
+        laps.lap("fsync")
 
         now = time.time()
         with self._index.write() as c:
@@ -464,6 +473,7 @@ class Store:
             self._watermark(c, key)
             r = self._index.entry_row(key, c)
             in_use = key in self._index.live_leases(c)
+        laps.lap("index")
         return self._row(r, in_use).entry
 
     def _link_twin(self, twin: _Row, final: Path, size: int) -> bool:
@@ -483,10 +493,12 @@ class Store:
                 os.unlink(tmp)
             return False
 
-    def _move_into_place(self, key: str, part: Path, final: Path) -> None:
+    def _move_into_place(self, key: str, part: Path, final: Path, laps: Laps) -> None:
         fsync_file(part)
+        laps.lap("fsync")
         try:
             os.replace(part, final)
+            laps.lap("rename")
             return
         except OSError as exc:
             if exc.errno != errno.EXDEV:
@@ -508,6 +520,7 @@ class Store:
             raise StoreError(key, f"cannot copy into place: {exc.strerror}") from exc
         with contextlib.suppress(FileNotFoundError):
             os.unlink(part)
+        laps.lap("rename")  # a copy across file systems, fsync included
 
     def adopt(self, key: str, *, source: str = "local") -> Entry:
         """Index a file someone placed at the final path by hand (hashed, streamed)."""

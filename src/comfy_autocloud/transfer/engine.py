@@ -42,6 +42,7 @@ from pathlib import Path
 import aiohttp
 
 from ..errors import Cancelled, IntegrityError, NotEnoughSpace, TransferError
+from ..phases import Laps
 from ..progress import CancelToken
 from ..redact import redact_text, redact_url
 from .client import HttpClient, new_session
@@ -196,8 +197,14 @@ class _Download:
 
     async def _run(self, t0: float) -> TransferResult:
         self._check_cancel()
-        remote = self.remote = await probe_remote(self.http, self.url, self.opt.headers)
+        laps = Laps()
+        probed = self.opt.probed
+        if probed is not None and probed.url:
+            remote = self.remote = probed.remote()
+        else:
+            remote = self.remote = await probe_remote(self.http, self.url, self.opt.headers)
         self.throughput.rtt = remote.rtt
+        laps.lap("probe")
         expected = self.opt.expected_size
         if expected is not None and remote.size is not None and remote.size != expected:
             raise IntegrityError(self.display, f"origin announces {remote.size} bytes, expected {expected}")
@@ -213,8 +220,10 @@ class _Download:
         else:
             size = remote.size
         assert self.hasher is not None
+        laps.lap("transfer")
         self.hasher.finish(size)
         await self._wait_thread(self.hasher)
+        laps.lap("hash_tail")
         if self.hasher.error is not None:
             raise TransferError(str(self.part_path), f"cannot read back the partial file: {self.hasher.error}")
         if self.hasher.done != size:
@@ -227,12 +236,14 @@ class _Download:
             remove_state(self.part_path, keep_live=True)
         else:
             remove_state(self.part_path)
+        laps.lap("records")
         self._report(force=True)
         return TransferResult(size=size, sha256=self.hasher.digest.hexdigest(), etag=remote.etag,
                               last_modified=remote.last_modified, bytes_downloaded=self.received,
                               resumed_bytes=self.resumed, seconds=time.monotonic() - t0,
                               connections=max(self.peak, 1 if size else 0),
-                              source_ranges={x.display: sorted(x.ranges) for x in self.sources if x.ranges})
+                              source_ranges={x.display: sorted(x.ranges) for x in self.sources if x.ranges},
+                              phases=laps.times)
 
     async def _wait_thread(self, thread: threading.Thread) -> None:
         while thread.is_alive():

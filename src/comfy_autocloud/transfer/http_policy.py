@@ -14,7 +14,6 @@ cannot drift apart:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -164,6 +163,8 @@ class RetryLoop:
                 sleep(delay)
 
     async def run_async(self, call: Callable[[], Awaitable[T]]) -> T:
+        import asyncio  # here: the sources' blocking requests use this module without an event loop
+
         while True:
             try:
                 return await call()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from .probe import RemoteInfo
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class TransferOptions:
     # last bytes at once instead of waiting for the caller's checks and commit; the caller removes it
     # (`ranges.remove_live`) after committing, or with `discard_partial`.
     keep_live_record: bool = False
+    # A `probe` of this very URL made just before (the caller needed the size first): the download
+    # starts from it instead of asking the origin again (one round trip, and a redirect chain, fewer).
+    probed: RemoteInfo | None = None
 
 
 @dataclass
@@ -51,6 +58,9 @@ class TransferResult:
     seconds: float
     connections: int        # peak connections used
     source_ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # [start, end) each delivered
+    # Seconds per step of the call: probe, transfer (bytes arriving), hash_tail (hashing what was left
+    # after the last byte), records (stopping the saver, removing the progress record).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def by_source(self) -> dict[str, int]:

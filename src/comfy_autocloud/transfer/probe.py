@@ -12,7 +12,7 @@ import asyncio
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -84,6 +84,14 @@ class RemoteInfo:
     last_modified: str | None
     accept_ranges: bool
     display: str  # final URL after redirects, redacted
+    # For `TransferOptions.probed`: the URL after redirects and the headers valid there (credentials
+    # dropped cross-origin); never printed.
+    url: str = field(default="", repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def remote(self) -> Remote:
+        """The engine's view of this probe, to start a download without asking again."""
+        return Remote(self.url, dict(self.headers), self.size, self.etag, self.last_modified, self.accept_ranges)
 
 
 async def probe_async(url: str, options: TransferOptions) -> RemoteInfo:
@@ -93,7 +101,8 @@ async def probe_async(url: str, options: TransferOptions) -> RemoteInfo:
         remote = await probe_remote(client, url, options.headers)
         if remote.response is not None:
             remote.response.close()
-    return RemoteInfo(remote.size, remote.etag, remote.last_modified, remote.ranges, redact_url(remote.url))
+    return RemoteInfo(remote.size, remote.etag, remote.last_modified, remote.ranges, redact_url(remote.url),
+                      remote.url, remote.headers)
 
 
 def probe(url: str, options: TransferOptions) -> RemoteInfo:
