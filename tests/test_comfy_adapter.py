@@ -209,6 +209,27 @@ def test_prefetch_downloads_in_parallel_and_loader_joins_it(origin: TimedNginx, 
         a.close()
 
 
+def test_rate_limit_is_shared_by_parallel_downloads(origin: TimedNginx, tmp_path: Path, random_file) -> None:
+    """AUTOCLOUD_RATE_LIMIT is process-wide: two downloads at once share it (not one bucket each)."""
+    names = [f"rl{i}.safetensors" for i in range(2)]
+    for i, n in enumerate(names):
+        random_file(origin.data_dir / n, 3 * MiB, seed=300 + i)
+    specs = [_spec("loras", n, origin.url(n)) for n in names]  # unthrottled origin: only our limit applies
+    a = _adapter(tmp_path, specs, rate_limit="2M")
+    try:
+        t0 = time.monotonic()
+        futures = [a.submit(s, "prefetch") for s in specs]
+        time.sleep(0.3)
+        assert {d["key"] for d in a.status()["downloads"]} == {s.key for s in specs}  # both at once
+        for f in futures:
+            assert f.result(timeout=60).size == 3 * MiB
+        took = time.monotonic() - t0
+        # 6 MiB at 2 MiB/s together take ~3 s; one bucket per download would take ~1.5 s (2x the limit).
+        assert took >= 2.3, f"6 MiB in {took:.2f}s: {6 / took:.1f} MiB/s together, over the 2 MiB/s limit"
+    finally:
+        a.close()
+
+
 def test_corrupt_origin_is_a_clear_error_and_not_refetched_at_once(origin: TimedNginx, tmp_path: Path,
                                                                    random_file) -> None:
     random_file(origin.data_dir / "bad.safetensors", 1 * MiB, seed=7)

@@ -285,3 +285,12 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
         settings.values[s.name] = value
         settings.origins[s.name] = origin
     return settings
+
+
+def default_settings() -> Settings:
+    """Every setting at its default, whatever the environment and config file say (the offline demo)."""
+    settings = Settings()
+    for s in SETTINGS:
+        settings.values[s.name] = s.parse(s.default) if s.default is not None else None
+        settings.origins[s.name] = "default"
+    return settings

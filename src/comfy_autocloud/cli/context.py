@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from comfy_autocloud.config import Settings
+
+if TYPE_CHECKING:
+    from comfy_autocloud.services import Services
+    from comfy_autocloud.store import Store
 
 
 @dataclass
@@ -15,14 +19,19 @@ class AppContext:
     settings: Settings
     _cache: dict[str, Any] = field(default_factory=dict)
 
-    def store(self):  # -> Store (imported lazily so `--help` stays fast)
+    def store(self) -> Store:
+        """The settings' store, opened on first use (commands that need none never import it)."""
         if "store" not in self._cache:
-            from comfy_autocloud.store import Store
+            from comfy_autocloud.services import open_store
 
-            s = self.settings
-            self._cache["store"] = Store(s.cache_path, max_size=s.max_size, policy=s.policy,
-                                         temp_dir=s.values.get("temp_dir"))
+            self._cache["store"] = open_store(self.settings)
         return self._cache["store"]
+
+    def services(self, *, connections: int | None = None, rate_limit: int | None = None) -> Services:
+        """Fetch service, fleet and limiter on this invocation's store; flags over settings."""
+        from comfy_autocloud.services import build
+
+        return build(self.settings, store=self.store(), connections=connections, rate_limit=rate_limit)
 
 
 pass_app = click.make_pass_decorator(AppContext)

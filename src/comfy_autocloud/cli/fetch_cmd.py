@@ -19,23 +19,6 @@ from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.units import human_rate, human_size, parse_rate
 
 
-def build_service(app: AppContext, connections: int | None = None, rate_limit: str | None = None) -> FetchService:
-    """The fetch service with this invocation's transfer options (flags over settings)."""
-    from comfy_autocloud.transfer import RateLimiter, RetryPolicy, TransferOptions
-
-    s = app.settings
-    rate = parse_rate(rate_limit) if rate_limit else s.rate_limit
-    options = TransferOptions(connections=connections or s.connections,
-                              limiter=RateLimiter(rate) if rate else None,
-                              retry=RetryPolicy(attempts=max(1, s.retries)))
-    fleet = None
-    if s.redis_url is not None:  # a fleet node: peers first, one origin download per file fleet-wide
-        from comfy_autocloud.fleet.client import Fleet
-
-        fleet = Fleet.from_settings(s)
-    return FetchService(app.store(), options=options, fleet=fleet)
-
-
 def breakdown(res: FetchResult, startup: float | None, total: float | None) -> str:
     """One line: where the wall-clock time of this process went (`-v`)."""
     steps = in_order(({"startup": startup} if startup is not None else {}) | res.phases)
@@ -111,7 +94,7 @@ def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: 
         specs += specs_from_urls(urls, folder or "", name, sha256)
     if manifests:
         specs += [s for s in load_manifests(manifests) if s.sources]
-    service = build_service(app, connections, rate_limit)
+    service = app.services(connections=connections, rate_limit=parse_rate(rate_limit) if rate_limit else None).fetch
     verbose = click.get_current_context().find_root().params.get("verbose") or 0
     code = run_fetch(service, specs, as_json=as_json, parallel=parallel, phases=verbose > 0, startup=startup)
     if code:

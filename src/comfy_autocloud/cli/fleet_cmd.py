@@ -106,10 +106,10 @@ def fleet_group() -> None:
 @pass_app
 def fleet_status_cmd(app: AppContext, keys: tuple[str, ...], as_json: bool) -> None:
     """Live nodes of the fleet, and for each --key the nodes holding it and its lease."""
-    from comfy_autocloud.fleet.client import Fleet
     from comfy_autocloud.fleet.conn import FleetUnavailable
+    from comfy_autocloud.services import open_fleet
 
-    fleet = Fleet.from_settings(app.settings)
+    fleet = open_fleet(app.settings)
     if fleet is None:
         raise ManifestError("fleet status", "no fleet configured (set AUTOCLOUD_REDIS_URL or --redis-url)")
     try:

@@ -193,13 +193,11 @@ def add_cmd(app: AppContext, urls: tuple[str, ...], folder: str, name: str | Non
         raise click.UsageError("--name needs exactly one URL")
     if mirrors and len(urls) > 1:
         raise click.UsageError("--mirror needs exactly one URL (the mirrors are sources of that one file)")
-    from comfy_autocloud.cli.fetch_cmd import build_service
-
     service: list[FetchService] = []
 
     def factory() -> FetchService:
         if not service:
-            service.append(build_service(app))
+            service.append(app.services().fetch)
         return service[0]
 
     view = FetchProgress(err_console, enabled=sys.stderr.isatty() and not as_json)
@@ -277,7 +275,6 @@ def sync_cmd(app: AppContext, url: str | None, directory: Path | None, every: fl
     """
     import time
 
-    from comfy_autocloud.cli.fetch_cmd import build_service
     from comfy_autocloud.errors import AutoCloudError
     from comfy_autocloud.manifest.sync import sync_manifests
 
@@ -290,7 +287,7 @@ def sync_cmd(app: AppContext, url: str | None, directory: Path | None, every: fl
         raise click.UsageError("give --dir (or set AUTOCLOUD_MANIFEST_DIR)")
     if every is not None and every <= 0:
         raise click.UsageError("--every must be positive")
-    service = build_service(app)
+    service = app.services().fetch
     while True:
         try:
             report = sync_manifests(url, target, service)

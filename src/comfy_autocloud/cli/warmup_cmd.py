@@ -14,6 +14,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from comfy_autocloud import services
 from comfy_autocloud.cli.context import AppContext, pass_app
 from comfy_autocloud.cli.output import console, emit_json, err_console, exit_code_of
 from comfy_autocloud.cli.progress_view import FetchProgress
@@ -28,10 +29,9 @@ from comfy_autocloud.warmup.plan import Plan
 
 def open_store(app: AppContext, paths: wr.WarmupPaths) -> Store:
     """The Store at CACHE_PATH (the global one when they are the same directory)."""
-    s = app.settings
-    if s.cache_path.expanduser().absolute() == paths.cache:
+    if app.settings.cache_path.expanduser().absolute() == paths.cache:
         return app.store()
-    return Store(paths.cache, max_size=s.max_size, policy=s.policy)
+    return services.open_store(app.settings, cache_dir=paths.cache)
 
 
 def _print_setup(res: MergeResult, paths: wr.WarmupPaths) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from comfy_autocloud import services
 from comfy_autocloud.comfy.catalog import Catalog, comfy_folder
 from comfy_autocloud.comfy.prompt_prefetch import IsPresent, PrefetchPlan, allowed_hints, host_allowed, plan_prefetch
 from comfy_autocloud.comfy.tracker import Tracker
@@ -33,7 +34,7 @@ from comfy_autocloud.manifest.workflow import LEGACY_FOLDERS, workflow_model_ref
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.store import Store
-from comfy_autocloud.transfer import RetryPolicy, TransferOptions, probe
+from comfy_autocloud.transfer import RetryPolicy, probe
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +100,6 @@ def _fetch_manifest_url(url: str, fetch: FetchService) -> Path:
     return result.path
 
 
-def _fleet_or_alone(settings: Settings) -> Any:
-    """The fleet when AUTOCLOUD_REDIS_URL is set; a broken fleet config is logged and the node goes alone."""
-    if settings.values.get("redis_url") is None:
-        return None
-    from comfy_autocloud.fleet.client import Fleet
-
-    try:
-        return Fleet.from_settings(settings)
-    except (AutoCloudError, ValueError) as exc:
-        log.error("autocloud: not joining the fleet: %s", exc)
-        return None
-
-
 class Adapter:
     """Ties the core services to ComfyUI's needs; every public method is safe from any thread."""
 
@@ -151,19 +139,13 @@ class Adapter:
     @classmethod
     def create(cls, settings: Settings, *, is_present: IsPresent | None = None) -> Adapter:
         """Open the store and load the manifests; a broken manifest is reported, not fatal."""
-        store = Store(settings.cache_path, max_size=settings.max_size, policy=settings.policy,
-                      temp_dir=settings.values.get("temp_dir"))
-        options = TransferOptions(connections=settings.connections, rate_limit=settings.rate_limit,
-                                  retry=RetryPolicy(attempts=settings.retries))
-        fleet = _fleet_or_alone(settings)
-        fetch = FetchService(store, options=options, fleet=fleet)
-        catalog = Catalog()
-        adapter = cls(settings, store, fetch, catalog, is_present=is_present)
-        if fleet is not None and settings.values.get("peer_serve"):
+        built = services.build(settings, alone_on_fleet_error=True)  # ComfyUI starts even if Redis is wrong
+        adapter = cls(settings, built.store, built.fetch, Catalog(), is_present=is_present)
+        if built.fleet is not None and settings.values.get("peer_serve"):
             from comfy_autocloud.fleet.node import PeerNode
 
             try:
-                adapter.peer_node = PeerNode.from_settings(store, fleet, settings).start()
+                adapter.peer_node = PeerNode.from_settings(built.store, built.fleet, settings).start()
             except OSError as exc:  # e.g. the port is taken: fetch through the fleet, just don't serve
                 log.error("autocloud: peer server not started: %s", exc)
         adapter.load_manifests()

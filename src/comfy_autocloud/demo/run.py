@@ -11,13 +11,14 @@ from rich.console import Console
 
 from comfy_autocloud.cli.progress_view import FetchProgress
 from comfy_autocloud.cli.store_cmds import render_status
+from comfy_autocloud.config import default_settings
 from comfy_autocloud.demo.models import read_safetensors_header, write_safetensors
 from comfy_autocloud.demo.origin import DemoOrigin
 from comfy_autocloud.errors import AutoCloudError
-from comfy_autocloud.fetch import FetchResult, FetchService
+from comfy_autocloud.fetch import FetchResult
 from comfy_autocloud.manifest import load_manifests
+from comfy_autocloud.services import build
 from comfy_autocloud.store import Store
-from comfy_autocloud.transfer import TransferOptions
 from comfy_autocloud.units import human_rate, human_size
 
 MiB = 2**20
@@ -101,8 +102,9 @@ def run_demo(workdir: Path, console: Console, *, throttle: int = 24 * MiB) -> De
         late = [s for s in specs if s.key == f"{LATE.folder}/{LATE.filename}"]
         console.print(f"[bold]3.[/bold] Manifest {manifest_path} parsed: {len(specs)} entries")
 
-        store = Store(cache_dir)
-        service = FetchService(store, options=TransferOptions())
+        settings = default_settings()  # the demo is the same on every machine, whatever the user configured
+        built = build(settings, cache_dir=cache_dir)
+        store, service = built.store, built.fetch
         console.print(f"[bold]4.[/bold] Fetching {len(first)} models into {cache_dir} (verified, resumable):")
         t0 = time.perf_counter()
         with FetchProgress(console) as view:
@@ -136,8 +138,8 @@ def run_demo(workdir: Path, console: Console, *, throttle: int = 24 * MiB) -> De
                       f"then {LATE.folder}/{LATE.filename} ({human_size(LATE.size)}) is requested:")
         store.close()
         before = {e.key for e in Store(cache_dir).entries()}
-        capped = Store(cache_dir, max_size=cap)
-        service = FetchService(capped, options=TransferOptions())
+        capped_services = build(settings, cache_dir=cache_dir, max_size=cap)
+        capped, service = capped_services.store, capped_services.fetch
         with FetchProgress(console) as view:
             res = service.fetch(late[0], progress=view)
         summary.bytes_downloaded += res.bytes_downloaded

@@ -18,11 +18,11 @@ from comfy_autocloud.config import check_node_id
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.fleet.conn import FleetUnavailable, RedisGate
 from comfy_autocloud.fleet.lease import LeaseInfo, Leases
-from comfy_autocloud.fleet.ratelimit import BothLimiter, DownloadLimit, FleetByteLimiter
+from comfy_autocloud.fleet.ratelimit import DownloadLimit, FleetByteLimiter
 from comfy_autocloud.fleet.registry import Peer, Registry
 from comfy_autocloud.fleet.streams import Streams
 from comfy_autocloud.sources import ResolvedSource
-from comfy_autocloud.transfer import Mirror, RetryPolicy, TransferOptions
+from comfy_autocloud.transfer import BothLimiter, Mirror, RetryPolicy, TransferOptions
 
 log = logging.getLogger("comfy_autocloud.fleet")
 

@@ -160,14 +160,3 @@ class FleetByteLimiter(RateLimiter):
     def __repr__(self) -> str:
         return f"FleetByteLimiter({self.key!r}, rate={self.rate:.0f} B/s)"
 
-
-class BothLimiter(RateLimiter):
-    """Two limiters at once (a process-wide local one and the fleet-wide one): wait for the slower."""
-
-    def __init__(self, first: RateLimiter, second: RateLimiter) -> None:
-        super().__init__(min(first.rate, second.rate))
-        self.first = first
-        self.second = second
-
-    def reserve(self, nbytes: int) -> float:
-        return max(self.first.reserve(nbytes), self.second.reserve(nbytes))

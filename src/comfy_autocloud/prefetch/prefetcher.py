@@ -32,7 +32,7 @@ from comfy_autocloud.prefetch.predictor import MIN_SCORE, ContextPredictor, top
 from comfy_autocloud.progress import CancelToken, ProgressCallback
 from comfy_autocloud.store import Store
 from comfy_autocloud.store.index import ACCESS_LOG_MAX
-from comfy_autocloud.transfer import RateLimiter
+from comfy_autocloud.transfer import BothLimiter, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,10 @@ class BackgroundPrefetcher:
                  predictor_path: Path | None = None) -> None:
         self.store = store
         self.limiter = RateLimiter(rate)
-        # Same store and locks as on-demand fetches; only the byte budget differs.
-        self.fetch = FetchService(store, options=replace(fetch.options, limiter=self.limiter),
+        # Same store and locks as on-demand fetches; a tighter byte budget inside the process-wide one.
+        shared = fetch.options.limiter
+        limiter = self.limiter if shared is None else BothLimiter(shared, self.limiter)
+        self.fetch = FetchService(store, options=replace(fetch.options, limiter=limiter),
                                   integrity_attempts=fetch.integrity_attempts)
         self.specs = specs
         self.top = top

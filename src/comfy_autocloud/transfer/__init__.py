@@ -6,10 +6,11 @@ from .localcopy import copy_file
 from .options import Mirror, TransferOptions, TransferResult
 from .probe import RemoteInfo, probe, probe_async
 from .ranges import state_path
-from .ratelimit import RateLimiter
+from .ratelimit import BothLimiter, RateLimiter
 from .retry import RetryPolicy, parse_retry_after
 
 __all__ = [
+    "BothLimiter",
     "Gone",
     "Mirror",
     "NotFound",

@@ -46,3 +46,15 @@ class RateLimiter:
 
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self.rate:.0f} B/s, burst={self.burst:.0f})"
+
+
+class BothLimiter(RateLimiter):
+    """Two limiters at once (the process-wide one and a tighter or fleet-wide one): wait for the slower."""
+
+    def __init__(self, first: RateLimiter, second: RateLimiter) -> None:
+        super().__init__(min(first.rate, second.rate))
+        self.first = first
+        self.second = second
+
+    def reserve(self, nbytes: int) -> float:
+        return max(self.first.reserve(nbytes), self.second.reserve(nbytes))
