@@ -16,7 +16,7 @@ from comfy_autocloud.comfy.runtime import Adapter
 from comfy_autocloud.config import load_settings
 from comfy_autocloud.errors import AutoCloudError, IntegrityError, ManifestError, TransferError
 from comfy_autocloud.fetch import FetchService
-from comfy_autocloud.manifest.sync import INDEX_NAME, JOURNAL_NAME, locked_view, sync_manifests
+from comfy_autocloud.fetch.sync import INDEX_NAME, JOURNAL_NAME, locked_view, sync_manifests
 from comfy_autocloud.manifest.versions import parse_versions_index
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer import RetryPolicy, TransferOptions

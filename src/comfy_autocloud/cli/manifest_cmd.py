@@ -276,7 +276,7 @@ def sync_cmd(app: AppContext, url: str | None, directory: Path | None, every: fl
     import time
 
     from comfy_autocloud.errors import AutoCloudError
-    from comfy_autocloud.manifest.sync import sync_manifests
+    from comfy_autocloud.fetch.sync import sync_manifests
 
     s = app.settings
     url = url or s.manifest_sync_url

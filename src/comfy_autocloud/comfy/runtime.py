@@ -26,7 +26,7 @@ from comfy_autocloud.comfy.prompt_prefetch import IsPresent, PrefetchPlan, allow
 from comfy_autocloud.comfy.tracker import Tracker
 from comfy_autocloud.config import Settings
 from comfy_autocloud.errors import AutoCloudError, Cancelled, ManifestError, StoreError
-from comfy_autocloud.fetch.service import FetchResult, FetchService
+from comfy_autocloud.fetch import FetchResult, FetchService
 from comfy_autocloud.keys import split_key
 from comfy_autocloud.manifest import load_manifests
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -162,11 +162,11 @@ class Adapter:
 
         A reload replaces what the manifests defined (entries removed from a list disappear, changed ones
         change); entries added through the API stay. A broken manifest keeps the previous catalog. Local
-        directories are read under `manifest.sync`'s shared lock, so a sync in progress is never half-seen.
+        directories are read under `fetch.sync`'s shared lock, so a sync in progress is never half-seen.
         """
         from contextlib import ExitStack
 
-        from comfy_autocloud.manifest.sync import directory_signature, locked_view
+        from comfy_autocloud.fetch.sync import directory_signature, locked_view
 
         entries = tuple(self.settings.values.get("manifest", ()))
         if not entries:
@@ -192,7 +192,7 @@ class Adapter:
 
     def check_manifests(self) -> bool:
         """Reload when a local manifest file or directory changed since the last load (the watcher's step)."""
-        from comfy_autocloud.manifest.sync import directory_signature
+        from comfy_autocloud.fetch.sync import directory_signature
 
         if directory_signature(self._local_manifest_paths()) == self._manifest_sig:
             return False

@@ -24,15 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from comfy_autocloud.errors import AutoCloudError, Cancelled, IntegrityError, NotEnoughSpace, TransferError
+from comfy_autocloud.fetch.request import FetchRequest, FetchResult
 from comfy_autocloud.fetch.singleflight import single_flight
 from comfy_autocloud.keys import check_relpath, split_key
 from comfy_autocloud.manifest.spec import Bundle, BundleMember, ModelSpec
-from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
+from comfy_autocloud.progress import CancelToken, ProgressEvent
 from comfy_autocloud.store import Entry
 from comfy_autocloud.transfer import discard_partial
 
-if TYPE_CHECKING:
-    from comfy_autocloud.fetch.service import FetchResult, FetchService
+if TYPE_CHECKING:  # the service imports this module; this one only needs its public methods
+    from comfy_autocloud.fetch.fleet_path import FleetPath, Tried
+    from comfy_autocloud.fetch.service import FetchService
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +115,16 @@ def _extract(zf: zipfile.ZipFile, c: CheckedMember, part: Path, cancel: CancelTo
     return h.hexdigest()
 
 
-def _download_zip(service: FetchService, spec: ModelSpec, part: Path, progress: ProgressCallback | None,
-                  cancel: CancelToken | None) -> tuple[int, str, str]:
+def _download_zip(service: FetchService, req: FetchRequest, part: Path) -> tuple[int, str, str]:
     """(bytes, sha256, source shown) of the zip, trying each source in order."""
+    spec = req.spec
     bundle = spec.bundle
     assert bundle is not None
     errors: list[str] = []
     for source in spec.sources:
         try:
-            result = service.download_to(source, part, sha256=bundle.sha256, key=bundle.name, progress=progress,
-                                         cancel=cancel)
+            result = service.download_to(source, part, sha256=bundle.sha256, key=bundle.name, progress=req.progress,
+                                         cancel=req.cancel)
         except (Cancelled, NotEnoughSpace, IntegrityError):
             raise
         except AutoCloudError as exc:
@@ -134,72 +136,72 @@ def _download_zip(service: FetchService, spec: ModelSpec, part: Path, progress: 
     raise TransferError(f"bundle {bundle.name}", "every source failed: " + "; ".join(errors))
 
 
-def fetch_bundle(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
-                 cancel: CancelToken | None) -> FetchResult:
-    """Make every member of `spec.bundle` present (one download) and return `spec`'s own result."""
+def fetch_bundle(service: FetchService, req: FetchRequest) -> FetchResult:
+    """Make every member of the request's bundle present (one download) and return the spec's own result."""
+    spec = req.spec
     bundle = spec.bundle
     assert bundle is not None
     store = service.store
 
     def on_wait() -> None:
-        service._emit(progress, ProgressEvent(spec.key, "wait", message=f"bundle {bundle.name} is being fetched"))
+        service.notify(req.progress, ProgressEvent(spec.key, "wait", message=f"bundle {bundle.name} is being fetched"))
 
-    with single_flight(bundle.name, store.lock_path(bundle.name), cancel=cancel, on_wait=on_wait):
-        hit = service._hit(spec, t0, progress)  # another member's fetch extracted this one meanwhile
+    with single_flight(bundle.name, store.lock_path(bundle.name), cancel=req.cancel, on_wait=on_wait):
+        hit = service.cached(req)  # another member's fetch extracted this one meanwhile
         if hit is not None:
             return hit
-        if service.fleet is not None:
+        if service.fleet_path is not None:
             from comfy_autocloud.fleet.conn import FleetUnavailable
 
             try:
-                shared = _via_fleet(service, spec, t0, progress, cancel)
+                shared = _via_fleet(service, service.fleet_path, req)
             except FleetUnavailable:
                 shared = None  # logged once by the fleet; this node goes on alone
             if shared is not None:
                 return shared
-        return _from_origin(service, spec, t0, progress, cancel)
+        return _from_origin(service, req)
 
 
-def _via_fleet(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
-               cancel: CancelToken | None) -> FetchResult | None:
+def _via_fleet(service: FetchService, path: FleetPath, req: FetchRequest) -> FetchResult | None:
     """The members from peers once every one is announced somewhere; else the fleet lease on the bundle.
 
     The lease holder downloads the zip from the origin (once for the fleet) and announces the members
     it extracts; the other nodes wait for them and take them from the peers. None: download it here.
     """
-    fleet = service.fleet
-    assert fleet is not None and spec.bundle is not None
+    from comfy_autocloud.fetch.fleet_path import Tried
+
+    fleet, spec = path.fleet, req.spec
+    assert spec.bundle is not None
     name = spec.bundle.name
     deadline = time.monotonic() + fleet.config.max_wait
-    failed: set[str] = set()
+    tried = Tried()
     waiting = False
     while True:
-        if cancel is not None and cancel.cancelled:
-            raise Cancelled(spec.key, "cancelled while waiting for the fleet")
-        got = _members_from_peers(service, spec, t0, progress, cancel, failed)
+        req.check_cancelled("waiting for the fleet")
+        got = _members_from_peers(service, path, req, tried)
         if got is not None:
             return got
         lease = fleet.leases.try_acquire(name)
         if lease is not None:
             with lease:
-                return _from_origin(service, spec, t0, progress, cancel)
+                return _from_origin(service, req)
         if time.monotonic() >= deadline:
             log.warning("%s: waited %.0fs for the fleet; downloading bundle %s alone", spec.key,
                         fleet.config.max_wait, name)
             return None
         if not waiting:
             waiting = True
-            service._emit(progress, ProgressEvent(spec.key, "wait",
-                                                  message=f"another node is fetching bundle {name}"))
+            service.notify(req.progress, ProgressEvent(spec.key, "wait",
+                                                       message=f"another node is fetching bundle {name}"))
         time.sleep(fleet.config.poll)
 
 
-def _members_from_peers(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
-                        cancel: CancelToken | None, failed: set[str]) -> FetchResult | None:
+def _members_from_peers(service: FetchService, path: FleetPath, req: FetchRequest, tried: Tried
+                        ) -> FetchResult | None:
     """Every missing member from peers (verified like any peer download); None unless all of them came."""
-    fleet = service.fleet
+    fleet, spec = path.fleet, req.spec
     bundle = spec.bundle
-    assert fleet is not None and bundle is not None
+    assert bundle is not None
     missing = []
     for m in bundle.members:
         entry = service.store.lookup(m.key)
@@ -213,7 +215,7 @@ def _members_from_peers(service: FetchService, spec: ModelSpec, t0: float, progr
         folder, filename = split_key(m.key)
         member_spec = ModelSpec(folder=folder, filename=filename, sha256=m.sha256, size=m.size, pin=spec.pin,
                                 defined_in=spec.defined_in)
-        got = service._from_holders(member_spec, t0, progress, cancel, failed)
+        got = path.from_holders(req.for_spec(member_spec), tried)
         if got is None:
             return None
         if m.key == spec.key:
@@ -223,33 +225,31 @@ def _members_from_peers(service: FetchService, spec: ModelSpec, t0: float, progr
     return replace(mine, source=f"{mine.source} ({bundle.name})")
 
 
-def _from_origin(service: FetchService, spec: ModelSpec, t0: float, progress: ProgressCallback | None,
-                 cancel: CancelToken | None) -> FetchResult:
+def _from_origin(service: FetchService, req: FetchRequest) -> FetchResult:
     """Download the zip (resumable), check it, extract and commit every member; the zip is not kept."""
-    from comfy_autocloud.fetch.service import FetchResult
-
+    spec = req.spec
     bundle = spec.bundle
     assert bundle is not None
     store = service.store
-    if service.fleet is not None and service.fleet.downloads is not None:
-        service.fleet.downloads.acquire(cancel)  # one origin download for the whole bundle
+    if service.fleet_path is not None:
+        service.fleet_path.wait_for_download_slot(req.cancel)  # one origin download for the whole bundle
     part = store.partial_path(bundle.name, bundle.size)
     part.parent.mkdir(parents=True, exist_ok=True)
     with store.reserve(bundle.name, bundle.size or 0):
-        downloaded, zip_sha, shown = _download_zip(service, spec, part, progress, cancel)
+        downloaded, zip_sha, shown = _download_zip(service, req, part)
     try:
-        entries = _unpack(service, spec, part, zip_sha, shown, progress, cancel)
+        entries = _unpack(service, req, part, zip_sha, shown)
     finally:
         discard_partial(part)  # the zip is not kept (and a bad one is not resumed)
     mine = entries.get(spec.key)
     if mine is None:
         raise IntegrityError(spec.key, f"not among the members of bundle {bundle.name}")
-    return FetchResult(spec.key, mine.path, mine.size, mine.sha256, time.perf_counter() - t0, downloaded, False,
+    return FetchResult(spec.key, mine.path, mine.size, mine.sha256, req.elapsed(), downloaded, False,
                        f"{shown} ({bundle.name})")
 
 
-def _unpack(service: FetchService, spec: ModelSpec, part: Path, zip_sha: str, shown: str,
-            progress: ProgressCallback | None, cancel: CancelToken | None) -> dict[str, Entry]:
+def _unpack(service: FetchService, req: FetchRequest, part: Path, zip_sha: str, shown: str) -> dict[str, Entry]:
+    spec, progress = req.spec, req.progress
     bundle = spec.bundle
     assert bundle is not None
     store = service.store
@@ -268,10 +268,10 @@ def _unpack(service: FetchService, spec: ModelSpec, part: Path, zip_sha: str, sh
                 mpart = store.partial_path(c.member.key, c.info.file_size)
                 parts.append(mpart)
                 mpart.parent.mkdir(parents=True, exist_ok=True)
-                service._emit(progress, ProgressEvent(c.member.key, "verify", 0, c.info.file_size,
+                service.notify(progress, ProgressEvent(c.member.key, "verify", 0, c.info.file_size,
                                                       message=f"extracting from {bundle.name}"))
                 try:
-                    sha = _extract(zf, c, mpart, cancel)
+                    sha = _extract(zf, c, mpart, req.cancel)
                 except (zipfile.BadZipFile, NotImplementedError, OSError) as exc:
                     raise IntegrityError(f"bundle {bundle.name}", f"cannot extract {c.member.member!r}: {exc}"
                                          ) from None
@@ -284,8 +284,8 @@ def _unpack(service: FetchService, spec: ModelSpec, part: Path, zip_sha: str, sh
                 entries[c.member.key] = store.commit(c.member.key, mpart, size=c.info.file_size, sha256=sha,
                                                      source=f"{shown} ({bundle.name}:{c.member.member})",
                                                      pin=spec.pin)
-                service._announce(c.member.key, sha, c.info.file_size)
-                service._emit(progress, ProgressEvent(c.member.key, "done", c.info.file_size, c.info.file_size))
+                service.announce(c.member.key, sha, c.info.file_size)
+                service.notify(progress, ProgressEvent(c.member.key, "done", c.info.file_size, c.info.file_size))
         except BaseException:
             for mpart in parts:  # nothing of a failed bundle stays behind (committed parts are gone already)
                 discard_partial(mpart)

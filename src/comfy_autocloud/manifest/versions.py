@@ -1,7 +1,7 @@
 """Seed 004 §2.2 versions index: `{list_name: {"url": ..., "md5" or "sha256": ..., "version": ...}}`.
 
 Nodes compare the hash of their local `<config_dir>/<name>.json` with the index and re-download only
-stale lists (`manifest.sync` downloads through the fetch service; this module only decides what is stale).
+stale lists (`fetch.sync` downloads through the fetch service; this module only decides what is stale).
 The seed uses md5 as a change detector; an index may give sha256 instead (or both: both must match).
 """
 
