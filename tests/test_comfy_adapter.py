@@ -17,11 +17,11 @@ import pytest
 from aiohttp import web
 
 from comfy_autocloud.comfy.catalog import Catalog, comfy_folder, merge_names
-from comfy_autocloud.comfy.config import load_comfy_settings
 from comfy_autocloud.comfy.metrics import render_metrics
 from comfy_autocloud.comfy.prompt_prefetch import host_allowed, plan_prefetch, workflow_hints
 from comfy_autocloud.comfy.routes import route_defs
 from comfy_autocloud.comfy.runtime import MANIFEST_FOLDER, Adapter, ModelUnavailable
+from comfy_autocloud.comfy.settings import load_comfy_settings
 from comfy_autocloud.config import load_settings
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.prefetch.popularity import Popularity, plan_popular

@@ -17,9 +17,9 @@ import pytest
 from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.fleet.client import Fleet, FleetConfig
 from comfy_autocloud.fleet.conn import FleetUnavailable, RedisGate
+from comfy_autocloud.fleet.gcra import DownloadLimit, FleetByteLimiter
 from comfy_autocloud.fleet.lease import Leases
 from comfy_autocloud.fleet.peer_server import PeerLimits, PeerServer, PeerServerThread, parse_range
-from comfy_autocloud.fleet.ratelimit import DownloadLimit, FleetByteLimiter
 from comfy_autocloud.fleet.registry import Heartbeat, Holding, Registry
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.store import Store

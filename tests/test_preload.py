@@ -16,14 +16,14 @@ torch = pytest.importorskip("torch", reason="torch not installed: the preload re
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors not installed")
 
 from comfy_autocloud.preload import snapshot  # noqa: E402
-from comfy_autocloud.preload.plan import load_plan  # noqa: E402
-from comfy_autocloud.preload.registry import (  # noqa: E402
+from comfy_autocloud.preload.held_models import (  # noqa: E402
     BudgetExceeded,
-    EntryState,
+    HeldState,
     LoadRequest,
     PreloadRegistry,
     derive_key,
 )
+from comfy_autocloud.preload.load_requests import load_plan  # noqa: E402
 
 
 def make_module(seed: int, width: int = 64) -> torch.nn.Module:
@@ -102,7 +102,7 @@ def test_keys_derived_from_names_options_and_identity(models: Path) -> None:
     a = reg.entry("diffusion_model:a.safetensors")
     b = reg.entry("my-b")
     assert a is not None and b is not None
-    assert a.state == b.state == EntryState.READY
+    assert a.state == b.state == HeldState.READY
     assert a.key.startswith("diffusion_model:a.safetensors@") and b.key == "my-b"
     other_opts = LoadRequest.make("diffusion_model", ["a.safetensors"], {"weight_dtype": "fp8_e5m2"})
     assert other_opts.slot != req("a.safetensors").slot
@@ -132,13 +132,13 @@ def test_budget_refuses_preload_and_get_still_answers(models: Path) -> None:
     reg = PreloadRegistry(backend, ram_budget=int(one * 1.5))
     reg.preload([req("a.safetensors"), req("b.safetensors")])
     b = reg.entry("diffusion_model:b.safetensors")
-    assert reg.entry("diffusion_model:a.safetensors").state == EntryState.READY
-    assert b.state == EntryState.FAILED and "RAM budget" in b.error
+    assert reg.entry("diffusion_model:a.safetensors").state == HeldState.READY
+    assert b.state == HeldState.FAILED and "RAM budget" in b.error
     with pytest.raises(BudgetExceeded):
         reg._get(req("b.safetensors"), preload=True)
     out = reg.get(req("b.safetensors"))  # a loader node still gets its model, it is just not kept
     assert isinstance(out, torch.nn.Module)
-    assert reg.entry("diffusion_model:b.safetensors").state == EntryState.FAILED
+    assert reg.entry("diffusion_model:b.safetensors").state == HeldState.FAILED
     assert reg.status()["bytes_held"] <= reg.ram_budget
 
 
@@ -163,7 +163,7 @@ def test_concurrent_gets_while_loading_load_once(models: Path) -> None:
     reg = PreloadRegistry(backend)
     reg.start([req("a.safetensors")])
     time.sleep(0.1)
-    assert reg.entry("diffusion_model:a.safetensors").state == EntryState.LOADING
+    assert reg.entry("diffusion_model:a.safetensors").state == HeldState.LOADING
     results: list[Any] = []
     threads = [threading.Thread(target=lambda: results.append(reg.get(req("a.safetensors")))) for _ in range(6)]
     for t in threads:
@@ -179,7 +179,7 @@ def test_get_claims_a_queued_entry_before_the_background_thread(models: Path) ->
     backend = ModuleBackend(models, delay=0.3)
     reg = PreloadRegistry(backend)
     reg.queue([req("a.safetensors"), req("b.safetensors")])
-    assert [e.state for e in reg.entries()] == [EntryState.QUEUED, EntryState.QUEUED]
+    assert [e.state for e in reg.entries()] == [HeldState.QUEUED, HeldState.QUEUED]
     reg.start()
     reg.get(req("b.safetensors"))  # needed now: loaded by this thread, not waiting for 'a' first
     assert reg.wait_idle(5)
@@ -190,11 +190,11 @@ def test_missing_file_fails_with_reason_and_others_load(models: Path) -> None:
     reg = PreloadRegistry(ModuleBackend(models))
     reg.preload([req("gone.safetensors"), req("a.safetensors")])
     gone = reg.entry("diffusion_model:gone.safetensors")
-    assert gone.state == EntryState.FAILED and "FileNotFoundError" in gone.error
-    assert reg.entry("diffusion_model:a.safetensors").state == EntryState.READY
+    assert gone.state == HeldState.FAILED and "FileNotFoundError" in gone.error
+    assert reg.entry("diffusion_model:a.safetensors").state == HeldState.READY
     write_model(models / "gone.safetensors", 3)  # arrives later (downloaded): a loader gets and keeps it
     reg.get(req("gone.safetensors"))
-    assert reg.entry("diffusion_model:gone.safetensors").state == EntryState.READY
+    assert reg.entry("diffusion_model:gone.safetensors").state == HeldState.READY
 
 
 def test_duplicate_cache_key_reported(models: Path) -> None:
@@ -298,7 +298,7 @@ def test_background_preload_never_overlaps_a_running_prompt(models: Path) -> Non
         backend.prompt_running.set()
         reg.start([req("a.safetensors"), req("b.safetensors")])
         time.sleep(0.5)  # without the gate both loads would have run by now
-        assert backend.loads == [] and {e.state for e in reg.entries()} == {EntryState.QUEUED}
+        assert backend.loads == [] and {e.state for e in reg.entries()} == {HeldState.QUEUED}
         assert reg.status()["gate"]["foreground"] == 1
         backend.prompt_running.clear()
     assert reg.wait_idle(10)
@@ -321,8 +321,8 @@ def test_prompt_arriving_mid_preload_waits_for_that_load_then_goes_first(models:
     with gate.foreground():  # blocks until the running load of 'a' is done
         assert time.monotonic() - t0 > 0.1
         backend.prompt_running.set()
-        assert reg.entry("diffusion_model:a.safetensors").state == EntryState.READY
-        assert reg.entry("diffusion_model:b.safetensors").state == EntryState.QUEUED
+        assert reg.entry("diffusion_model:a.safetensors").state == HeldState.READY
+        assert reg.entry("diffusion_model:b.safetensors").state == HeldState.QUEUED
         time.sleep(0.3)  # the preload thread is free to take 'b' now: it must not
         assert backend.loads == [("a.safetensors",)]
         reg.get(req("a.safetensors"))  # hit

@@ -57,10 +57,10 @@ class StartPreloadInPrompt:
 
     def run(self, model, ckpt_name, wait):
         from comfy_autocloud.comfy import nodes_preload
-        from comfy_autocloud.preload import plan
+        from comfy_autocloud.preload import load_requests
 
         reg = nodes_preload.registry()
-        reg.start([plan.checkpoint_request(ckpt_name)])
+        reg.start([load_requests.checkpoint_request(ckpt_name)])
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             e = reg.entry("checkpoint:" + ckpt_name)

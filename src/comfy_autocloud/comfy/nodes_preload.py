@@ -14,9 +14,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from comfy_autocloud.comfy.preload_backend import ComfyBackend, ResolveMissing
 from comfy_autocloud.manifest.preload_config import CLIP_TYPES, DEVICES, WEIGHT_DTYPES
-from comfy_autocloud.preload import plan as preload_plan
-from comfy_autocloud.preload.registry import EntryState, PreloadRegistry, current, set_current
+from comfy_autocloud.preload import load_requests
+from comfy_autocloud.preload.held_models import HeldState, PreloadRegistry, current, set_current
 
 log = logging.getLogger("comfy_autocloud.preload")
 
@@ -27,30 +28,32 @@ PACK_DIR = Path(__file__).resolve().parents[3]
 
 
 # ---------------------------------------------------------------------- start-up
-def make_registry(settings: dict[str, Any]) -> PreloadRegistry:
+def make_registry(settings: dict[str, Any], resolve_missing: ResolveMissing | None = None) -> PreloadRegistry:
     from comfy_autocloud.comfy.execution_gate import GATE
-    from comfy_autocloud.preload.loaders import ComfyBackend
 
-    reg = PreloadRegistry(ComfyBackend(), ram_budget=settings.get("preload_ram_budget"),
+    reg = PreloadRegistry(ComfyBackend(resolve_missing), ram_budget=settings.get("preload_ram_budget"),
                           fingerprints=bool(settings.get("preload_fingerprint")), gate=GATE)
     reg.warm_up = bool(settings.get("preload_warmup", True))
     return reg
 
 
-def start(settings: dict[str, Any], user_dir: str | None) -> PreloadRegistry:
-    """Create the process registry and start preloading preload_config.json (blocking if configured)."""
+def start(settings: dict[str, Any], user_dir: str | None, resolve_missing: ResolveMissing | None = None
+          ) -> PreloadRegistry:
+    """Create the process registry and start preloading preload_config.json (blocking if configured).
+
+    `resolve_missing` (the adapter's) fetches configured files that are not on disk yet."""
     from comfy_autocloud.comfy import execution_gate
 
     gated = execution_gate.install()  # before the preload thread: it must never overlap a prompt
     log.debug("autocloud preload: gated %s", ", ".join(gated) or "nothing")
-    reg = make_registry(settings)
+    reg = make_registry(settings, resolve_missing)
     set_current(reg)
-    path = preload_plan.find_config(settings.get("preload_config"), user_dir, PACK_DIR)
+    path = load_requests.find_config(settings.get("preload_config"), user_dir, PACK_DIR)
     if path is None:
         log.info("autocloud preload: no %s (user dir, pack dir or AUTOCLOUD_PRELOAD_CONFIG); cached loaders "
-                 "load on first use", preload_plan.CONFIG_NAME)
+                 "load on first use", load_requests.CONFIG_NAME)
         return reg
-    plan = preload_plan.load_plan(path)
+    plan = load_requests.load_plan(path)
     reg.config_path = str(path)
     reg.auto_gpu_load = plan.settings.auto_gpu_load
     for err in plan.errors:
@@ -94,7 +97,7 @@ def _with_held(names: list[str], kind: str | None) -> list[str]:
     if kind is None or reg is None:
         return names
     listed = set(names)
-    extra = [f for e in reg.entries(kind) if e.state == EntryState.READY for f in e.request.files if f not in listed]
+    extra = [f for e in reg.entries(kind) if e.state == HeldState.READY for f in e.request.files if f not in listed]
     return names + list(dict.fromkeys(extra))
 
 
@@ -135,7 +138,7 @@ class CachedCheckpointLoader:
         return {"required": {"ckpt_name": (_files("checkpoints", "checkpoint"), {"tooltip": _TOOLTIP_CACHED})}}
 
     def load_checkpoint(self, ckpt_name: str) -> tuple[Any, ...]:
-        return tuple(registry().get(preload_plan.checkpoint_request(ckpt_name)))
+        return tuple(registry().get(load_requests.checkpoint_request(ckpt_name)))
 
 
 class PreloadedCheckpointSelector:
@@ -176,7 +179,7 @@ class CachedTextEncoderLoader:
     def load_clip(self, clip_name1: str, clip_name2: str = NONE, clip_name3: str = NONE,
                   type: str = "stable_diffusion", device: str = "default") -> tuple[Any]:
         names = [n for n in (clip_name1, clip_name2, clip_name3) if n and n != NONE]
-        return (registry().get(preload_plan.text_encoder_request(names, type, device)),)
+        return (registry().get(load_requests.text_encoder_request(names, type, device)),)
 
 
 class PreloadedTextEncoderSelector:
@@ -211,7 +214,7 @@ class CachedDiffusionModelLoader:
         }}
 
     def load_unet(self, unet_name: str, weight_dtype: str = "default") -> tuple[Any]:
-        return (registry().get(preload_plan.diffusion_request(unet_name, weight_dtype)),)
+        return (registry().get(load_requests.diffusion_request(unet_name, weight_dtype)),)
 
 
 class PreloadedDiffusionModelSelector:
@@ -244,7 +247,7 @@ class CachedVAELoader:
         return {"required": {"vae_name": (_vae_names(), {"tooltip": _TOOLTIP_CACHED})}}
 
     def load_vae(self, vae_name: str) -> tuple[Any]:
-        return (registry().get(preload_plan.vae_request(vae_name)),)
+        return (registry().get(load_requests.vae_request(vae_name)),)
 
 
 class PreloadedVAESelector:
@@ -344,9 +347,9 @@ class CheckCacheStatus:
         if not found:
             text, cached = f"{name or '(no name)'}: not in the memory cache (a cached loader loads and keeps it)", False
         else:
-            cached = any(e.state == EntryState.READY for e in found)
+            cached = any(e.state == HeldState.READY for e in found)
             text = "\n".join(f"{e.name}: {e.state.value}" + (f" ({e.error})" if e.error else "")
-                             + (f", {e.nbytes / 2**20:.1f} MiB, {e.hits} hits" if e.state == EntryState.READY else "")
+                             + (f", {e.nbytes / 2**20:.1f} MiB, {e.hits} hits" if e.state == HeldState.READY else "")
                              + (f"; {e.note}" if e.note else "")
                              for e in found)
         return {"ui": {"text": [text]}, "result": (cached, text)}

@@ -119,7 +119,7 @@ def route_defs(adapter: Adapter) -> list[web.RouteDef]:
 def preload_route_defs() -> list[web.RouteDef]:
     """GET /autocloud/preload (registry status; ?verify=1 re-hashes held weights), POST …/load_all, …/to_gpu."""
     from comfy_autocloud.preload import snapshot
-    from comfy_autocloud.preload.registry import current
+    from comfy_autocloud.preload.held_models import current
 
     def _reg() -> Any:
         reg = current()

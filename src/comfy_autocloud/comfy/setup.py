@@ -79,7 +79,7 @@ def _start_memory_preload(adapter: Adapter, user_dir: str | None) -> None:
     """Seed 000: preload_config.json into the preload registry (background, or blocking for snapshots)."""
     from comfy_autocloud.comfy import nodes_preload
 
-    nodes_preload.start(adapter.settings.values, user_dir)
+    nodes_preload.start(adapter.settings.values, user_dir, adapter.resolve_missing)
 
 
 def setup() -> Adapter | None:
@@ -95,7 +95,7 @@ def setup() -> Adapter | None:
             return None
         try:
             from comfy_autocloud.comfy import hooks
-            from comfy_autocloud.comfy.config import load_comfy_settings
+            from comfy_autocloud.comfy.settings import load_comfy_settings
 
             user_dir = folder_paths.get_user_directory() if hasattr(folder_paths, "get_user_directory") else None
             settings = load_comfy_settings(user_dir)
@@ -117,11 +117,11 @@ def setup() -> Adapter | None:
             _start_prefetcher(adapter)
         except Exception:
             log.exception("autocloud: background disk prefetcher not started")
-        _adapter = adapter  # before the memory preload: it fetches missing files through get_adapter()
         try:
             _start_memory_preload(adapter, user_dir)
         except Exception:
             log.exception("autocloud: memory preload not started; cached loaders load on first use")
+        _adapter = adapter
         log.info("autocloud: cache %s (%s), %d models offered, hooks: %s", adapter.store.root,
                  "cap " + str(settings.max_size) if settings.max_size else "no cap", len(adapter.catalog),
                  ", ".join(wrapped) or "none")

@@ -17,8 +17,8 @@ from urllib.parse import quote
 from comfy_autocloud.config import check_node_id
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.fleet.conn import FleetUnavailable, RedisGate
+from comfy_autocloud.fleet.gcra import DownloadLimit, FleetByteLimiter
 from comfy_autocloud.fleet.lease import LeaseInfo, Leases
-from comfy_autocloud.fleet.ratelimit import DownloadLimit, FleetByteLimiter
 from comfy_autocloud.fleet.registry import Peer, Registry
 from comfy_autocloud.fleet.streams import Streams
 from comfy_autocloud.sources import ResolvedSource

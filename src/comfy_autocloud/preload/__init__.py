@@ -1,17 +1,19 @@
 """Memory preload (seed 000): a process-wide registry of loaded MODEL / CLIP / VAE objects.
 
-`registry` holds the logic and needs neither ComfyUI nor torch at import; `loaders` calls ComfyUI's own
-loader functions; `snapshot` is the two-phase API for Modal memory snapshots.
+Nothing here imports ComfyUI or torch: `held_models` is the registry (what is held, loads, clones,
+budget), `load_requests` turns preload_config.json into load requests, `gate` keeps preloading out of a
+running prompt, `snapshot` is the two-phase API for Modal memory snapshots. The backend that calls
+ComfyUI's own loaders lives in `comfy_autocloud.comfy.preload_backend`.
 """
 
-from comfy_autocloud.preload.registry import (
+from comfy_autocloud.preload.held_models import (
     Backend,
-    Entry,
-    EntryState,
     FileIdentity,
+    HeldModel,
+    HeldState,
     LoadRequest,
     PreloadRegistry,
     derive_key,
 )
 
-__all__ = ["Backend", "Entry", "EntryState", "FileIdentity", "LoadRequest", "PreloadRegistry", "derive_key"]
+__all__ = ["Backend", "FileIdentity", "HeldModel", "HeldState", "LoadRequest", "PreloadRegistry", "derive_key"]

@@ -12,7 +12,7 @@ import json
 import urllib.request
 from typing import Any
 
-from comfy_autocloud.preload.registry import PreloadRegistry, current
+from comfy_autocloud.preload.held_models import PreloadRegistry, current
 
 
 def _post(url: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:

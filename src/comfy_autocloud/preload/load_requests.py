@@ -25,7 +25,7 @@ from comfy_autocloud.manifest.preload_config import (
     parse_preload_config,
     preload_from_data,
 )
-from comfy_autocloud.preload.registry import LoadRequest
+from comfy_autocloud.preload.held_models import LoadRequest
 
 CONFIG_NAME = "preload_config.json"
 KIND_FOLDER = {"checkpoint": "checkpoints", "text_encoder": "text_encoders", "diffusion_model": "diffusion_models",
@@ -33,7 +33,7 @@ KIND_FOLDER = {"checkpoint": "checkpoints", "text_encoder": "text_encoders", "di
 
 
 @dataclass
-class Plan:
+class PreloadPlan:
     requests: list[LoadRequest] = field(default_factory=list)
     settings: PreloadSettings = field(default_factory=PreloadSettings)
     errors: list[str] = field(default_factory=list)
@@ -80,8 +80,8 @@ def request_for(entry: Any, where: str) -> LoadRequest:
     raise TypeError(f"{where}: not a preload entry: {type(entry).__name__}")
 
 
-def plan_from_config(config: PreloadConfig, where: str) -> Plan:
-    plan = Plan(settings=config.settings)
+def plan_from_config(config: PreloadConfig, where: str) -> PreloadPlan:
+    plan = PreloadPlan(settings=config.settings)
     for section in SECTION_FOLDERS:
         for i, entry in enumerate(getattr(config.models, section)):
             if entry.enabled:
@@ -89,7 +89,7 @@ def plan_from_config(config: PreloadConfig, where: str) -> Plan:
     return plan
 
 
-def load_plan(path: Path) -> Plan:
+def load_plan(path: Path) -> PreloadPlan:
     """Requests of every enabled, valid entry of `path`; invalid entries end up in `errors`."""
     try:
         plan = plan_from_config(parse_preload_config(path), str(path))
@@ -100,10 +100,10 @@ def load_plan(path: Path) -> Plan:
     try:
         data = load_json(path)
     except ManifestError as exc:
-        return Plan(errors=[str(exc)], path=path)
+        return PreloadPlan(errors=[str(exc)], path=path)
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
-        return Plan(errors=[str(strict_error)], path=path)
-    plan = Plan(path=path)
+        return PreloadPlan(errors=[str(strict_error)], path=path)
+    plan = PreloadPlan(path=path)
     try:
         plan.settings = preload_from_data({k: v for k, v in data.items() if k != "models"}, str(path)).settings
     except ManifestError as exc:

@@ -1,4 +1,4 @@
-"""The registry's backend inside ComfyUI: the same calls the stock loader nodes make.
+"""The preload registry's backend inside ComfyUI: the same calls the stock loader nodes make.
 
 Imports ComfyUI lazily (inside the methods), so the pack imports anywhere. Objects are made exactly as
 CheckpointLoaderSimple / CLIPLoader / DualCLIPLoader / TripleCLIPLoader / UNETLoader / VAELoader make
@@ -9,11 +9,16 @@ missing on disk is fetched (through the FetchService) before it is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from comfy_autocloud.preload.plan import KIND_FOLDER
-from comfy_autocloud.preload.registry import LoadRequest, in_preload
+from comfy_autocloud.preload.held_models import LoadRequest, in_preload
+from comfy_autocloud.preload.load_requests import KIND_FOLDER
+
+# (folder, file name) -> the file, fetched if a manifest lists it; None when nothing knows it (the adapter's
+# `resolve_missing`).
+ResolveMissing = Callable[[str, str], "Path | None"]
 
 # VAELoader names that are not files in models/vae (approximate decoders and the pixel-space VAE).
 SPECIAL_VAES = ("pixel_space", "taesd", "taesdxl", "taesd3", "taef1")
@@ -22,7 +27,14 @@ WARM_LATENT = 4
 
 
 class ComfyBackend:
-    """`Backend` for ComfyUI MODEL (ModelPatcher), CLIP and VAE objects."""
+    """`Backend` for ComfyUI MODEL (ModelPatcher), CLIP and VAE objects.
+
+    `resolve_missing` fetches a file that is not on disk while preloading at start-up (no prompt runs, so
+    no node progress bar); without it such a file is an error.
+    """
+
+    def __init__(self, resolve_missing: ResolveMissing | None = None) -> None:
+        self.resolve_missing = resolve_missing
 
     def resolve(self, req: LoadRequest) -> list[Path]:
         import folder_paths  # ComfyUI
@@ -32,7 +44,7 @@ class ComfyBackend:
         folder = KIND_FOLDER[req.kind]
         if not in_preload():  # in a prompt: the adapter's hook fetches a missing file with node progress
             return [Path(folder_paths.get_full_path_or_raise(folder, name)) for name in req.files]
-        return [_resolve_quietly(folder_paths, folder, name) for name in req.files]
+        return [_resolve_quietly(folder_paths, folder, name, self.resolve_missing) for name in req.files]
 
     def load(self, req: LoadRequest, paths: list[Path]) -> Any:
         import comfy.sd  # ComfyUI
@@ -155,16 +167,13 @@ class ComfyBackend:
         return done
 
 
-def _resolve_quietly(fp: Any, folder: str, name: str) -> Path:
+def _resolve_quietly(fp: Any, folder: str, name: str, resolve_missing: ResolveMissing | None) -> Path:
     """At start-up no prompt runs, so no node progress bar: fetch a missing file through the adapter directly."""
     get = getattr(fp.get_full_path, "__wrapped__", fp.get_full_path)
     found = get(folder, name)
     if found is not None:
         return Path(found)
-    from comfy_autocloud.comfy.setup import get_adapter
-
-    adapter = get_adapter()
-    path = adapter.resolve_missing(folder, name) if adapter is not None else None
+    path = resolve_missing(folder, name) if resolve_missing is not None else None
     if path is None:
         raise FileNotFoundError(f"{folder}/{name}: not on disk and not in any AutoCloud manifest")
     return path

@@ -42,7 +42,7 @@ class BudgetExceeded(RuntimeError):
     """Keeping one more object would take the registry past its RAM budget."""
 
 
-class EntryState(str, Enum):
+class HeldState(str, Enum):
     QUEUED = "queued"
     LOADING = "loading"
     READY = "ready"
@@ -134,10 +134,12 @@ class Backend(Protocol):
 
 
 @dataclass
-class Entry:
+class HeldModel:
+    """One model in the registry: its request, state, the held object and what loading it cost."""
+
     request: LoadRequest
     key: str = ""
-    state: EntryState = EntryState.QUEUED
+    state: HeldState = HeldState.QUEUED
     error: str | None = None
     value: Any = None
     identity: tuple[FileIdentity, ...] = ()
@@ -212,7 +214,7 @@ class PreloadRegistry:
         self.ram_budget = ram_budget
         self.fingerprints = fingerprints
         self._cond = threading.Condition(threading.RLock())
-        self._entries: dict[tuple[Any, ...], Entry] = {}
+        self._entries: dict[tuple[Any, ...], HeldModel] = {}
         self._names: dict[str, tuple[Any, ...]] = {}
         self.config_errors: list[str] = []
         self.config_path: str | None = None
@@ -225,7 +227,7 @@ class PreloadRegistry:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ registering
-    def queue(self, requests: Iterable[LoadRequest]) -> list[Entry]:
+    def queue(self, requests: Iterable[LoadRequest]) -> list[HeldModel]:
         """Register requests as queued (no I/O); a cache_key used twice is reported, not registered."""
         out = []
         with self._cond:
@@ -239,7 +241,7 @@ class PreloadRegistry:
                     continue
                 entry = self._entries.get(req.slot)
                 if entry is None:
-                    entry = Entry(req)
+                    entry = HeldModel(req)
                     self._entries[req.slot] = entry
                     self._names[req.name] = req.slot
                 out.append(entry)
@@ -252,23 +254,23 @@ class PreloadRegistry:
         log.error("autocloud preload: %s", message)
 
     # ------------------------------------------------------------------ loading
-    def preload(self, requests: Iterable[LoadRequest] | None = None) -> list[Entry]:
+    def preload(self, requests: Iterable[LoadRequest] | None = None) -> list[HeldModel]:
         """Load every queued entry in this thread; failures are recorded on the entry, never raised."""
         if requests is not None:
             self.queue(requests)
         with self._cond:
-            todo = [e for e in self._entries.values() if e.state == EntryState.QUEUED]
+            todo = [e for e in self._entries.values() if e.state == HeldState.QUEUED]
         for entry in todo:
             with self._cond:
-                if entry.state != EntryState.QUEUED:  # a loader node took it meanwhile
+                if entry.state != HeldState.QUEUED:  # a loader node took it meanwhile
                     continue
             _local.preload = True
             try:
                 self._get(entry.request, preload=True)
             except Exception as exc:
                 with self._cond:
-                    if entry.state != EntryState.FAILED:
-                        entry.state, entry.error = EntryState.FAILED, _reason(exc)
+                    if entry.state != HeldState.FAILED:
+                        entry.state, entry.error = HeldState.FAILED, _reason(exc)
                         self._cond.notify_all()
                 log.error("autocloud preload: %s not preloaded: %s", entry.request.where or entry.name,
                           entry.error)
@@ -301,7 +303,7 @@ class PreloadRegistry:
         """Block until no entry is queued or loading; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while any(e.state in (EntryState.QUEUED, EntryState.LOADING) for e in self._entries.values()):
+            while any(e.state in (HeldState.QUEUED, HeldState.LOADING) for e in self._entries.values()):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -321,10 +323,10 @@ class PreloadRegistry:
             raise KeyError(f"{name!r} is not in the preload registry; known: {', '.join(sorted(self._names))}")
         return self.get(entry.request)
 
-    def _budget_used(self, but: Entry) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e is not but and e.state == EntryState.READY)
+    def _budget_used(self, but: HeldModel) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e is not but and e.state == HeldState.READY)
 
-    def _get(self, req: LoadRequest, *, preload: bool = False) -> tuple[Entry, Any]:
+    def _get(self, req: LoadRequest, *, preload: bool = False) -> tuple[HeldModel, Any]:
         held = self._held_without_file(req, preload)
         if held is not None:
             return held
@@ -346,14 +348,15 @@ class PreloadRegistry:
         with self.gate.background() if preload else self.gate.foreground():
             return self._load(req, paths, identity, preload)
 
-    def _lookup(self, req: LoadRequest, identity: tuple[FileIdentity, ...], preload: bool) -> tuple[Entry, Any] | None:
+    def _lookup(self, req: LoadRequest, identity: tuple[FileIdentity, ...], preload: bool
+                ) -> tuple[HeldModel, Any] | None:
         """(under _cond) The held object when its files are unchanged, after waiting for a running load."""
         while True:
             entry = self._entries.get(req.slot)
-            if entry is None or entry.state != EntryState.LOADING:
+            if entry is None or entry.state != HeldState.LOADING:
                 break
             self._cond.wait(0.5)
-        if entry is None or entry.state != EntryState.READY or entry.identity != identity:
+        if entry is None or entry.state != HeldState.READY or entry.identity != identity:
             return None
         if not preload:
             entry.hits += 1
@@ -363,19 +366,19 @@ class PreloadRegistry:
             log.info("autocloud preload: %s is back on disk, unchanged", entry.name)
         return entry, entry.value
 
-    def _held_without_file(self, req: LoadRequest, preload: bool) -> tuple[Entry, Any] | None:
+    def _held_without_file(self, req: LoadRequest, preload: bool) -> tuple[HeldModel, Any] | None:
         """A ready entry whose file was deleted or moved away: the memory copy is still exactly what was
         loaded, so keep serving it (no error, no re-download through the fetch hook), and say so once."""
         with self._cond:
             entry = self._entries.get(req.slot)
-            if entry is None or entry.state != EntryState.READY or not entry.identity:
+            if entry is None or entry.state != HeldState.READY or not entry.identity:
                 return None
             identity = entry.identity
         gone = [i.path for i in identity if not _exists(i.path)]
         if not gone:
             return None
         with self._cond:
-            if entry.state != EntryState.READY or entry.identity != identity:  # reloaded meanwhile
+            if entry.state != HeldState.READY or entry.identity != identity:  # reloaded meanwhile
                 return None
             first = not entry.file_missing
             if first:
@@ -391,18 +394,18 @@ class PreloadRegistry:
         return entry, value
 
     def _load(self, req: LoadRequest, paths: list[Path], identity: tuple[FileIdentity, ...],
-              preload: bool) -> tuple[Entry, Any]:
+              preload: bool) -> tuple[HeldModel, Any]:
         with self._cond:
             hit = self._lookup(req, identity, preload)  # loaded by someone else while we waited for the gate
             if hit is not None:
                 return hit
             entry = self._entries.get(req.slot)
             if entry is None:
-                entry = Entry(req)
+                entry = HeldModel(req)
                 self._entries[req.slot] = entry
                 self._names.setdefault(req.name, req.slot)
-            stale = entry.state == EntryState.READY
-            entry.state, entry.error = EntryState.LOADING, None
+            stale = entry.state == HeldState.READY
+            entry.state, entry.error = HeldState.LOADING, None
             if not preload:
                 self.misses_total += 1
             used = self._budget_used(entry)
@@ -415,7 +418,7 @@ class PreloadRegistry:
                    f"for {entry.name})")
             if preload:
                 with self._cond:
-                    entry.state, entry.error, entry.value, entry.refs = EntryState.FAILED, msg, None, {}
+                    entry.state, entry.error, entry.value, entry.refs = HeldState.FAILED, msg, None, {}
                     entry.nbytes = 0
                     self._cond.notify_all()
                 log.warning("autocloud preload: not preloading %s: %s", entry.name, msg)
@@ -433,7 +436,7 @@ class PreloadRegistry:
             fp = fingerprint(tensors) if self.fingerprints and keep else None
         except BaseException as exc:
             with self._cond:
-                entry.state, entry.error, entry.nbytes = EntryState.FAILED, _reason(exc), 0
+                entry.state, entry.error, entry.nbytes = HeldState.FAILED, _reason(exc), 0
                 self._cond.notify_all()
             raise
         seconds = time.perf_counter() - t0
@@ -452,11 +455,11 @@ class PreloadRegistry:
                 # Held tensor references would pin CPU copies once ComfyUI moves the weights to the GPU:
                 # keep them only when fingerprints are asked for.
                 refs = tensors if self.fingerprints else {}
-                entry.state, entry.value, entry.refs, entry.nbytes = EntryState.READY, value, refs, nbytes
+                entry.state, entry.value, entry.refs, entry.nbytes = HeldState.READY, value, refs, nbytes
                 entry.fingerprint, entry.loaded_at, entry.cached = fp, time.time(), True
                 entry.device = entry.device or "cpu"
             else:
-                entry.state, entry.nbytes, entry.cached = EntryState.FAILED, 0, False
+                entry.state, entry.nbytes, entry.cached = HeldState.FAILED, 0, False
                 entry.error = f"not kept: RAM budget {_mib(self.ram_budget or 0)}"
             self._cond.notify_all()
         log.info("autocloud preload: %s %s in %.2fs (%s)", "loaded" if keep else "loaded (not kept)", entry.name,
@@ -466,18 +469,18 @@ class PreloadRegistry:
     def _fail(self, req: LoadRequest, exc: BaseException, *, queued_only: bool) -> None:
         with self._cond:
             entry = self._entries.get(req.slot)
-            if entry is None or (queued_only and entry.state != EntryState.QUEUED):
+            if entry is None or (queued_only and entry.state != HeldState.QUEUED):
                 return
-            if entry.state in (EntryState.QUEUED, EntryState.READY, EntryState.FAILED):
+            if entry.state in (HeldState.QUEUED, HeldState.READY, HeldState.FAILED):
                 entry.state, entry.error, entry.value, entry.refs, entry.nbytes = (
-                    EntryState.FAILED, _reason(exc), None, {}, 0)
+                    HeldState.FAILED, _reason(exc), None, {}, 0)
                 self._cond.notify_all()
 
     # ------------------------------------------------------------------ devices
     def to_device(self, device: str, warm_up: bool | None = None) -> dict[str, str]:
         """Move every ready entry to `device` (and warm it up, see `warm_up`); returns name -> device (or error)."""
         with self._cond:
-            ready = [e for e in self._entries.values() if e.state == EntryState.READY]
+            ready = [e for e in self._entries.values() if e.state == HeldState.READY]
         warm = self.warm_up if warm_up is None else warm_up
         out = {}
         for e in ready:
@@ -495,7 +498,7 @@ class PreloadRegistry:
                 log.error("autocloud preload: %s not moved to %s: %s", e.name, device, _reason(exc))
         return out
 
-    def _warm_up(self, e: Entry) -> None:
+    def _warm_up(self, e: HeldModel) -> None:
         """First-call costs (device load, kernel set-up, library pages) paid now instead of in the first prompt."""
         fn = getattr(self.backend, "warm_up", None)
         if fn is None or e.value is None:
@@ -510,14 +513,14 @@ class PreloadRegistry:
         log.info("autocloud preload: %s warmed up (%s) in %.2fs", e.name, ", ".join(e.warmed), e.warm_seconds)
 
     # ------------------------------------------------------------------ reading
-    def entries(self, kind: str | None = None) -> list[Entry]:
+    def entries(self, kind: str | None = None) -> list[HeldModel]:
         with self._cond:
             return [e for e in self._entries.values() if kind is None or e.request.kind == kind]
 
     def names(self, kind: str) -> list[str]:
         return [e.name for e in self.entries(kind)]
 
-    def entry(self, name: str) -> Entry | None:
+    def entry(self, name: str) -> HeldModel | None:
         with self._cond:
             slot = self._names.get(name)
             return self._entries.get(slot) if slot is not None else None
@@ -525,19 +528,19 @@ class PreloadRegistry:
     def verify(self, name: str) -> bool | None:
         """True when the held weights are byte-identical to when they were loaded (None: no fingerprint)."""
         e = self.entry(name)
-        if e is None or e.state != EntryState.READY or e.fingerprint is None:
+        if e is None or e.state != HeldState.READY or e.fingerprint is None:
             return None
         return fingerprint(e.refs) == e.fingerprint
 
     def status(self) -> dict[str, Any]:
         with self._cond:
             entries = [e.info() for e in self._entries.values()]
-            held = sum(e.nbytes for e in self._entries.values() if e.state == EntryState.READY)
+            held = sum(e.nbytes for e in self._entries.values() if e.state == HeldState.READY)
             return {"config": self.config_path, "auto_gpu_load": self.auto_gpu_load, "phase": self.phase,
                     "entries": entries, "bytes_held": held, "ram_budget": self.ram_budget,
                     "loads": self.loads_total, "hits": self.hits_total, "misses": self.misses_total,
                     "config_errors": list(self.config_errors), "gate": self.gate.state(),
-                    "counts": {s.value: sum(e["state"] == s.value for e in entries) for s in EntryState}}
+                    "counts": {s.value: sum(e["state"] == s.value for e in entries) for s in HeldState}}
 
     def clear(self) -> None:
         """Drop every held object (memory is freed once no clone refers to it)."""
