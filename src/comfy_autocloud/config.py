@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.units import parse_rate, parse_size
 
@@ -242,6 +240,8 @@ def config_file_path() -> Path:
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
+    import yaml  # only when there is a file to read: start-up time of every command
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import click
 
+from comfy_autocloud.cli import output
 from comfy_autocloud.cli.context import AppContext, pass_app
-from comfy_autocloud.cli.output import console, emit_json, err_console
-from comfy_autocloud.cli.progress_view import FetchProgress
+from comfy_autocloud.cli.output import emit_json
 from comfy_autocloud.errors import AutoCloudError
 from comfy_autocloud.fetch import FetchResult, FetchService, specs_from_urls
-from comfy_autocloud.manifest import load_manifests
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.phases import in_order, process_age
 from comfy_autocloud.progress import CancelToken
@@ -37,28 +37,34 @@ def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, p
     index), on stderr and in each JSON object.
     """
     cancel = CancelToken()
-    view = FetchProgress(err_console if as_json else console, enabled=sys.stderr.isatty() or not as_json)
-    with view:  # Ctrl-C: fetch_many cancels every download, keeps partials, and re-raises
+    view = None
+    if sys.stderr.isatty() or not as_json:  # bars for people; scripts reading --json lines get none (nor rich)
+        from comfy_autocloud.cli.progress_view import FetchProgress
+
+        view = FetchProgress(output.err_console if as_json else output.console)
+    with view if view is not None else contextlib.nullcontext():
+        # Ctrl-C: fetch_many cancels every download, keeps partials, and re-raises
         results = service.fetch_many(specs, parallel=parallel, progress=view, cancel=cancel)
     failed = 0
     for spec, res in zip(specs, results, strict=True):
         if isinstance(res, FetchResult):
             if phases:
-                err_console.print(breakdown(res, startup, process_age()), soft_wrap=True, highlight=False)
+                output.err_console.print(breakdown(res, startup, process_age()), soft_wrap=True, highlight=False)
             if as_json:
                 emit_json(res.as_json(phases=phases) | ({"startup": round(startup, 4)} if phases and startup else {}))
             else:
                 rate = res.bytes_downloaded / res.seconds if res.seconds > 0 and res.bytes_downloaded else 0
                 how = "cached" if res.cached else f"{human_size(res.bytes_downloaded)} in {res.seconds:.2f}s" + (
                     f" ({human_rate(rate)})" if rate else "")
-                console.print(f"[green]✓[/green] {res.key}  {human_size(res.size)}  sha256 {res.sha256[:12]}…  {how}")
+                line = f"[green]✓[/green] {res.key}  {human_size(res.size)}  sha256 {res.sha256[:12]}…  {how}"
+                output.console.print(line)
         else:
             failed += 1
             assert isinstance(res, AutoCloudError)
             if as_json:
                 emit_json({"key": spec.key, "error": f"{res.subject}: {res.reason}"})
             else:
-                err_console.print(f"[red]✗[/red] {res.subject}: {res.reason}", soft_wrap=True)
+                output.err_console.print(f"[red]✗[/red] {res.subject}: {res.reason}", soft_wrap=True)
     return 1 if failed else 0
 
 
@@ -93,6 +99,8 @@ def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: 
     if urls:
         specs += specs_from_urls(urls, folder or "", name, sha256)
     if manifests:
+        from comfy_autocloud.manifest import load_manifests
+
         specs += [s for s in load_manifests(manifests) if s.sources]
     service = app.services(connections=connections, rate_limit=parse_rate(rate_limit) if rate_limit else None).fetch
     verbose = click.get_current_context().find_root().params.get("verbose") or 0

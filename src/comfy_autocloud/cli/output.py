@@ -1,16 +1,32 @@
-"""Terminal output shared by every command: rich for people, one JSON object per line for scripts."""
+"""Terminal output shared by every command: rich for people, one JSON object per line for scripts.
+
+`console` and `err_console` are made on first use, so rich is imported only by a run that prints
+through them (never by `--help` or `--version`).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+    console: Console
+    err_console: Console
+
+
+def __getattr__(name: str) -> Any:
+    if name not in ("console", "err_console"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from rich.console import Console
+
+    made = globals()
+    made.setdefault("console", Console(stderr=False, highlight=False))
+    made.setdefault("err_console", Console(stderr=True, highlight=False))
+    return made[name]
 
 
 def emit_json(obj: Any) -> None:
@@ -28,12 +44,13 @@ def exit_code_of(run: Callable[[], Any], interrupted: str) -> int:
     try:
         rv = run()
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        err_console.print(f"[red]interrupted[/red] ({interrupted})")
+        __getattr__("err_console").print(f"[red]interrupted[/red] ({interrupted})")
         return 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except AutoCloudError as exc:
-        err_console.print(f"[red]error:[/red] {exc.subject}: {exc.reason}", markup=True, soft_wrap=True)
+        __getattr__("err_console").print(f"[red]error:[/red] {exc.subject}: {exc.reason}", markup=True,
+                                         soft_wrap=True)
         return 1
     return rv if isinstance(rv, int) else 0

@@ -31,7 +31,6 @@ from comfy_autocloud.errors import (
     SourceError,
     TransferError,
 )
-from comfy_autocloud.fetch.bundle import fetch_bundle
 from comfy_autocloud.fetch.request import FetchRequest, FetchResult
 from comfy_autocloud.fetch.singleflight import single_flight
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -40,15 +39,7 @@ from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEven
 from comfy_autocloud.redact import redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
 from comfy_autocloud.store import Entry, Store
-from comfy_autocloud.transfer import (
-    TransferOptions,
-    TransferResult,
-    Unauthorized,
-    copy_file,
-    discard_partial,
-    download,
-    probe,
-)
+from comfy_autocloud.transfer import TransferOptions, TransferResult, Unauthorized, copy_file, discard_partial
 from comfy_autocloud.transfer.ranges import remove_live
 from comfy_autocloud.units import human_size
 
@@ -99,6 +90,8 @@ class FetchService:
         if not spec.sources:
             raise SourceError(spec.key, "not in the cache and no source is known for it (add it to a manifest)")
         if spec.bundle is not None:  # inside a zip: one download extracts every member of it
+            from comfy_autocloud.fetch.bundle import fetch_bundle  # zipfile: only for bundles
+
             return fetch_bundle(self, req)
 
         def on_wait() -> None:
@@ -279,6 +272,8 @@ class FetchService:
             return replace(options, expected_size=resolved.expected_size)
         if resolved.kind == "file":
             return replace(options, expected_size=os.stat(resolved.url).st_size)
+        from comfy_autocloud.transfer.remote import probe  # aiohttp: only when something is downloaded
+
         info = probe(resolved.url, options)
         return replace(options, expected_size=info.size, probed=info)
 
@@ -353,6 +348,8 @@ class FetchService:
                   cancel: CancelToken | None) -> TransferResult:
         if resolved.kind == "file":
             return copy_file(Path(resolved.url), part, progress=on_bytes, cancel=cancel)
+        from comfy_autocloud.transfer.engine import download  # aiohttp: only when something is downloaded
+
         return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
 
 
@@ -360,10 +357,14 @@ def _name_from_source(url: str) -> str:
     """The file name a source stands for: Civitai ids name a version, so ask its API; else the last segment."""
     from urllib.parse import unquote, urlsplit
 
-    from comfy_autocloud.sources.civitai import is_civitai_url
-
-    if url.lower().startswith("civitai:") or is_civitai_url(url):
+    lower = url.lower()
+    if lower.startswith("civitai:"):
         return resolve(url).filename or ""
+    if lower.startswith(("http://", "https://")):  # only web URLs can be Civitai pages (its module is not small)
+        from comfy_autocloud.sources.civitai import is_civitai_url
+
+        if is_civitai_url(url):
+            return resolve(url).filename or ""
     return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
 
 

@@ -1,5 +1,14 @@
-"""The local model store: files where ComfyUI reads them, a SQLite index, eviction and verification."""
+"""The local model store: files where ComfyUI reads them, a SQLite index, eviction and verification.
 
+The verifier is imported on first use of its names (`comfy_autocloud.lazy`): opening the store for a
+cache hit does not load it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from comfy_autocloud.lazy import lazy_names
 from comfy_autocloud.store.eviction import (
     POLICY_NAMES,
     AdaptivePolicy,
@@ -14,7 +23,11 @@ from comfy_autocloud.store.eviction import (
 )
 from comfy_autocloud.store.simulate import SimResult, Simulator, read_trace, simulate, write_trace
 from comfy_autocloud.store.store import Entry, Reservation, Store, Usage
-from comfy_autocloud.store.verify import Finding, VerifyReport
+
+if TYPE_CHECKING:
+    from comfy_autocloud.store.verify import Finding, VerifyReport
+
+__getattr__ = lazy_names(__name__, {"Finding": "verify", "VerifyReport": "verify"})
 
 __all__ = [
     "POLICY_NAMES",

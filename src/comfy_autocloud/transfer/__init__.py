@@ -1,13 +1,26 @@
-"""Transfer engine: ranged, parallel, adaptive, resumable downloads and verified local copies."""
+"""Transfer engine: ranged, parallel, adaptive, resumable downloads and verified local copies.
 
-from .engine import discard_partial, download, download_async
+The engine and the probe (aiohttp) are imported on first use of `download`, `probe` and the other names
+that need them, so options, limiters, partial-file records and local copies cost no aiohttp import.
+"""
+
+from typing import TYPE_CHECKING
+
+from comfy_autocloud.lazy import lazy_names
+
 from .http_policy import Gone, NotFound, Throttled, Unauthorized
 from .localcopy import copy_file
 from .options import Mirror, TransferOptions, TransferResult
-from .probe import RemoteInfo, probe, probe_async
-from .ranges import state_path
+from .ranges import discard_partial, state_path
 from .ratelimit import BothLimiter, RateLimiter
 from .retry import RetryPolicy, parse_retry_after
+
+if TYPE_CHECKING:
+    from .engine import download, download_async
+    from .remote import RemoteInfo, probe, probe_async
+
+__getattr__ = lazy_names(__name__, {"download": "engine", "download_async": "engine", "RemoteInfo": "remote",
+                                    "probe": "remote", "probe_async": "remote"})
 
 __all__ = [
     "BothLimiter",

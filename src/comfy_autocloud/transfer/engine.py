@@ -3,7 +3,7 @@
 One call downloads one URL into `part_path` (never a final path: the store renames it after its own
 checks). The shape of a run (each step's mechanism in its own module):
 
-1. probe (`probe.py`; `http_policy.py` for redirects, statuses and retries): HEAD (or
+1. probe (`remote.py`; `http_policy.py` for redirects, statuses and retries): HEAD (or
    `GET Range: bytes=0-` when HEAD is refused), redirects followed by hand so that credentials are
    dropped when the redirect leaves the origin; learn size, ETag, Last-Modified and whether byte
    ranges work;
@@ -49,9 +49,9 @@ from .client import HttpClient, new_session
 from .controller import MIN_SPLIT, START_CONNECTIONS, Controller, Throughput
 from .http_policy import Retryable, status_error
 from .options import TransferOptions, TransferResult
-from .probe import CONTENT_RANGE, Remote, probe_remote
 from .ranges import PartState, Segment, SegmentTable, live_path, remove_state, state_path, url_key
 from .ratelimit import RateLimiter
+from .remote import CONTENT_RANGE, Remote, probe_remote
 from .threads import Hasher, Saver
 
 log = logging.getLogger("comfy_autocloud.transfer")
@@ -550,10 +550,3 @@ def download(url: str, part_path: Path, options: TransferOptions, *,
              progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> TransferResult:
     """Synchronous wrapper: its own event loop, so any number of threads may call it at once."""
     return asyncio.run(download_async(url, part_path, options, progress=progress, cancel=cancel))
-
-
-def discard_partial(part_path: Path) -> None:
-    """Forget a partial download: the `.part` file and its state record."""
-    with contextlib.suppress(FileNotFoundError):
-        Path(part_path).unlink()
-    remove_state(Path(part_path))

@@ -249,3 +249,10 @@ def remove_state(part_path: Path, *, keep_live: bool = False) -> None:
     _drop_record(state_path(part_path))
     if not keep_live:
         remove_live(part_path)
+
+
+def discard_partial(part_path: Path) -> None:
+    """Forget a partial download: the `.part` file and its state record."""
+    with contextlib.suppress(FileNotFoundError):
+        Path(part_path).unlink()
+    remove_state(Path(part_path))

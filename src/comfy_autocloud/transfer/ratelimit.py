@@ -7,7 +7,6 @@ process-wide limiter can be shared by downloads running in different threads.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -36,6 +35,8 @@ class RateLimiter:
     async def acquire(self, nbytes: int) -> None:
         wait = self.reserve(nbytes)
         if wait > 0:
+            import asyncio  # here, not at the top: a cache hit builds limiters and never waits on a loop
+
             await asyncio.sleep(wait)
 
     def acquire_blocking(self, nbytes: int) -> None:

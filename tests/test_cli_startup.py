@@ -1,0 +1,67 @@
+"""`autocloud` start-up: a command imports only what it uses (the measured part is in bench/startup.py).
+
+Each check runs the command in a fresh interpreter and lists the modules it imported, which is
+deterministic where a time limit is not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from comfy_autocloud.cli.main import COMMANDS, cli
+from comfy_autocloud.lazy import lazy_names
+
+HEAVY = ("aiohttp", "pydantic", "rich")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _imported_by(args: list[str], tmp_path: Path) -> tuple[int, set[str]]:
+    """Run `autocloud ARGS` in a new interpreter; its exit code and the top-level packages it imported."""
+    code = ("import json, sys\n"
+            "from comfy_autocloud.cli.main import main\n"
+            f"rc = main({args!r})\n"
+            "sys.stdout.flush()\n"
+            "sys.stderr.write('\\nMODULES ' + json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))\n"
+            "sys.exit(rc)\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": SRC,
+           "AUTOCLOUD_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    line = proc.stderr.rpartition("MODULES ")[2]
+    return proc.returncode, set(json.loads(line))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"]])
+def test_help_and_version_import_no_aiohttp_pydantic_or_rich(args: list[str], tmp_path: Path) -> None:
+    rc, modules = _imported_by(args, tmp_path)
+    assert rc == 0
+    assert not modules & set(HEAVY), f"autocloud {' '.join(args)} imported {sorted(modules & set(HEAVY))}"
+
+
+@pytest.mark.parametrize("args", [["status", "--json"], ["list", "--json"]])
+def test_cache_commands_import_no_aiohttp_or_pydantic(args: list[str], tmp_path: Path) -> None:
+    rc, modules = _imported_by(args, tmp_path)
+    assert rc == 0
+    heavy = modules & {"aiohttp", "pydantic"}
+    assert not heavy, f"autocloud {args[0]} imported {sorted(heavy)}"
+
+
+def test_help_lists_every_command_with_its_own_summary() -> None:
+    """The table --help reads matches each command's help, so the fast listing cannot drift from it."""
+    ctx = click.Context(cli)
+    for name, ref in COMMANDS.items():
+        cmd = cli.get_command(ctx, name)
+        assert cmd is not None and cmd.name == name
+        for limit in (45, 200):
+            assert ref.short_help(limit) == cmd.get_short_help_str(limit), name
+
+
+def test_a_lazy_face_refuses_a_name_that_is_also_a_submodule() -> None:
+    """`store.simulate` is a module and a function: a lazy face could hand out the module."""
+    with pytest.raises(ValueError, match="'simulate' names both a submodule and an attribute"):
+        lazy_names("comfy_autocloud.store", {"simulate": "simulate", "zipf_trace": "simulate"})
