@@ -6,9 +6,11 @@ deterministic where a time limit is not.
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import click
@@ -23,6 +25,12 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def _imported_by(args: list[str], tmp_path: Path) -> tuple[int, set[str]]:
     """Run `autocloud ARGS` in a new interpreter; its exit code and the top-level packages it imported."""
+    rc, modules, _ = _run(args, tmp_path)
+    return rc, modules
+
+
+def _run(args: list[str], tmp_path: Path) -> tuple[int, set[str], str]:
+    """`_imported_by`, and what the command printed on stdout."""
     code = ("import json, sys\n"
             "from comfy_autocloud.cli.main import main\n"
             f"rc = main({args!r})\n"
@@ -33,7 +41,7 @@ def _imported_by(args: list[str], tmp_path: Path) -> tuple[int, set[str]]:
            "AUTOCLOUD_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     line = proc.stderr.rpartition("MODULES ")[2]
-    return proc.returncode, set(json.loads(line))
+    return proc.returncode, set(json.loads(line)), proc.stdout
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"]])
@@ -51,6 +59,18 @@ def test_cache_commands_import_no_aiohttp_or_pydantic(args: list[str], tmp_path:
     assert not heavy, f"autocloud {args[0]} imported {sorted(heavy)}"
 
 
+def test_fetch_of_a_cached_file_imports_no_aiohttp_pydantic_or_rich(tmp_path: Path) -> None:
+    model = tmp_path / "origin" / "tiny.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(b"\0" * 4096)
+    args = ["fetch", model.as_uri(), "--folder", "checkpoints", "--json"]
+    rc, first, out = _run(args, tmp_path)
+    assert rc == 0 and json.loads(out)["cached"] is False and "pydantic" in first  # a miss builds a ModelSpec
+    rc, modules, out = _run(args, tmp_path)
+    assert rc == 0 and json.loads(out)["cached"] is True
+    assert not modules & set(HEAVY), f"a cached fetch imported {sorted(modules & set(HEAVY))}"
+
+
 def test_help_lists_every_command_with_its_own_summary() -> None:
     """The table --help reads matches each command's help, so the fast listing cannot drift from it."""
     ctx = click.Context(cli)
@@ -65,3 +85,12 @@ def test_a_lazy_face_refuses_a_name_that_is_also_a_submodule() -> None:
     """`store.simulate` is a module and a function: a lazy face could hand out the module."""
     with pytest.raises(ValueError, match="'simulate' names both a submodule and an attribute"):
         lazy_names("comfy_autocloud.store", {"simulate": "simulate", "zipf_trace": "simulate"})
+
+
+@pytest.mark.parametrize("face", ["comfy_autocloud.fetch", "comfy_autocloud.manifest", "comfy_autocloud.store",
+                                  "comfy_autocloud.transfer"])
+def test_every_name_a_lazy_face_lists_resolves(face: str) -> None:
+    module = importlib.import_module(face)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert not isinstance(value, types.ModuleType), f"{face}.{name} is a module, not the {name} it exports"

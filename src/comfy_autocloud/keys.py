@@ -63,3 +63,18 @@ def split_key(key: str) -> tuple[str, str]:
     if not sep:
         raise ValueError(f"key {key!r} must look like 'folder/filename'")
     return check_folder(folder), check_relpath(filename, "filename")
+
+
+KNOWN_SCHEMES = ("http://", "https://", "file://", "hf://", "s3://", "civitai:")
+
+
+def check_source(src: str) -> str:
+    if not isinstance(src, str) or not src.strip():
+        raise ValueError("source is empty")
+    s = src.strip()
+    if any(c in s for c in ("\x00", "\n", "\r", "\t", " ")):
+        raise ValueError("source contains whitespace or control characters")
+    if not s.lower().startswith(KNOWN_SCHEMES):
+        scheme = s.split(":", 1)[0] if ":" in s else s
+        raise ValueError(f"unsupported source scheme {scheme!r} (known: {', '.join(KNOWN_SCHEMES)})")
+    return s

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,12 +14,14 @@ from comfy_autocloud.cli import output
 from comfy_autocloud.cli.context import AppContext, pass_app
 from comfy_autocloud.cli.output import emit_json
 from comfy_autocloud.errors import AutoCloudError
-from comfy_autocloud.fetch import FetchResult, FetchService, specs_from_urls
-from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.fetch.request import FetchResult
+from comfy_autocloud.fetch.service import FetchService, specs_from_urls, url_key
 from comfy_autocloud.phases import in_order, process_age
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.units import human_rate, human_size, parse_rate
 
+if TYPE_CHECKING:
+    from comfy_autocloud.manifest.spec import ModelSpec
 
 def breakdown(res: FetchResult, startup: float | None, total: float | None) -> str:
     """One line: where the wall-clock time of this process went (`-v`)."""
@@ -29,13 +33,17 @@ def breakdown(res: FetchResult, startup: float | None, total: float | None) -> s
     return f"{res.key}: " + " + ".join(parts)
 
 
-def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, parallel: int,
-              phases: bool = False, startup: float | None = None) -> int:
+def run_fetch(service: FetchService, build_specs: Callable[[], list[ModelSpec]], *, as_json: bool, parallel: int,
+              phases: bool = False, startup: float | None = None, cached: tuple[str, str | None] | None = None
+              ) -> int:
     """Fetch and report; returns the exit code (1 if any file failed).
 
     `phases`: also say where the time went (start-up, probe, transfer, hash tail, fsync, rename,
-    index), on stderr and in each JSON object.
+    index), on stderr and in each JSON object. `cached`: the (key, sha256) of the one file asked for,
+    known to be in the cache: its hit is reported without building specs (nor importing pydantic); were
+    it evicted meanwhile, it is fetched as usual.
     """
+    specs = build_specs() if cached is None else []  # bad input is reported before any bar is drawn
     cancel = CancelToken()
     view = None
     if sys.stderr.isatty() or not as_json:  # bars for people; scripts reading --json lines get none (nor rich)
@@ -43,10 +51,15 @@ def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, p
 
         view = FetchProgress(output.err_console if as_json else output.console)
     with view if view is not None else contextlib.nullcontext():
+        hit = service.cached_key(*cached, progress=view) if cached is not None else None
+        if cached is not None and hit is None:
+            specs = build_specs()
         # Ctrl-C: fetch_many cancels every download, keeps partials, and re-raises
-        results = service.fetch_many(specs, parallel=parallel, progress=view, cancel=cancel)
+        results = [hit] if hit is not None else service.fetch_many(specs, parallel=parallel, progress=view,
+                                                                    cancel=cancel)
+    keys = [hit.key] if hit is not None else [s.key for s in specs]
     failed = 0
-    for spec, res in zip(specs, results, strict=True):
+    for key, res in zip(keys, results, strict=True):
         if isinstance(res, FetchResult):
             if phases:
                 output.err_console.print(breakdown(res, startup, process_age()), soft_wrap=True, highlight=False)
@@ -62,7 +75,7 @@ def run_fetch(service: FetchService, specs: list[ModelSpec], *, as_json: bool, p
             failed += 1
             assert isinstance(res, AutoCloudError)
             if as_json:
-                emit_json({"key": spec.key, "error": f"{res.subject}: {res.reason}"})
+                emit_json({"key": key, "error": f"{res.subject}: {res.reason}"})
             else:
                 output.err_console.print(f"[red]✗[/red] {res.subject}: {res.reason}", soft_wrap=True)
     return 1 if failed else 0
@@ -95,15 +108,22 @@ def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: 
         raise click.UsageError("give URLs (with --folder) or --manifest FILE")
     if urls and not folder:
         raise click.UsageError("--folder is required with URLs (e.g. --folder checkpoints)")
-    specs: list[ModelSpec] = []
-    if urls:
-        specs += specs_from_urls(urls, folder or "", name, sha256)
-    if manifests:
-        from comfy_autocloud.manifest import load_manifests
 
-        specs += [s for s in load_manifests(manifests) if s.sources]
+    def build_specs() -> list[ModelSpec]:
+        specs: list[ModelSpec] = []
+        if urls:
+            specs += specs_from_urls(urls, folder or "", name, sha256)
+        if manifests:
+            from comfy_autocloud.manifest import load_manifests
+
+            specs += [s for s in load_manifests(manifests) if s.sources]
+        return specs
+
     service = app.services(connections=connections, rate_limit=parse_rate(rate_limit) if rate_limit else None).fetch
     verbose = click.get_current_context().find_root().params.get("verbose") or 0
-    code = run_fetch(service, specs, as_json=as_json, parallel=parallel, phases=verbose > 0, startup=startup)
+    one = url_key(urls[0], folder or "", name, sha256) if len(urls) == 1 and not manifests else None
+    cached = one if one is not None and service.has(*one) else None
+    code = run_fetch(service, build_specs, as_json=as_json, parallel=parallel, phases=verbose > 0, startup=startup,
+                     cached=cached)
     if code:
         raise SystemExit(code)

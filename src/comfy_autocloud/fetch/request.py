@@ -9,11 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from comfy_autocloud.errors import Cancelled
-from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.phases import in_order
 from comfy_autocloud.progress import CancelToken, ProgressCallback
+
+if TYPE_CHECKING:
+    from comfy_autocloud.manifest.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from pydantic import ValidationError
 
 from comfy_autocloud.errors import (
     AutoCloudError,
@@ -33,7 +32,7 @@ from comfy_autocloud.errors import (
 )
 from comfy_autocloud.fetch.request import FetchRequest, FetchResult
 from comfy_autocloud.fetch.singleflight import single_flight
-from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.keys import check_sha256, check_source, make_key
 from comfy_autocloud.phases import Laps
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.redact import redact_url
@@ -46,6 +45,7 @@ from comfy_autocloud.units import human_size
 if TYPE_CHECKING:
     from comfy_autocloud.fetch.fleet_path import FleetPath
     from comfy_autocloud.fleet.client import Fleet
+    from comfy_autocloud.manifest.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +189,23 @@ class FetchService:
 
     def cached(self, req: FetchRequest) -> FetchResult | None:
         """The cached copy of the request's spec (touched, counted as a hit), or None if it must be fetched."""
-        spec = req.spec
-        entry = self.store.lookup(spec.key)
+        return self.cached_key(req.key, req.spec.sha256, progress=req.progress, started=req.started)
+
+    def has(self, key: str, sha256: str | None = None) -> bool:
+        """Whether `key` is cached (as `sha256` when given), without counting a hit."""
+        return self._current(key, sha256) is not None
+
+    def cached_key(self, key: str, sha256: str | None = None, *, progress: ProgressCallback | None = None,
+                   started: float | None = None) -> FetchResult | None:
+        """`cached` by key: what a caller without a ModelSpec (a cache hit of `autocloud fetch URL`) asks."""
+        t0 = time.perf_counter() if started is None else started
+        entry = self._current(key, sha256)
         if entry is None:
             return None
-        if spec.sha256 is not None and entry.sha256 != spec.sha256:
-            return None  # the manifest moved on: download the new version, keep serving the old until then
-        self.store.touch(spec.key)
-        self.notify(req.progress, ProgressEvent(spec.key, "hit", entry.size, entry.size))
-        return FetchResult(spec.key, entry.path, entry.size, entry.sha256, req.elapsed(), 0, True, entry.source)
+        self.store.touch(key)
+        self.notify(progress, ProgressEvent(key, "hit", entry.size, entry.size))
+        return FetchResult(key, entry.path, entry.size, entry.sha256, time.perf_counter() - t0, 0, True,
+                           entry.source)
 
     def announce(self, key: str, sha256: str, size: int, evicted: Iterable[Entry] = ()) -> None:
         """Tell the fleet (if any) what this node now holds and what making room for it evicted."""
@@ -242,6 +250,12 @@ class FetchService:
         raise TransferError(spec.key, "every source failed: " + "; ".join(errors))
 
     # -- internals ----------------------------------------------------------------------------------------
+
+    def _current(self, key: str, sha256: str | None) -> Entry | None:
+        entry = self.store.lookup(key)
+        if entry is None or (sha256 is not None and entry.sha256 != sha256):
+            return None  # a new version is asked for: download it, keep serving the old until then
+        return entry
 
     def _adopt_existing(self, spec: ModelSpec) -> FetchResult | None:
         """A file a person put at the final path by hand: index it if it is what the manifest asks for."""
@@ -368,9 +382,34 @@ def _name_from_source(url: str) -> str:
     return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
 
 
+def url_key(url: str, folder: str, name: str | None = None, sha256: str | None = None) -> tuple[str, str | None] | None:
+    """(key, sha256) that `autocloud fetch URL --folder F [--name N] [--sha256 H]` asks for, checked as the
+    ModelSpec would check them but without building one (pydantic costs a command's start-up more than a
+    cache hit takes); None when the name needs the network (a Civitai id) or the input is invalid
+    (`specs_from_urls` then reports why)."""
+    if url.lower().startswith("civitai:"):
+        return None
+    try:
+        from urllib.parse import unquote, urlsplit
+
+        check_source(url)
+        if name is None and url.lower().startswith(("http://", "https://")):
+            from comfy_autocloud.sources.civitai import is_civitai_url
+
+            if is_civitai_url(url):
+                return None
+        filename = name or unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        return make_key(folder, filename), check_sha256(sha256) if sha256 is not None else None
+    except ValueError:
+        return None
+
+
 def specs_from_urls(urls: Iterable[str], folder: str, name: str | None = None, sha256: str | None = None
                     ) -> list[ModelSpec]:
     """`autocloud fetch URL… --folder F [--name N]`: a ModelSpec per URL, named after the URL's last segment."""
+    from pydantic import ValidationError
+
+    from comfy_autocloud.manifest.spec import ModelSpec
 
     urls = list(urls)
     if name is not None and len(urls) > 1:

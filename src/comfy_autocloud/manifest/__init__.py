@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from comfy_autocloud.keys import KNOWN_SCHEMES, check_source
 from comfy_autocloud.lazy import lazy_names
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     )
     from comfy_autocloud.manifest.merge import merge_specs
     from comfy_autocloud.manifest.preload_config import PreloadConfig, parse_preload_config, preload_specs
-    from comfy_autocloud.manifest.spec import KNOWN_SCHEMES, ModelSpec, check_source
+    from comfy_autocloud.manifest.spec import ModelSpec
     from comfy_autocloud.manifest.versions import VersionedList, parse_versions_index, stale_lists
     from comfy_autocloud.manifest.warmup_conf import WarmupEntry, parse_warmup_conf
     from comfy_autocloud.manifest.workflow import LOADER_INPUTS, workflow_model_refs
@@ -33,7 +34,7 @@ _WHERE = {
     "load_manifests": "load", "manifest_files": "load",
     "merge_specs": "merge",
     "PreloadConfig": "preload_config", "parse_preload_config": "preload_config", "preload_specs": "preload_config",
-    "KNOWN_SCHEMES": "spec", "ModelSpec": "spec", "check_source": "spec",
+    "ModelSpec": "spec",
     "VersionedList": "versions", "parse_versions_index": "versions", "stale_lists": "versions",
     "WarmupEntry": "warmup_conf", "parse_warmup_conf": "warmup_conf",
     "LOADER_INPUTS": "workflow", "workflow_model_refs": "workflow",

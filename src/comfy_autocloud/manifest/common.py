@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from comfy_autocloud.errors import ManifestError
-from comfy_autocloud.keys import check_sha256
-from comfy_autocloud.manifest.spec import ModelSpec, check_source
+from comfy_autocloud.keys import check_sha256, check_source
+from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.redact import redact_text
 
 # A model list is kilobytes; anything this big is a mistake or an attack.

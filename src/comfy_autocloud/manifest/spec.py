@@ -6,24 +6,10 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from comfy_autocloud.keys import check_folder, check_relpath, check_sha256, make_key
+from comfy_autocloud.keys import check_folder, check_relpath, check_sha256, check_source, make_key
+
 
 # Schemes the source layer understands; anything else is rejected while parsing, naming the entry.
-KNOWN_SCHEMES = ("http://", "https://", "file://", "hf://", "s3://", "civitai:")
-
-
-def check_source(src: str) -> str:
-    if not isinstance(src, str) or not src.strip():
-        raise ValueError("source is empty")
-    s = src.strip()
-    if any(c in s for c in ("\x00", "\n", "\r", "\t", " ")):
-        raise ValueError("source contains whitespace or control characters")
-    if not s.lower().startswith(KNOWN_SCHEMES):
-        scheme = s.split(":", 1)[0] if ":" in s else s
-        raise ValueError(f"unsupported source scheme {scheme!r} (known: {', '.join(KNOWN_SCHEMES)})")
-    return s
-
-
 def _check_key(value: str) -> str:
     folder, _, filename = value.partition("/")
     return make_key(folder, filename)
