@@ -2,10 +2,11 @@
 
 Times `autocloud --help`, `--version`, `status --json` and `fetch URL --json` of a file already in the
 cache, each in a fresh interpreter, and the floor every Python command pays (`python -c pass`).
-With `--baseline-src DIR` (another checkout's `src`, e.g. `git archive main src | tar -x -C /tmp/base`)
-both trees run alternately in the same rounds and the ratio baseline/ours is printed last (>1: ours
-starts faster). Targets (issue 14): --help <= 0.15 s, a cached fetch <= 0.25 s. One line per command,
-ratio last; `aria2c --version` (when installed) is the plain tool's start-up for comparison.
+With `--baseline-src DIR` (another checkout's `src`; the tree before the start-up work is
+`git archive f3d6dcf src | tar -x -C /tmp/before`) both trees run alternately in the same rounds and the
+ratio baseline/ours is printed last (>1: ours starts faster). Targets (issue 14): --help <= 0.15 s, a
+cached fetch <= 0.25 s. One line per command, ratio last; `aria2c --version` (when installed) is the
+plain tool's start-up for comparison.
 """
 
 from __future__ import annotations

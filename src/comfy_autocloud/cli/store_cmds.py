@@ -7,17 +7,31 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress_bar import ProgressBar
-from rich.table import Table
 
+from comfy_autocloud.cli import output
 from comfy_autocloud.cli.context import AppContext, pass_app
-from comfy_autocloud.cli.output import console, emit_json, err_console
+from comfy_autocloud.cli.output import emit_json
 from comfy_autocloud.errors import StoreError
 from comfy_autocloud.units import human_size, parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+def _table(*args: Any, **kwargs: Any) -> Table:
+    from rich.table import Table  # rich for the tables people read; --json output needs none of it
+
+    return Table(*args, **kwargs)
+
+
+def _grid(**kwargs: Any) -> Table:
+    from rich.table import Table
+
+    return Table.grid(**kwargs)
 
 
 def _size_option(value: str | None) -> int | None:
@@ -45,7 +59,7 @@ def _flags(e: Any) -> str:
 
 
 def _entries_table(entries: list[Any], title: str | None = None) -> Table:
-    t = Table(title=title, show_edge=False, header_style="bold")
+    t = _table(title=title, show_edge=False, header_style="bold")
     t.add_column("key")
     t.add_column("size", justify="right")
     t.add_column("hits", justify="right")
@@ -78,9 +92,9 @@ def status_cmd(app: AppContext, top: int, as_json: bool, comfy_url: str | None) 
             doc["preload"] = preload
         emit_json(doc)
         return
-    render_status(store, console, top=top)
+    render_status(store, output.console, top=top)
     if preload is not None:
-        render_preload(preload, console)
+        render_preload(preload, output.console)
 
 
 def fetch_preload(url: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -102,11 +116,11 @@ def fetch_preload(url: str, timeout: float = 5.0) -> dict[str, Any]:
 def render_preload(data: dict[str, Any], out: Console) -> None:
     """The ComfyUI memory preload registry: one row per entry."""
     if "error" in data and "entries" not in data:
-        err_console.print(f"[yellow]preload:[/] {data['error']}")
+        output.err_console.print(f"[yellow]preload:[/] {data['error']}")
         return
     held = human_size(int(data.get("bytes_held", 0)))
     budget = f" of {human_size(data['ram_budget'])} budget" if data.get("ram_budget") else ""
-    t = Table(title=f"memory preload: {held} held{budget}, {data.get('loads', 0)} loads, "
+    t = _table(title=f"memory preload: {held} held{budget}, {data.get('loads', 0)} loads, "
                     f"{data.get('hits', 0)} hits", show_edge=False, header_style="bold")
     for col in ("name", "state", "size", "load", "hits", "device", "error"):
         t.add_column(col, justify="right" if col in ("size", "load", "hits") else "left")
@@ -115,7 +129,7 @@ def render_preload(data: dict[str, Any], out: Console) -> None:
                   str(e.get("hits", 0)), e.get("device") or "", e.get("error") or e.get("note") or "")
     out.print(t)
     for err in data.get("config_errors", []):
-        err_console.print(f"[red]preload config:[/] {err}")
+        output.err_console.print(f"[red]preload config:[/] {err}")
 
 
 def render_status(store: Any, out: Console, *, top: int = 10) -> None:
@@ -125,13 +139,15 @@ def render_status(store: Any, out: Console, *, top: int = 10) -> None:
     largest = sorted(entries, key=lambda e: (-e.size, e.key))[:top]
     pinned = sum(e.pinned for e in entries)
     in_use = sum(e.in_use for e in entries)
-    grid = Table.grid(padding=(0, 2))
+    grid = _grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("cache", str(store.root))
     if usage.cap:
         pct = 100 * usage.bytes / usage.cap
-        bar = Table.grid(padding=(0, 1))
+        bar = _grid(padding=(0, 1))
+        from rich.progress_bar import ProgressBar
+
         bar.add_row(ProgressBar(total=usage.cap, completed=min(usage.bytes, usage.cap), width=30),
                     f"{human_size(usage.bytes)} / {human_size(usage.cap)} ({pct:.0f}%)")
         grid.add_row("usage", bar)
@@ -172,10 +188,10 @@ def list_cmd(app: AppContext, folder: str | None, sort_by: str, as_json: bool) -
             emit_json(e.as_dict())
         return
     if not entries:
-        console.print("cache is empty" if folder is None else f"nothing cached in {folder}")
+        output.console.print("cache is empty" if folder is None else f"nothing cached in {folder}")
         return
-    console.print(_entries_table(entries))
-    console.print(f"{len(entries)} files, {human_size(sum(e.size for e in entries))}")
+    output.console.print(_entries_table(entries))
+    output.console.print(f"{len(entries)} files, {human_size(sum(e.size for e in entries))}")
 
 
 @click.command("clean")
@@ -197,11 +213,11 @@ def clean_cmd(app: AppContext, max_size: str | None, keep_days: float | None, dr
                    "bytes": freed})
         return
     if not removed:
-        console.print("nothing to remove")
+        output.console.print("nothing to remove")
         return
-    console.print(_entries_table(removed, title="would remove" if dry_run else "removed"))
+    output.console.print(_entries_table(removed, title="would remove" if dry_run else "removed"))
     verb = "would free" if dry_run else "freed"
-    console.print(f"{len(removed)} files, {verb} {human_size(freed)}")
+    output.console.print(f"{len(removed)} files, {verb} {human_size(freed)}")
 
 
 @click.command("verify")
@@ -216,7 +232,7 @@ def verify_cmd(app: AppContext, rehash: bool, no_fix: bool, as_json: bool) -> No
         emit_json(report.as_dict())
     else:
         if report.findings:
-            t = Table(show_edge=False, header_style="bold")
+            t = _table(show_edge=False, header_style="bold")
             t.add_column("finding")
             t.add_column("key / path")
             t.add_column("reason")
@@ -224,12 +240,12 @@ def verify_cmd(app: AppContext, rehash: bool, no_fix: bool, as_json: bool) -> No
             for f in report.findings:
                 fixed = "yes" if f.fixed else ("no" if f.problem else "-")
                 t.add_row(f.kind, f.key or f.path, f.reason, fixed)
-            console.print(t)
+            output.console.print(t)
         what = f"{report.checked} entries checked" + (f", {report.rehashed} rehashed" if rehash else "")
         if report.ok:
-            console.print(f"[green]ok[/green]: {what}")
+            output.console.print(f"[green]ok[/green]: {what}")
         else:
-            console.print(f"[red]{len(report.problems)} problem(s) remain[/red]: {what}"
+            output.console.print(f"[red]{len(report.problems)} problem(s) remain[/red]: {what}"
                           + ("; run without --no-fix to repair" if no_fix else ""))
     if not report.ok:
         raise SystemExit(1)
@@ -246,12 +262,12 @@ def _each_key(keys: tuple[str, ...], action: str, fn: Any, as_json: bool) -> Non
                 emit_json({"key": key, "action": action, "ok": False,
                            "error": f"{exc.subject}: {exc.reason}"})
             else:
-                err_console.print(f"[red]error:[/red] {exc.subject}: {exc.reason}")
+                output.err_console.print(f"[red]error:[/red] {exc.subject}: {exc.reason}")
             continue
         if as_json:
             emit_json({"key": key, "action": action, "ok": True})
         else:
-            console.print(f"{action} {key}")
+            output.console.print(f"{action} {key}")
     if failed:
         raise SystemExit(1)
 
@@ -310,11 +326,11 @@ def simulate_eviction_cmd(trace_path: Path, capacity: str, policies: tuple[str, 
         for r in results:
             emit_json(r.as_dict())
         return
-    t = Table(title=f"{trace_path.name}: {len(trace)} requests, capacity {human_size(cap)}", show_edge=False,
+    t = _table(title=f"{trace_path.name}: {len(trace)} requests, capacity {human_size(cap)}", show_edge=False,
               header_style="bold")
     for col in ("policy", "byte hit ratio", "object hit ratio", "evictions", "downloaded"):
         t.add_column(col, justify="left" if col == "policy" else "right")
     for r in results:
         t.add_row(r.policy, f"{r.byte_hit_ratio:.3f}", f"{r.object_hit_ratio:.3f}", str(r.evictions),
                   human_size(r.bytes_requested - r.bytes_hit))
-    console.print(t)
+    output.console.print(t)

@@ -171,6 +171,4 @@ class RetryLoop:
             except Retryable as e:
                 delay = self.failed(e)
             if delay:
-                import asyncio  # here: the error types above are imported by callers that never download
-
                 await asyncio.sleep(delay)
