@@ -10,7 +10,7 @@ from .ratelimit import RateLimiter
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from .probe import RemoteInfo
+    from .remote import RemoteInfo
 
 
 @dataclass(frozen=True)
