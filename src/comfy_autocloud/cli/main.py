@@ -51,8 +51,8 @@ COMMANDS: dict[str, CommandRef] = {
     "pin": CommandRef(_CLI + "store_cmds", "pin_cmd",
                       "Never evict these files (keys like checkpoints/model.safetensors)."),
     "predict": CommandRef(_CLI + "predict_cmd", "predict_cmd",
-                          "Score predictive preloading on a trace (--evaluate), or show this node's likely next "
-                          "models."),
+                          "Score the predictor and disk prefetch on a trace (--evaluate), or show this node's likely "
+                          "next models."),
     "serve-peer": CommandRef(_CLI + "fleet_cmd", "serve_peer_cmd",
                              "Serve this node's verified model files to the other nodes of the fleet (and announce "
                              "them in Redis)."),
