@@ -178,7 +178,7 @@ def test_fixed_computes_exactly_the_rule_steps(data: tuple) -> None:
     m = TinyDiT()
     ref = euler(m, x, y)
     base = m.counts()
-    assert sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2) is m
+    assert sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2, level="block") is m
     out = euler(m, x, y)
     st = sc.state_of(m)
     assert st.last_run_decisions == [c == "R" for c in "CCCRCRCRCR"]

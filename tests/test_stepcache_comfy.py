@@ -179,7 +179,7 @@ def test_nodes(flux: Any, conds: tuple) -> None:
         assert cls.CATEGORY == "AutoCloud/stepcache" and cls.INPUT_TYPES()["required"]["model"] == ("MODEL",)
     (fast,) = nodes.CacheDitAccelerate().apply(flux)
     (adv,) = nodes.CacheDitAdvancedConfig().apply(flux, "dynamic", 3, 2, 0.0, False)
-    assert sc.summary(adv)["strategy"] == "dynamic" and sc.summary(fast)["strategy"] == "adaptive"
+    assert sc.summary(adv)["strategy"] == "dynamic" and sc.summary(fast)["strategy"] == "target"
     run(adv, conds)
     res = nodes.CacheDitDetailedStats().report(adv)
     assert "step cache [dynamic] steps 10" in res["ui"]["text"][0] and res["result"][0] == res["ui"]["text"][0]
