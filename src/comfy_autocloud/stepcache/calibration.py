@@ -91,6 +91,8 @@ class Calibration:
     @property
     def key(self) -> str:
         s = ",".join(f"{t:.6g}" for t in self.schedule)
+        if not self.family:  # plain torch: the sampler shows only in the calls per step (Heun: two)
+            s += "|" + ",".join(map(str, self.calls))
         return f"{self.steps}:{self.family}:{hashlib.sha256(s.encode()).hexdigest()[:12]}"
 
     def to_json(self) -> dict[str, Any]:
@@ -148,17 +150,21 @@ def _psnr(peak: float, e: float) -> float:
     return 100.0 if e <= 0 else min(100.0, 20 * math.log10(peak / e))
 
 
-# Errors of the steps reused in a row after one computed step share their sign (one extrapolation), so they add;
-# each computed step re-anchors the prediction, so errors of different runs of reuse add in quadrature. Measured
-# on bench/stepcache.py's DiT (other seeds and classes than calibrated): achieved PSNR 1.8-2.4 dB above target;
-# adding every error linearly left it 7-12 dB above (too cautious), all in quadrature 8 dB below.
-SEGMENT_EXP = 2.0
+# Errors of the steps reused in a row after one computed step share their sign (one extrapolation), so they add
+# linearly; each computed step re-anchors the prediction, so errors of different runs of reuse only partly add up:
+# they combine as a 1.5-norm, between fully correlated (1) and independent (2). Measured on bench/stepcache.py's
+# DiT, other seeds and classes than calibrated, targets 30/35/40 dB: achieved 2.4-5 dB above the target (linear:
+# 7-12 dB above, too cautious; quadrature: 1.8-2.8 dB above there, but 1.4 dB below on a random tiny DiT at 60).
+SEGMENT_EXP = 1.5
 
 
-def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE) -> Plan:
+def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE, first: int | None = None) -> Plan:
     """The fewest computed steps whose predicted PSNR meets ``target_psnr`` (exact DP over the last two computed
-    steps); schedules of ``FEW_STEPS`` or fewer steps compute every step, every plan computes step 0."""
+    steps); schedules of ``FEW_STEPS`` or fewer steps compute every step. The ``first`` steps always compute:
+    step 0, and step 1 too for plain torch runs (no sampler name: the run is matched to its calibration from
+    the timesteps of its first steps, which therefore compute)."""
     n = cal.steps
+    first = (1 if cal.family else 2) if first is None else max(1, first)
     if n <= FEW_STEPS:
         return Plan("C" * n, 100.0, target_psnr,
                     note=f"few-step schedule ({n} steps <= {FEW_STEPS}): every step computes")
@@ -190,7 +196,8 @@ def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE) 
         return out
 
     # layer m: state (p, c) = last two computed steps after m computed steps -> (least cost, ops so far)
-    layer: dict[tuple[int, int], tuple[float, str]] = {(-1, 0): (0.0, "C")}
+    f = min(first, n)
+    layer: dict[tuple[int, int], tuple[float, str]] = {(f - 2, f - 1): (0.0, "C" * f)}
     best_end: tuple[float, str] | None = None
     while layer and best_end is None:
         nxt: dict[tuple[int, int], tuple[float, str]] = {}

@@ -75,7 +75,7 @@ class QualityTarget:
             if cal is not None:
                 self._follow(cal)
             else:
-                self.mode = "calibrate"
+                self._calibrate()
 
     def end_run(self) -> None:
         """Store the calibration a calibrating run recorded (nothing for runs that followed a plan)."""
@@ -88,11 +88,6 @@ class QualityTarget:
                 self.last = RunInfo("calibrate", cal.key, plan.as_dict(),
                                     f"calibration run: every step computed; next runs follow the plan"
                                     f"{' (' + plan.note + ')' if plan.note else ''}")
-        elif self.mode == "plan" and self.cal is not None and self.plan is not None:
-            self.last = RunInfo("plan", self.cal.key, self.plan.as_dict(), self.plan.note)
-        elif self.mode == "diverged":
-            self.last = RunInfo("diverged", self.cal.key if self.cal else "", {},
-                                "the run left its calibrated schedule: the rest of it computed")
         self.recorder = None
         self.mode = "ended"
 
@@ -107,10 +102,12 @@ class QualityTarget:
             if cal is not None:
                 self._follow(cal)
             else:
-                self.mode = "calibrate"
+                self._calibrate()
         elif self.mode == "plan" and self.schedule is None and self.cal is not None \
                 and not self.cal.matches(self.times, self.calls[:-1], None, None):
             self.mode = "diverged"
+            self.last = RunInfo("diverged", self.cal.key, {},
+                                f"the run left calibration {self.cal.key} at step {step}: the rest of it computed")
             log.info("stepcache[%s] run left calibration %s at step %d: computing the rest", self.label,
                      self.cal.key, step)
 
@@ -143,6 +140,12 @@ class QualityTarget:
         self.plan = self.plan_for(cal)
         self.mode = "plan"
         self.recorder = None
+        self.last = RunInfo("plan", cal.key, self.plan.as_dict(), self.plan.note)
+
+    def _calibrate(self) -> None:
+        self.mode = "calibrate"
+        self.last = RunInfo("calibrate", "", {}, "calibration run: every step computes while the cost of each "
+                                                  "possible reuse is recorded")
 
     def plan_for(self, cal: Calibration) -> Plan:
         k = (cal.key, self.target_psnr)
