@@ -18,10 +18,11 @@ def _sc() -> Any:
     """The step-cache API, with calibrations kept in this ComfyUI's store (``<cache>/.autocloud/stepcache``)."""
     from comfy_autocloud import stepcache
     from comfy_autocloud.comfy.setup import get_adapter
+    from comfy_autocloud.stepcache.calibration import use_store_dir
 
     adapter = get_adapter()
     if adapter is not None:
-        stepcache.set_calibration_dir(adapter.store.private / "stepcache")
+        use_store_dir(adapter.store.private)
     return stepcache
 
 

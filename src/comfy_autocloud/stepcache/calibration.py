@@ -318,24 +318,35 @@ class CalibrationFile:
             log.warning("stepcache: %s", self.error)
 
 
-_DIR_OVERRIDE: list[Path | None] = [None]
+_DIRS: dict[str, Path | None] = {"explicit": None, "store": None}
 _FILES: dict[tuple[str, str], CalibrationFile] = {}
 _FILES_LOCK = threading.Lock()
 
 
-def set_calibration_dir(path: str | os.PathLike[str] | None) -> None:
-    """Where calibrations persist (None: ``<cache>/.autocloud/stepcache`` of the configured store)."""
+def _set_dir(kind: str, path: str | os.PathLike[str] | None) -> None:
     new = None if path is None else Path(path)
-    if new != _DIR_OVERRIDE[0]:
-        _DIR_OVERRIDE[0] = new
+    if new != _DIRS[kind]:
+        _DIRS[kind] = new
         with _FILES_LOCK:
             _FILES.clear()
 
 
+def set_calibration_dir(path: str | os.PathLike[str] | None) -> None:
+    """Where calibrations persist, overriding the store's directory (None: back to the store's)."""
+    _set_dir("explicit", path)
+
+
+def use_store_dir(private_dir: str | os.PathLike[str] | None) -> None:
+    """The running store's private directory (the ComfyUI adapter's): calibrations go to its ``stepcache``."""
+    _set_dir("store", None if private_dir is None else Path(private_dir) / "stepcache")
+
+
 def calibration_dir() -> Path | None:
-    """The store's private directory + ``stepcache`` (None when the settings cannot be read: memory only)."""
-    if _DIR_OVERRIDE[0] is not None:
-        return _DIR_OVERRIDE[0]
+    """An explicit directory, else ``<store private dir>/stepcache`` of the running store, else that of the
+    configured cache (``AUTOCLOUD_CACHE`` & co.); None when the settings cannot be read: memory only."""
+    for kind in ("explicit", "store"):
+        if _DIRS[kind] is not None:
+            return _DIRS[kind]
     try:
         from comfy_autocloud.config import load_settings
         from comfy_autocloud.store.store import PRIVATE_DIR
