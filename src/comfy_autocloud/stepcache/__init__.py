@@ -3,8 +3,13 @@
 Drop-in for code written against the seed's CacheDiT API::
 
     import comfy_autocloud.stepcache as cache_dit
-    model = cache_dit.enable_cache(model, skip_interval=3, warmup_steps=5, strategy="adaptive")
+    model = cache_dit.enable_cache(model)                   # quality target: preset "balanced", 35 dB PSNR
+    model = cache_dit.enable_cache(model, skip_interval=3, warmup_steps=5, strategy="adaptive")  # seed's knobs
     print(cache_dit.summary(model))
+
+A quality target (``calibration.py``, ``quality.py``) computes every step of a model's first run per schedule,
+recording what each possible reuse would cost, and plans later runs to keep the predicted PSNR; calibrations
+persist per model fingerprint in the store's private directory.
 
 Targets: torch modules and diffusers transformers are cached in place (their forwards are wrapped, as
 diffusers' own cache hooks do) and returned; a diffusers pipeline caches its ``transformer``; a ComfyUI
