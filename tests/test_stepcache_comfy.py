@@ -433,3 +433,59 @@ def test_nodes_take_preset_and_target(flux: Any) -> None:
         assert calibration._DIRS["store"] == adapter.store.private / "stepcache"
     inputs = nodes.CacheDitAccelerate.INPUT_TYPES()
     assert inputs["required"]["preset"][0] == ["balanced", "quality", "fast"]
+
+
+def _graph(seed: int, prefix: str, cached: bool) -> dict[str, Any]:
+    """API prompt: tiny SD1.5 checkpoint -> (CacheDit Accelerate ->) KSampler, 10 steps -> SaveLatent (+ stats)."""
+    p: dict[str, Any] = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cloud", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["accel", 0] if cached else ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+            "latent_image": ["latent", 0], "seed": seed, "steps": 10, "cfg": 3.0, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": prefix}},
+    }
+    if cached:
+        p["accel"] = {"class_type": "AutoCloudCacheDitAccelerate", "inputs": {"model": ["ckpt", 0],
+                                                                            "preset": "balanced"}}
+        p["stats"] = {"class_type": "AutoCloudCacheDitDetailedStats", "inputs": {"model": ["accel", 0],
+                                                                               "latent": ["sample", 0]}}
+    return p
+
+
+@pytest.mark.timeout(900)  # four prompts that load the checkpoint again each time; minutes on a busy machine
+def test_server_prompts_with_and_without_the_node(tmp_path: Path) -> None:
+    """A real ComfyUI server (every node executes every prompt: --cache-none): the Accelerate node calibrates
+    on its first prompt (every step computed: the stock result) and reuses on the next; a prompt without the
+    node afterwards is bit-identical to stock."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from safetensors.torch import load_file
+
+    from comfy_env import ComfyServer, tiny_models
+
+    models = tiny_models(Path(COMFY))
+    base = tmp_path / "comfy"
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "tiny-sd15.safetensors").symlink_to(models / "tiny-sd15.safetensors")
+    cache = tmp_path / "cache"
+    with ComfyServer(Path(COMFY), base, env={"AUTOCLOUD_CACHE": str(cache)},
+                     extra_args=("--cache-none", "--disable-metadata")) as server:
+        texts = {}
+        for name, seed, cached in (("stock", 5, False), ("calib", 5, True), ("cached", 5, True), ("after", 5, False)):
+            done = server.run(_graph(seed, name, cached), timeout=300)
+            assert done.status == "success", (done.error(), server.log()[-3000:])
+            if cached:
+                texts[name] = done.history["outputs"]["stats"]["text"][0]
+
+    def latent(name: str) -> torch.Tensor:
+        (f,) = (base / "output").rglob(f"{name}_*.latent")
+        return load_file(str(f))["latent_tensor"]
+
+    assert "last run: calibration run" in texts["calib"] and torch.equal(latent("calib"), latent("stock"))
+    assert "last run: followed calibration 10:sample_euler:" in texts["cached"] and "estimated PSNR" in texts["cached"]
+    assert not torch.equal(latent("cached"), latent("stock"))  # some steps were reused
+    assert torch.equal(latent("after"), latent("stock"))  # node removed: stock, bit for bit
+    assert len(list((cache / ".autocloud" / "stepcache").glob("*.json"))) == 1  # in the store's private dir
