@@ -758,3 +758,28 @@ def test_planner_is_the_cheapest_plan_meeting_the_target() -> None:
 
 def _runs_ok(ops: str) -> bool:
     return all(len(r) <= sc_cal.MAX_REUSE for r in ops.split("C"))
+
+
+def test_calibrations_live_in_the_store_private_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("AUTOCLOUD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOCLOUD_CONFIG", str(tmp_path / "none.yaml"))
+    sc.set_calibration_dir(None)
+    assert sc.calibration_dir() == tmp_path / "cache" / ".autocloud" / "stepcache"
+    sc_cal.use_store_dir(tmp_path / "store" / ".autocloud")  # what the ComfyUI nodes set: the running store's
+    try:
+        assert sc.calibration_dir() == tmp_path / "store" / ".autocloud" / "stepcache"
+    finally:
+        sc_cal.use_store_dir(None)
+
+
+def test_unwritable_calibration_dir_keeps_working_in_memory(data: tuple, tmp_path: Any) -> None:
+    x, y = data
+    (tmp_path / "a-file").write_text("")
+    sc.set_calibration_dir(tmp_path / "a-file" / "stepcache")  # cannot be created
+    m = TinyDiT()
+    sc.enable_cache(m)
+    euler(m, x, y)
+    euler(m, x, y)
+    assert any(sc.state_of(m).last_run_decisions)  # the calibration is kept in memory
+    err = sc.summary(m)["quality"]["error"]
+    assert "cannot save calibration" in err and str(tmp_path / "a-file" / "stepcache") in err

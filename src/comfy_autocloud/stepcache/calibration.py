@@ -349,7 +349,7 @@ def calibration_dir() -> Path | None:
             return _DIRS[kind]
     try:
         from comfy_autocloud.config import load_settings
-        from comfy_autocloud.store.store import PRIVATE_DIR
+        from comfy_autocloud.store.layout import PRIVATE_DIR
 
         return load_settings().cache_path / PRIVATE_DIR / "stepcache"
     except Exception as e:
