@@ -158,13 +158,11 @@ def _psnr(peak: float, e: float) -> float:
 SEGMENT_EXP = 1.5
 
 
-def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE, first: int | None = None) -> Plan:
+def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE, first: int = 1) -> Plan:
     """The fewest computed steps whose predicted PSNR meets ``target_psnr`` (exact DP over the last two computed
-    steps); schedules of ``FEW_STEPS`` or fewer steps compute every step. The ``first`` steps always compute:
-    step 0, and step 1 too for plain torch runs (no sampler name: the run is matched to its calibration from
-    the timesteps of its first steps, which therefore compute)."""
+    steps); schedules of ``FEW_STEPS`` or fewer steps compute every step. The ``first`` steps always compute (at
+    least step 0; plain torch runs are matched to their calibration on their first steps, which compute)."""
     n = cal.steps
-    first = (1 if cal.family else 2) if first is None else max(1, first)
     if n <= FEW_STEPS:
         return Plan("C" * n, 100.0, target_psnr,
                     note=f"few-step schedule ({n} steps <= {FEW_STEPS}): every step computes")
@@ -196,7 +194,7 @@ def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE, 
         return out
 
     # layer m: state (p, c) = last two computed steps after m computed steps -> (least cost, ops so far)
-    f = min(first, n)
+    f = max(1, min(first, n))
     layer: dict[tuple[int, int], tuple[float, str]] = {(f - 2, f - 1): (0.0, "C" * f)}
     best_end: tuple[float, str] | None = None
     while layer and best_end is None:

@@ -3,8 +3,10 @@
 A run that matches a known calibration (ComfyUI: same sampler and sigmas, known up front; plain torch: same
 timesteps and calls per step so far, matched step by step) follows that calibration's plan for the target. A run
 that matches none computes every step and records a calibration, saved when the run ends. Plain torch runs
-cannot be identified before they have shown a few timesteps, so their first two steps always compute (every
-plan computes step 0; step 1 as a copy of step 0 is never cheap enough at the targets offered).
+cannot be identified before they have shown a timestep: they are matched at step 1, on the timesteps of steps 0
+and 1 and the calls of step 0 (every plan computes step 0), and checked again at every later step. A run that
+leaves the matched schedule at step s (e.g. Heun: same timesteps as Euler, two calls per step from step 1)
+computes the rest, and later runs are matched at step s, so that schedule gets its own calibration.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from .calibration import Calibration, CalibrationFile, Plan, Recorder, calibration_file, make_plan
 
 log = logging.getLogger("comfy_autocloud.stepcache")
-UNDECIDED_STEPS = 2  # plain torch runs: steps computed before the run's schedule is matched
+UNDECIDED_STEPS = 1  # plain torch runs: steps computed before the run's schedule is matched
 
 
 @dataclass
@@ -42,7 +44,8 @@ class QualityTarget:
         self.label = label
         self.model_hash = model_hash
         self.file: CalibrationFile | None = None
-        self._plans: dict[tuple[str, float], Plan] = {}
+        self._plans: dict[tuple[str, float, int], Plan] = {}
+        self.undecided = UNDECIDED_STEPS  # plain torch runs: matched to a calibration at this step
         self.last = RunInfo()
         self._reset_run()
 
@@ -97,7 +100,7 @@ class QualityTarget:
         self.calls.append(0)
         if self.recorder is not None:
             self.recorder.begin_step(t)
-        if self.mode == "undecided" and step >= UNDECIDED_STEPS:
+        if self.mode == "undecided" and step >= self.undecided:
             cal = self._match(self.times, self.calls[:-1])
             if cal is not None:
                 self._follow(cal)
@@ -106,6 +109,7 @@ class QualityTarget:
         elif self.mode == "plan" and self.schedule is None and self.cal is not None \
                 and not self.cal.matches(self.times, self.calls[:-1], None, None):
             self.mode = "diverged"
+            self.undecided = max(self.undecided, step)
             self.last = RunInfo("diverged", self.cal.key, {},
                                 f"the run left calibration {self.cal.key} at step {step}: the rest of it computed")
             log.info("stepcache[%s] run left calibration %s at step %d: computing the rest", self.label,
@@ -148,10 +152,11 @@ class QualityTarget:
                                                   "possible reuse is recorded")
 
     def plan_for(self, cal: Calibration) -> Plan:
-        k = (cal.key, self.target_psnr)
+        first = 1 if cal.family else self.undecided
+        k = (cal.key, self.target_psnr, first)
         p = self._plans.get(k)
         if p is None:
-            p = self._plans[k] = make_plan(cal, self.target_psnr)
+            p = self._plans[k] = make_plan(cal, self.target_psnr, first=first)
         return p
 
     def summary(self) -> dict[str, Any]:
