@@ -7,8 +7,8 @@ true output. Errors are kept per *schedule* (the run's timesteps and the sampler
 fingerprint, so later runs of the same model, step count and sampler plan from them without any extra work.
 
 The error model: the sampler moves the latent by ``dt_i * output_i`` (Euler on a flow velocity, or ComfyUI's
-``(x - denoised) / sigma``), so a reused step moves the final latent by ``dt_i * error_i``; errors of reused steps
-are summed (triangle inequality: correlated errors, the usual case for extrapolation, add up). The planner picks
+``(x - denoised) / sigma``), so a reused step moves the final latent by ``dt_i * error_i``; errors of the steps
+reused in a row add up, runs of reuse combine as a 1.5-norm (``SEGMENT_EXP``). The planner picks
 the fewest computed steps whose predicted error keeps ``20 log10(peak / error) >= target`` dB, ``peak`` being the
 calibration run's latent value range (images in [-1, 1] have peak 2: the usual PSNR). It is exact dynamic
 programming over (last two computed steps), so the plan is the cheapest one the measured errors allow.
