@@ -153,7 +153,7 @@ def _psnr(peak: float, e: float) -> float:
 # Errors of the steps reused in a row after one computed step share their sign (one extrapolation), so they add
 # linearly; each computed step re-anchors the prediction, so errors of different runs of reuse only partly add up:
 # they combine as a 1.5-norm, between fully correlated (1) and independent (2). Measured on bench/stepcache.py's
-# DiT, other seeds and classes than calibrated, targets 30/35/40 dB: achieved 2.4-7 dB above the target (linear:
+# DiT, other seeds and classes than calibrated, targets 30/35/40 dB: achieved 1.2-6.5 dB above the target (linear:
 # 7-12 dB above, too cautious; quadrature: 1.8-2.8 dB above there, but 1.4 dB below on a random tiny DiT at 60).
 SEGMENT_EXP = 1.5
 
