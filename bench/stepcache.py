@@ -23,11 +23,15 @@ and PSNR both at least the baseline's), by wall clock and by compute fraction.
 Quality presets (``enable_cache(model, preset=...)``, 40 / 35 / 30 dB) with a held-out check: the calibration run
 samples other images (noise seed 99, classes 0-4 only) than the measured ones (seed 1234, classes 0-9), so every
 preset row is a second run after ``enable_cache`` on images the calibration never saw; the PSNR of the classes
-the calibration never saw (5-9) is printed too. The last line compares our ``balanced`` preset with diffusers
-FirstBlockCache's fastest setting at >= 35 dB, as speed and PSNR ratios.
+the calibration never saw (5-9) is printed too. With ComfyUI, the presets also run on ComfyUI's sampling path
+(``ours/comfy`` rows: what the CacheDit Accelerate node does, cond and uncond as separate calls). The last line
+compares our ``balanced`` preset with diffusers FirstBlockCache's fastest setting at >= 35 dB, as speed and PSNR
+ratios (the line before it: FirstBlockCache's cheapest setting at >= 35 dB by compute, which timing noise cannot
+move).
 
-``--presets-only`` runs just uncached, the presets and the FirstBlockCache sweep (what the last line needs):
-a few minutes on a shared 2-core CPU with ``--images 50`` (the issue's figure used 100 images x 30 steps).
+``--presets-only`` runs just uncached, the presets, the FirstBlockCache sweep (what the last line needs) and,
+with ComfyUI, EasyCache: a few minutes on a shared 2-core CPU with ``--images 50`` (the issue's figure used 100
+images x 30 steps; this machine's other jobs made 100 take too long).
 """
 
 from __future__ import annotations
@@ -141,14 +145,18 @@ class Bench:
         name = ",".join(f"{k}={v}" for k, v in kw.items() if k != "strategy")
         return Method(f"ours {kw['strategy']}({name})", "ours", run)
 
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibration images: other noise (seed 99) and only classes 0-4."""
+        n = len(self.labels)
+        return (torch.arange(5).repeat(math.ceil(n / 5))[:n],
+                torch.randn(n, 16, 4, generator=torch.Generator().manual_seed(99)))
+
     def presets(self) -> tuple[list[Method], float]:
         """One method per quality preset, after one calibration run on held-out images (seed 99, classes 0-4);
         returns the methods and the calibration run's time."""
         sc.set_calibration_dir(tempfile.mkdtemp(prefix="stepcache-bench-"))
         tr = self.dit.transformer
-        n = len(self.labels)
-        cal_labels = torch.arange(5).repeat(math.ceil(n / 5))[:n]
-        cal_noise = torch.randn(n, 16, 4, generator=torch.Generator().manual_seed(99))
+        cal_labels, cal_noise = self.held_out()
         sc.enable_cache(tr, preset="balanced")
         t0 = time.perf_counter()
         digits.sample(self.dit, cal_labels, cal_noise, self.steps)
@@ -316,14 +324,17 @@ class ComfyFlux:
                                      lambda executor, x, *a, **k: executor(x.clone(), *a, **k))
         dm = model.diffusion_model
         self.counter = BlockCounter([b.img_mod for b in dm.double_blocks] + [b.linear1 for b in dm.single_blocks])
-        ctx = bench.dit.class_tok(bench.labels)[:, None].detach()
-        pool = bench.dit.class_pool(bench.labels).detach()
-        null = torch.full_like(bench.labels, digits.NULL_CLASS)
-        self.pos = [[ctx, {"pooled_output": pool}]]
-        self.neg = [[bench.dit.class_tok(null)[:, None].detach(),
-                     {"pooled_output": bench.dit.class_pool(null).detach()}]]
+        self.bench = bench
+        self.pos, self.neg = self.conds(bench.labels)
         self.noise = digits.unpack(bench.noise)
         self.sigmas = torch.linspace(1.0, 0.0, bench.steps + 1)
+
+    def conds(self, labels: torch.Tensor) -> tuple[list, list]:
+        """ComfyUI positive / negative conditioning for class labels (the class token and pooled vector)."""
+        dit = self.bench.dit
+        null = torch.full_like(labels, digits.NULL_CLASS)
+        return ([[dit.class_tok(labels)[:, None].detach(), {"pooled_output": dit.class_pool(labels).detach()}]],
+                [[dit.class_tok(null)[:, None].detach(), {"pooled_output": dit.class_pool(null).detach()}]])
 
     @staticmethod
     def _convert(src: dict[str, torch.Tensor], key_map: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -349,12 +360,35 @@ class ComfyFlux:
             buf.narrow(dim, start, size).copy_(w)
         return out
 
-    def sample(self, model: object, cfg: float = 2.0) -> torch.Tensor:
+    def sample(self, model: object, cfg: float = 2.0, held_out: tuple | None = None) -> torch.Tensor:
+        """The bench's images, or ``held_out = (labels, packed noise)`` ones."""
         comfy = self.comfy
         sampler = comfy.samplers.sampler_object("euler")
-        x = comfy.sample.sample_custom(model, self.noise, cfg, sampler, self.sigmas, self.pos, self.neg,
-                                       torch.zeros_like(self.noise), disable_pbar=True, seed=0)
+        pos, neg, noise = self.pos, self.neg, self.noise
+        if held_out is not None:
+            (pos, neg), noise = self.conds(held_out[0]), digits.unpack(held_out[1])
+        x = comfy.sample.sample_custom(model, noise, cfg, sampler, self.sigmas, pos, neg, torch.zeros_like(noise),
+                                       disable_pbar=True, seed=0)
         return x.clamp(-1, 1)
+
+    def presets(self, held_out: tuple) -> list[Method]:
+        """Our quality presets on ComfyUI's sampling path (the CacheDit Accelerate node's), calibrated in one
+        run on the held-out images."""
+        self.sample(sc.enable_cache(self.mp, preset="balanced"), held_out=held_out)
+
+        def make(preset: str) -> Method:
+            cached = sc.enable_cache(self.mp, preset=preset)
+            m = Method(f"ours/comfy preset={preset} ({sc.PRESETS[preset]:.0f} dB target)", "ours", lambda: run(),
+                       pipeline="comfy")
+
+            def run() -> torch.Tensor:
+                out = self.sample(cached)
+                m.plan = sc.summary(cached)["quality"].get("last_run", {})
+                return out
+
+            return m
+
+        return [make(p) for p in ("quality", "balanced", "fast")]
 
     def easycache(self, th: float) -> Method:
         import comfy.patcher_extension as pe
@@ -458,6 +492,7 @@ def main() -> int:
     ref = b.sample()
     total_blocks = b.counter.n
     presets, cal_time = b.presets()
+    presets_shown = list(presets)
     methods = list(presets)
     if args.presets_only:
         methods += b.fbc_methods()
@@ -466,11 +501,11 @@ def main() -> int:
         methods += b.diffusers_methods()
         methods += b.cache_dit_methods()
     uncached: dict[str, Sampler] = {"diffusers": b.sample}
-    comfy_path = None if args.presets_only else os.environ.get("COMFYUI_PATH")
+    comfy_path = os.environ.get("COMFYUI_PATH")
     comfy_ref = None
     if args.presets_only:
-        print("ComfyUI EasyCache, cache-dit, TaylorSeer, MagCache and our strategy sweep: not run (--presets-only)")
-    elif not comfy_path:
+        print("cache-dit, TaylorSeer, MagCache and our strategy sweep: not run (--presets-only)")
+    if not comfy_path:
         print("ComfyUI EasyCache: not compared (set COMFYUI_PATH and run with an interpreter that imports ComfyUI)")
     else:
         try:
@@ -480,7 +515,10 @@ def main() -> int:
             comfy_total = b.comfy.counter.n
             uncached["comfy"] = lambda: b.comfy.sample(b.comfy.mp)  # type: ignore[union-attr]
             methods += [b.comfy.easycache(th) for th in (0.05, 0.1, 0.2, 0.3, 0.5)]
-            methods += [b.comfy.ours(**kw) for kw in (
+            comfy_presets = b.comfy.presets(b.held_out())
+            presets_shown += comfy_presets
+            methods += comfy_presets
+            methods += [] if args.presets_only else [b.comfy.ours(**kw) for kw in (
                 dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.3, level="block"),
                 dict(strategy="adaptive", skip_interval=30, warmup_steps=1, threshold=1.2, level="block"),
                 dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.2, level="output"),
@@ -528,7 +566,7 @@ def main() -> int:
     print(f"\nquality presets, held-out check: calibrated in one all-computed run of {len(b.labels)} other images "
           f"(noise seed 99, classes 0-4; {cal_time:.2f}s), measured on these (seed 1234, classes 0-9):")
     unseen = b.labels >= 5
-    for m in presets:
+    for m in presets_shown:
         p = m.plan
         print(f"  {m.name}: {m.speedup:.2f}x, compute {m.compute:.3f}, PSNR {m.psnr:.2f} dB (classes 5-9, never "
               f"calibrated on: {psnr(m.images[unseen], ref[unseen]):.2f} dB), predicted {p.get('predicted_psnr')} dB, "
