@@ -63,7 +63,7 @@ def fingerprint(module: torch.nn.Module, extra: str = "", skip: set[str] | froze
     picks = valued[:: max(1, len(valued) // 16)][:17]
     for _, t in picks:
         try:
-            if t.device.type != "meta" and t.numel():
+            if t.device.type != "meta" and t.numel() and t.is_contiguous():  # a view: no copy of the tensor
                 h.update(t.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
         except Exception:  # quantized / custom tensor types: the names and shapes still identify the model
             continue
