@@ -171,7 +171,8 @@ class Bench:
                 try:
                     return self.sample()
                 finally:
-                    m.plan = sc.summary(tr)["quality"].get("last_run", {})
+                    q = sc.summary(tr)["quality"]
+                    m.plan = {**q.get("last_run", {}), "checks": _checks(q)}
                     sc.disable_cache(tr)
 
             return m
@@ -383,7 +384,8 @@ class ComfyFlux:
 
             def run() -> torch.Tensor:
                 out = self.sample(cached)
-                m.plan = sc.summary(cached)["quality"].get("last_run", {})
+                q = sc.summary(cached)["quality"]
+                m.plan = {**q.get("last_run", {}), "checks": _checks(q)}
                 return out
 
             return m
@@ -412,6 +414,12 @@ class ComfyFlux:
         m = sc.enable_cache(self.mp, **kw)  # a clone; self.mp stays uncached
         name = ",".join(f"{k}={v}" for k, v in kw.items() if k != "strategy")
         return Method(f"ours/comfy {kw['strategy']}({name})", "ours", lambda: self.sample(m), pipeline="comfy")
+
+
+def _checks(quality: dict) -> str:
+    """The calibration's checks by later runs: how many, and the error gain they found (1 = as calibrated)."""
+    cals = list(quality.get("calibrations", {}).values())
+    return ", ".join(f"{c['checks']} checks, error gain {c['error_gain']:.2f}" for c in cals)
 
 
 def time_run(fn: Sampler) -> tuple[torch.Tensor, float]:
@@ -571,7 +579,7 @@ def main() -> int:
         print(f"  {m.name}: {m.speedup:.2f}x, compute {m.compute:.3f}, PSNR {m.psnr:.2f} dB (classes 5-9, never "
               f"calibrated on: {psnr(m.images[unseen], ref[unseen]):.2f} dB), predicted {p.get('predicted_psnr')} dB, "
               f"{p.get('computed_steps')} of {args.steps} steps computed ({p.get('plan')}), "
-              f"accuracy {m.acc * 100:.1f}%")
+              f"accuracy {m.acc * 100:.1f}%; calibration after the timed runs: {p.get('checks')}")
     ok = [m for m in methods if m.family == "ours" and m.psnr >= 30]
     if ok:
         w = max(ok, key=lambda m: m.speedup)

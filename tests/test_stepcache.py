@@ -789,3 +789,30 @@ def test_unwritable_calibration_dir_keeps_working_in_memory(data: tuple, tmp_pat
     assert any(sc.state_of(m).last_run_decisions)  # the calibration is kept in memory
     err = sc.summary(m)["quality"]["error"]
     assert "cannot save calibration" in err and str(tmp_path / "a-file" / "stepcache") in err
+
+
+def test_later_runs_correct_an_optimistic_calibration(calibration_dir: Any) -> None:
+    """Planned runs check their computed steps against the calibration (the error a reuse would have made there);
+    errors larger than calibrated scale the plan up for the next runs and are stored."""
+    x, y = calib_data()
+    m = FlowDiT(seed=2)
+    sc.enable_cache(m)
+    euler(m, x, y)  # calibration
+    euler(m, x, y)  # follows the plan, checks it
+    sc.disable_cache(m)
+    f = sc_cal.calibration_file(sc_cal.fingerprint(m))
+    (cal,) = f.items.values()
+    assert cal.checks >= 2 and cal.gain < 1.3  # same images: the calibration holds
+    for row in cal.err:  # a calibration 4x too optimistic (as one from easier images would be)
+        for k in row:
+            row[k] /= 4
+    cal.check_log_sum, cal.checks = 0.0, 0
+    sc.enable_cache(m)
+    euler(m, x, y)
+    fewer = sum(not d for d in sc.state_of(m).last_run_decisions)
+    euler(m, x, y)  # starting, it folds the previous run's checks in: errors ~4x the calibration's
+    assert cal.gain > 2.5
+    assert sum(not d for d in sc.state_of(m).last_run_decisions) > fewer
+    sc.disable_cache(m)
+    stored = json.loads(f.path.read_text())["calibrations"][cal.key]
+    assert stored["checks"] == cal.checks > 0 and math.exp(stored["check_log_sum"] / stored["checks"]) > 2.5

@@ -83,6 +83,15 @@ class Calibration:
     dt: list[float]  # how far the sampler moves on each step's output (normalized timestep differences)
     peak: float  # the latent's value range at the end of the run
     err: list[dict[tuple[int, int], float]]
+    # later runs check the calibration: log(observed / calibrated error) of predictions made at their computed
+    # steps, summed over every check; errors are scaled by exp(mean) when that exceeds 1 (``gain``)
+    check_log_sum: float = 0.0
+    checks: int = 0
+
+    @property
+    def gain(self) -> float:
+        """How much larger than calibrated the errors seen by later runs were (1 when not larger)."""
+        return max(1.0, math.exp(self.check_log_sum / self.checks)) if self.checks else 1.0
 
     @property
     def steps(self) -> int:
@@ -97,7 +106,7 @@ class Calibration:
 
     def to_json(self) -> dict[str, Any]:
         return {"family": self.family, "schedule": self.schedule, "times": self.times, "calls": self.calls,
-                "dt": self.dt, "peak": self.peak,
+                "dt": self.dt, "peak": self.peak, "check_log_sum": self.check_log_sum, "checks": self.checks,
                 "err": [[[p, c, round(e, 9)] for (p, c), e in sorted(d.items())] for d in self.err]}
 
     @classmethod
@@ -105,7 +114,8 @@ class Calibration:
         err = [{(int(p), int(c)): float(e) for p, c, e in row} for row in d["err"]]
         cal = cls(family=str(d["family"]), schedule=[float(v) for v in d["schedule"]],
                   times=[float(v) for v in d["times"]], calls=[int(v) for v in d["calls"]],
-                  dt=[float(v) for v in d["dt"]], peak=float(d["peak"]), err=err)
+                  dt=[float(v) for v in d["dt"]], peak=float(d["peak"]), err=err,
+                  check_log_sum=float(d.get("check_log_sum", 0.0)), checks=int(d.get("checks", 0)))
         if not (len(cal.times) == len(cal.calls) == len(cal.dt) == len(cal.err)) or cal.peak <= 0:
             raise ValueError("inconsistent calibration record (lengths of times/calls/dt/err differ or peak <= 0)")
         return cal
@@ -167,7 +177,7 @@ def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE, 
         return Plan("C" * n, 100.0, target_psnr,
                     note=f"few-step schedule ({n} steps <= {FEW_STEPS}): every step computes")
     q = SEGMENT_EXP
-    budget = (cal.peak * 10 ** (-target_psnr / 20)) ** q
+    budget = (cal.peak * 10 ** (-target_psnr / 20) / cal.gain) ** q
 
     def step_err(p: int, c: int, i: int) -> tuple[float, str]:
         """The cheaper predictor of step i from computed p < c (T: extrapolated, R: copied); C when unmeasured."""
@@ -214,7 +224,7 @@ def make_plan(cal: Calibration, target_psnr: float, max_reuse: int = MAX_REUSE, 
         layer = nxt
     if best_end is None:
         return Plan("C" * n, 100.0, target_psnr, note="no reuse meets the target: every step computes")
-    return Plan(best_end[1], _psnr(cal.peak, best_end[0] ** (1 / q)), target_psnr)
+    return Plan(best_end[1], _psnr(cal.peak, best_end[0] ** (1 / q) * cal.gain), target_psnr)
 
 
 class Recorder:

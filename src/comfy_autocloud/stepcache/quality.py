@@ -12,6 +12,7 @@ computes the rest, and later runs are matched at step s, so that schedule gets i
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ class QualityTarget:
         self.label = label
         self.model_hash = model_hash
         self.file: CalibrationFile | None = None
-        self._plans: dict[tuple[str, float, int], Plan] = {}
+        self._plans: dict[tuple[str, float, int, float], Plan] = {}
         self.undecided = UNDECIDED_STEPS  # plain torch runs: matched to a calibration at this step
         self.last = RunInfo()
         self._reset_run()
@@ -60,6 +61,8 @@ class QualityTarget:
         self.mode = "undecided"
         self.times: list[float] = []
         self.calls: list[int] = []
+        self._seen: dict[Hashable, list[tuple[int, float, torch.Tensor]]] = {}  # plan runs: last computed outputs
+        self._log_ratios: list[float] = []
 
     def set_model(self, model_hash: str) -> None:
         if model_hash != self.model_hash or self.file is None:
@@ -91,6 +94,15 @@ class QualityTarget:
                 self.last = RunInfo("calibrate", cal.key, plan.as_dict(),
                                     f"calibration run: every step computed; next runs follow the plan"
                                     f"{' (' + plan.note + ')' if plan.note else ''}")
+        elif self.mode == "plan" and self.cal is not None and self._log_ratios and self.file is not None:
+            before = self.cal.gain
+            self.cal.check_log_sum += sum(self._log_ratios)
+            self.cal.checks += len(self._log_ratios)
+            self.file.save()
+            if self.cal.gain > before * 1.05:
+                log.info("stepcache[%s] errors %.2fx the calibration's (mean of %d checks): planning with them",
+                         self.label, self.cal.gain, self.cal.checks)
+        self._seen.clear()
         self.recorder = None
         self.mode = "ended"
 
@@ -127,8 +139,32 @@ class QualityTarget:
         return self.plan.ops[step]
 
     def record(self, key: Hashable, t: float, out: torch.Tensor) -> None:
+        """A computed output: recorded by a calibrating run, checked against the calibration by a planned one."""
         if self.recorder is not None:
             self.recorder.record(key, t, out)
+        elif self.mode == "plan" and self.cal is not None:
+            self._check(key, t, out)
+
+    def _check(self, key: Hashable, t: float, out: torch.Tensor) -> None:
+        """Predict this computed output from the stream's last two computed ones, as a reuse would have, and
+        compare the error with what the calibration measured for the same steps (the plan's own reuses are
+        predicted the same way, so a run whose errors are larger than calibrated shows it here)."""
+        assert self.cal is not None
+        i = len(self.times) - 1
+        hist = self._seen.setdefault(key, [])
+        o = out.detach().float()
+        if hist and i < self.cal.steps:
+            c, tc, oc = hist[-1]
+            p, pred = -1, oc
+            if len(hist) > 1 and abs(tc - hist[-2][1]) > 1e-12:
+                p, tp, op_ = hist[-2]
+                pred = oc + (oc - op_) * ((t - tc) / (tc - tp))
+            cal_e = self.cal.err[i].get((p, c))
+            if cal_e:
+                e = float((pred - o).pow(2).mean().sqrt())
+                self._log_ratios.append(math.log(max(e, 1e-12) / cal_e))
+        hist.append((i, t, o))
+        del hist[:-2]
 
     # ---- calibrations -----------------------------------------------------------------------------
     def _match(self, times: list[float], calls: list[int]) -> Calibration | None:
@@ -153,7 +189,7 @@ class QualityTarget:
 
     def plan_for(self, cal: Calibration) -> Plan:
         first = 1 if cal.family else self.undecided
-        k = (cal.key, self.target_psnr, first)
+        k = (cal.key, self.target_psnr, first, round(cal.gain, 2))
         p = self._plans.get(k)
         if p is None:
             p = self._plans[k] = make_plan(cal, self.target_psnr, first=first)
@@ -162,8 +198,8 @@ class QualityTarget:
     def summary(self) -> dict[str, Any]:
         d: dict[str, Any] = {"target_psnr": self.target_psnr, "preset": self.preset, "model_hash": self.model_hash,
                              "file": str(self.file.path) if self.file and self.file.path else None,
-                             "calibrations": {k: {"steps": c.steps, "family": c.family,
-                                                  **self.plan_for(c).as_dict()}
+                             "calibrations": {k: {"steps": c.steps, "family": c.family, "checks": c.checks,
+                                                  "error_gain": round(c.gain, 3), **self.plan_for(c).as_dict()}
                                               for k, c in (self.file.items.items() if self.file else [])}}
         if self.file is not None and self.file.error:
             d["error"] = self.file.error
