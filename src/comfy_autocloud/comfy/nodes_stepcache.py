@@ -177,6 +177,10 @@ def quality_lines(q: dict[str, Any]) -> list[str]:
                        f"estimated PSNR {last['predicted_psnr']:.1f} dB vs uncached")
         if last.get("note"):
             out.append(f"note: {last['note']}")
+        cal = q.get("calibrations", {}).get(last.get("calibration"), {})
+        if cal.get("checks"):
+            out.append(f"calibration checked at {cal['checks']} computed steps of later runs: errors "
+                       f"{cal['error_gain']:.2f}x the calibrated (plans use them when above 1)")
     if q.get("error"):
         out.append(f"warning: {q['error']}")
     return out
