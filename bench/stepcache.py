@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import contextlib
 import copy
 import io
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -154,7 +156,9 @@ class Bench:
     def presets(self) -> tuple[list[Method], float]:
         """One method per quality preset, after one calibration run on held-out images (seed 99, classes 0-4);
         returns the methods and the calibration run's time."""
-        sc.set_calibration_dir(tempfile.mkdtemp(prefix="stepcache-bench-"))
+        cal_dir = tempfile.mkdtemp(prefix="stepcache-bench-")  # a fresh calibration, removed at exit
+        atexit.register(shutil.rmtree, cal_dir, True)
+        sc.set_calibration_dir(cal_dir)
         tr = self.dit.transformer
         cal_labels, cal_noise = self.held_out()
         sc.enable_cache(tr, preset="balanced")
