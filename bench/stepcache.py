@@ -19,19 +19,35 @@ to ``comfy.ldm.flux.model.Flux`` (diffusers -> ComfyUI keys by inverting ``comfy
 sampled by ``comfy.sample.sample_custom`` with Euler on the same sigmas (1 -> 0, 30 steps) and CFG 2.
 After the Pareto table, one line per baseline point says whether one of our settings dominates it (speedup
 and PSNR both at least the baseline's), by wall clock and by compute fraction.
+
+Quality presets (``enable_cache(model, preset=...)``, 40 / 35 / 30 dB) with a held-out check: the calibration run
+samples other images (noise seed 99, classes 0-4 only) than the measured ones (seed 1234, classes 0-9), so every
+preset row is a second run after ``enable_cache`` on images the calibration never saw; the PSNR of the classes
+the calibration never saw (5-9) is printed too. With ComfyUI, the presets also run on ComfyUI's sampling path
+(``ours/comfy`` rows: what the CacheDit Accelerate node does, cond and uncond as separate calls). The last line
+compares our ``balanced`` preset with diffusers FirstBlockCache's fastest setting at >= 35 dB, as speed and PSNR
+ratios (the line before it: FirstBlockCache's cheapest setting at >= 35 dB by compute, which timing noise cannot
+move).
+
+``--presets-only`` runs just uncached, the presets, the FirstBlockCache sweep (what the last line needs) and,
+with ComfyUI, EasyCache: a few minutes on a shared 2-core CPU with ``--images 50`` (the issue's figure used 100
+images x 30 steps; this machine's other jobs made 100 take too long).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import contextlib
 import copy
 import io
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +85,7 @@ class Method:
     psnr: float = 0.0
     ssim: float = 0.0
     acc: float = 0.0
+    plan: dict = field(default_factory=dict)  # a preset's plan (computed/reused steps, predicted PSNR)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,6 +147,42 @@ class Bench:
         name = ",".join(f"{k}={v}" for k, v in kw.items() if k != "strategy")
         return Method(f"ours {kw['strategy']}({name})", "ours", run)
 
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibration images: other noise (seed 99) and only classes 0-4."""
+        n = len(self.labels)
+        return (torch.arange(5).repeat(math.ceil(n / 5))[:n],
+                torch.randn(n, 16, 4, generator=torch.Generator().manual_seed(99)))
+
+    def presets(self) -> tuple[list[Method], float]:
+        """One method per quality preset, after one calibration run on held-out images (seed 99, classes 0-4);
+        returns the methods and the calibration run's time."""
+        cal_dir = tempfile.mkdtemp(prefix="stepcache-bench-")  # a fresh calibration, removed at exit
+        atexit.register(shutil.rmtree, cal_dir, True)
+        sc.set_calibration_dir(cal_dir)
+        tr = self.dit.transformer
+        cal_labels, cal_noise = self.held_out()
+        sc.enable_cache(tr, preset="balanced")
+        t0 = time.perf_counter()
+        digits.sample(self.dit, cal_labels, cal_noise, self.steps)
+        cal_time = time.perf_counter() - t0
+        sc.disable_cache(tr)  # ends the calibration run: stored
+
+        def make(preset: str) -> Method:
+            m = Method(f"ours preset={preset} ({sc.PRESETS[preset]:.0f} dB target)", "ours", lambda: run())
+
+            def run() -> torch.Tensor:
+                sc.enable_cache(tr, preset=preset)
+                try:
+                    return self.sample()
+                finally:
+                    q = sc.summary(tr)["quality"]
+                    m.plan = {**q.get("last_run", {}), "checks": _checks(q)}
+                    sc.disable_cache(tr)
+
+            return m
+
+        return [make(p) for p in ("quality", "balanced", "fast")], cal_time
+
     # ---- diffusers hooks ---------------------------------------------------------------------
     def diffusers_hook(self, name: str, config: object) -> Method:
         tr = self.dit.transformer
@@ -162,14 +215,19 @@ class Bench:
         line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("[") and not ln.startswith("[Mag"))
         return [float(v) for v in ast.literal_eval(line)]
 
+    def fbc_methods(self) -> list[Method]:
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        return [self.diffusers_hook(f"diffusers FirstBlockCache(threshold={th})", FirstBlockCacheConfig(threshold=th))
+                for th in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
+
     def diffusers_methods(self) -> list[Method]:
         try:
-            from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+            from diffusers.hooks import TaylorSeerCacheConfig
         except Exception as e:
             print(f"diffusers cache hooks unavailable: {e}")
             return []
-        out = [self.diffusers_hook(f"diffusers FirstBlockCache(threshold={th})", FirstBlockCacheConfig(threshold=th))
-               for th in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
+        out = self.fbc_methods()
         for interval, before, order in ((2, 3, 1), (3, 3, 1), (4, 3, 1), (3, 3, 2)):
             cfg = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before, max_order=order,
                                         taylor_factors_dtype=torch.float32)
@@ -271,14 +329,17 @@ class ComfyFlux:
                                      lambda executor, x, *a, **k: executor(x.clone(), *a, **k))
         dm = model.diffusion_model
         self.counter = BlockCounter([b.img_mod for b in dm.double_blocks] + [b.linear1 for b in dm.single_blocks])
-        ctx = bench.dit.class_tok(bench.labels)[:, None].detach()
-        pool = bench.dit.class_pool(bench.labels).detach()
-        null = torch.full_like(bench.labels, digits.NULL_CLASS)
-        self.pos = [[ctx, {"pooled_output": pool}]]
-        self.neg = [[bench.dit.class_tok(null)[:, None].detach(),
-                     {"pooled_output": bench.dit.class_pool(null).detach()}]]
+        self.bench = bench
+        self.pos, self.neg = self.conds(bench.labels)
         self.noise = digits.unpack(bench.noise)
         self.sigmas = torch.linspace(1.0, 0.0, bench.steps + 1)
+
+    def conds(self, labels: torch.Tensor) -> tuple[list, list]:
+        """ComfyUI positive / negative conditioning for class labels (the class token and pooled vector)."""
+        dit = self.bench.dit
+        null = torch.full_like(labels, digits.NULL_CLASS)
+        return ([[dit.class_tok(labels)[:, None].detach(), {"pooled_output": dit.class_pool(labels).detach()}]],
+                [[dit.class_tok(null)[:, None].detach(), {"pooled_output": dit.class_pool(null).detach()}]])
 
     @staticmethod
     def _convert(src: dict[str, torch.Tensor], key_map: dict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -304,12 +365,36 @@ class ComfyFlux:
             buf.narrow(dim, start, size).copy_(w)
         return out
 
-    def sample(self, model: object, cfg: float = 2.0) -> torch.Tensor:
+    def sample(self, model: object, cfg: float = 2.0, held_out: tuple | None = None) -> torch.Tensor:
+        """The bench's images, or ``held_out = (labels, packed noise)`` ones."""
         comfy = self.comfy
         sampler = comfy.samplers.sampler_object("euler")
-        x = comfy.sample.sample_custom(model, self.noise, cfg, sampler, self.sigmas, self.pos, self.neg,
-                                       torch.zeros_like(self.noise), disable_pbar=True, seed=0)
+        pos, neg, noise = self.pos, self.neg, self.noise
+        if held_out is not None:
+            (pos, neg), noise = self.conds(held_out[0]), digits.unpack(held_out[1])
+        x = comfy.sample.sample_custom(model, noise, cfg, sampler, self.sigmas, pos, neg, torch.zeros_like(noise),
+                                       disable_pbar=True, seed=0)
         return x.clamp(-1, 1)
+
+    def presets(self, held_out: tuple) -> list[Method]:
+        """Our quality presets on ComfyUI's sampling path (the CacheDit Accelerate node's), calibrated in one
+        run on the held-out images."""
+        self.sample(sc.enable_cache(self.mp, preset="balanced"), held_out=held_out)
+
+        def make(preset: str) -> Method:
+            cached = sc.enable_cache(self.mp, preset=preset)
+            m = Method(f"ours/comfy preset={preset} ({sc.PRESETS[preset]:.0f} dB target)", "ours", lambda: run(),
+                       pipeline="comfy")
+
+            def run() -> torch.Tensor:
+                out = self.sample(cached)
+                q = sc.summary(cached)["quality"]
+                m.plan = {**q.get("last_run", {}), "checks": _checks(q)}
+                return out
+
+            return m
+
+        return [make(p) for p in ("quality", "balanced", "fast")]
 
     def easycache(self, th: float) -> Method:
         import comfy.patcher_extension as pe
@@ -333,6 +418,12 @@ class ComfyFlux:
         m = sc.enable_cache(self.mp, **kw)  # a clone; self.mp stays uncached
         name = ",".join(f"{k}={v}" for k, v in kw.items() if k != "strategy")
         return Method(f"ours/comfy {kw['strategy']}({name})", "ours", lambda: self.sample(m), pipeline="comfy")
+
+
+def _checks(quality: dict) -> str:
+    """The calibration's checks by later runs: how many, and the error gain they found (1 = as calibrated)."""
+    cals = list(quality.get("calibrations", {}).values())
+    return ", ".join(f"{c['checks']} checks, error gain {c['error_gain']:.2f}" for c in cals)
 
 
 def time_run(fn: Sampler) -> tuple[torch.Tensor, float]:
@@ -376,7 +467,7 @@ def our_sweep(quick: bool) -> list[dict]:
     if not quick:
         sweep += [dict(strategy="fixed", skip_interval=2, warmup_steps=2, extrapolate=True),
                   dict(strategy="dynamic", skip_interval=4, warmup_steps=4)]
-    ths = (0.1, 0.3) if quick else (0.1, 0.2, 0.3, 0.5)
+    ths = (0.1, 0.3) if quick else (0.1, 0.2, 0.3, 0.5)  # block level unless a row says otherwise
     sweep += [dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=th) for th in ths]
     sweep += [dict(strategy="adaptive", skip_interval=7, warmup_steps=3, threshold=th) for th in (0.8, 1.2)]
     # aggressive settings: one warmup step, long reuse runs bounded by the error budget alone
@@ -388,7 +479,7 @@ def our_sweep(quick: bool) -> list[dict]:
     if not quick:
         sweep += [dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.3, noise_scale=ns)
                   for ns in (0.01,)]
-    return sweep
+    return [{**kw, "level": kw.get("level", "block")} for kw in sweep]
 
 
 def main() -> int:
@@ -398,6 +489,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timing rounds (uncached/method interleaved)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest timings on a shared CPU)")
     ap.add_argument("--quick", action="store_true", help="a smaller sweep")
+    ap.add_argument("--presets-only", action="store_true",
+                    help="only uncached, our quality presets and diffusers FirstBlockCache (a few minutes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -410,12 +503,20 @@ def main() -> int:
     b.counter.n = 0
     ref = b.sample()
     total_blocks = b.counter.n
-    methods = [b.ours(**kw) for kw in our_sweep(args.quick)]
-    methods += b.diffusers_methods()
-    methods += b.cache_dit_methods()
+    presets, cal_time = b.presets()
+    presets_shown = list(presets)
+    methods = list(presets)
+    if args.presets_only:
+        methods += b.fbc_methods()
+    else:
+        methods += [b.ours(**kw) for kw in our_sweep(args.quick)]
+        methods += b.diffusers_methods()
+        methods += b.cache_dit_methods()
     uncached: dict[str, Sampler] = {"diffusers": b.sample}
     comfy_path = os.environ.get("COMFYUI_PATH")
     comfy_ref = None
+    if args.presets_only:
+        print("cache-dit, TaylorSeer, MagCache and our strategy sweep: not run (--presets-only)")
     if not comfy_path:
         print("ComfyUI EasyCache: not compared (set COMFYUI_PATH and run with an interpreter that imports ComfyUI)")
     else:
@@ -426,9 +527,12 @@ def main() -> int:
             comfy_total = b.comfy.counter.n
             uncached["comfy"] = lambda: b.comfy.sample(b.comfy.mp)  # type: ignore[union-attr]
             methods += [b.comfy.easycache(th) for th in (0.05, 0.1, 0.2, 0.3, 0.5)]
-            methods += [b.comfy.ours(**kw) for kw in (
-                dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.3),
-                dict(strategy="adaptive", skip_interval=30, warmup_steps=1, threshold=1.2),
+            comfy_presets = b.comfy.presets(b.held_out())
+            presets_shown += comfy_presets
+            methods += comfy_presets
+            methods += [] if args.presets_only else [b.comfy.ours(**kw) for kw in (
+                dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.3, level="block"),
+                dict(strategy="adaptive", skip_interval=30, warmup_steps=1, threshold=1.2, level="block"),
                 dict(strategy="adaptive", skip_interval=5, warmup_steps=3, threshold=0.2, level="output"),
                 dict(strategy="adaptive", skip_interval=30, warmup_steps=1, threshold=0.4, level="output"))]
             print(f"ComfyUI Flux (converted weights) uncached vs diffusers uncached: PSNR "
@@ -471,6 +575,15 @@ def main() -> int:
     print()
     for line in dominance_lines(methods):
         print(line)
+    print(f"\nquality presets, held-out check: calibrated in one all-computed run of {len(b.labels)} other images "
+          f"(noise seed 99, classes 0-4; {cal_time:.2f}s), measured on these (seed 1234, classes 0-9):")
+    unseen = b.labels >= 5
+    for m in presets_shown:
+        p = m.plan
+        print(f"  {m.name}: {m.speedup:.2f}x, compute {m.compute:.3f}, PSNR {m.psnr:.2f} dB (classes 5-9, never "
+              f"calibrated on: {psnr(m.images[unseen], ref[unseen]):.2f} dB), predicted {p.get('predicted_psnr')} dB, "
+              f"{p.get('computed_steps')} of {args.steps} steps computed ({p.get('plan')}), "
+              f"accuracy {m.acc * 100:.1f}%; calibration after the timed runs: {p.get('checks')}")
     ok = [m for m in methods if m.family == "ours" and m.psnr >= 30]
     if ok:
         w = max(ok, key=lambda m: m.speedup)
@@ -478,6 +591,27 @@ def main() -> int:
               f"dB, SSIM {w.ssim:.3f}, accuracy {w.acc * 100:.1f}% vs uncached {ref_acc * 100:.1f}%")
     else:
         print("\nours best at PSNR >= 30 dB: none of our settings reached 30 dB")
+    bal = presets[1]
+    fbc = [m for m in methods if "FirstBlockCache" in m.name]
+    same = [m for m in fbc if m.psnr >= bal.psnr]
+    if same:  # FirstBlockCache at our balanced preset's quality
+        f = max(same, key=lambda m: m.speedup)
+        print(f"FirstBlockCache fastest at >= our balanced PSNR ({bal.psnr:.2f} dB): {f.speedup:.2f}x, compute "
+              f"{f.compute:.3f}, {f.psnr:.2f} dB ({f.name}): ours {bal.speedup / f.speedup:.2f}x its speed, "
+              f"{f.compute / bal.compute:.2f}x by compute")
+    at35 = [m for m in fbc if m.psnr >= 35]
+    if at35:
+        c = min(at35, key=lambda m: m.compute)  # deterministic: the fewest computed blocks at >= 35 dB
+        print(f"FirstBlockCache cheapest at >= 35 dB by compute: {c.compute:.3f} ({c.name}, {c.psnr:.2f} dB): ours "
+              f"balanced {c.compute / bal.compute:.2f}x by compute, {bal.speedup / c.speedup:.2f}x its wall-clock "
+              "speed")
+        f = max(at35, key=lambda m: m.speedup)
+        print(f"ours balanced vs FirstBlockCache best at >= 35 dB: {bal.speedup:.2f}x / {f.speedup:.2f}x = "
+              f"{bal.speedup / f.speedup:.2f}x speed (compute {bal.compute:.3f} vs {f.compute:.3f}: "
+              f"{f.compute / bal.compute:.2f}x), PSNR {bal.psnr:.2f} vs {f.psnr:.2f} dB = "
+              f"{bal.psnr / f.psnr:.2f}x ({bal.psnr - f.psnr:+.2f} dB; {f.name})")
+    else:
+        print(f"ours balanced {bal.speedup:.2f}x at {bal.psnr:.2f} dB; no FirstBlockCache setting reached 35 dB")
     return 0
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import math
+from typing import Any
 
 import pytest
 
@@ -10,6 +14,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import comfy_autocloud.stepcache as sc  # noqa: E402
+from comfy_autocloud.stepcache import calibration as sc_cal  # noqa: E402
 from comfy_autocloud.stepcache import state as sc_state  # noqa: E402
 from comfy_autocloud.stepcache.strategies import (  # noqa: E402
     AdaptiveStrategy,
@@ -108,6 +113,16 @@ def one_thread() -> object:
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def calibration_dir(tmp_path: Any) -> Any:
+    """Calibrations of each test go to its own directory; the no-argument default is the balanced preset."""
+    d = tmp_path / "stepcache-calibrations"
+    sc.set_calibration_dir(d)
+    yield d
+    sc.set_calibration_dir(None)
+    sc.set_global_config(default_preset="balanced")
+
+
 @pytest.fixture()
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
@@ -178,7 +193,7 @@ def test_fixed_computes_exactly_the_rule_steps(data: tuple) -> None:
     m = TinyDiT()
     ref = euler(m, x, y)
     base = m.counts()
-    assert sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2) is m
+    assert sc.enable_cache(m, strategy="fixed", skip_interval=2, warmup_steps=2, level="block") is m
     out = euler(m, x, y)
     st = sc.state_of(m)
     assert st.last_run_decisions == [c == "R" for c in "CCCRCRCRCR"]
@@ -492,3 +507,312 @@ def test_diffusers_flux_controlnet_residuals_are_never_frozen() -> None:
           img_ids=ids, txt_ids=torch.zeros(3, 3), controlnet_block_samples=zero)
     assert counts["n"] == 1 and sc.state_of(m).last_run_decisions == [False, True]
     sc.disable_cache(m)
+
+
+# ---------------------------------------------------------------- quality targets
+
+
+def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR of the whole batch, the peak being the reference's mean per-sample value range."""
+    flat = ref.flatten(1)
+    peak = float((flat.amax(1) - flat.amin(1)).mean())
+    mse = float((a - ref).pow(2).mean())
+    return 100.0 if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+class FlowDiT(TinyDiT):
+    """What a flow-matching model computes: the velocity ``(x - x0) / t`` towards its clean-sample prediction
+    (here TinyDiT's output), so sampling contracts errors as t -> 0 as it does with trained models."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - super().forward(x, t, y)) / t.reshape(-1, 1, 1).clamp_min(0.05)
+
+
+def calib_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 16, 4, generator=g), torch.arange(8)
+
+
+def other_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out seeds and classes: calibrate on ``calib_data``, measure on these."""
+    g = torch.Generator().manual_seed(77)
+    return torch.randn(8, 16, 4, generator=g), torch.arange(2, 10)
+
+
+def schedule_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:
+    """Euler, CFG 2 as one batch, on a ``steps``-step linear schedule."""
+    ts = torch.linspace(1.0, 0.0, steps + 1)
+    x, null = x.clone(), torch.full_like(y, 10)
+    with torch.no_grad():
+        for i in range(steps):
+            vc, vu = model(torch.cat([x, x]), ts[i].expand(2 * len(y)), torch.cat([y, null])).chunk(2)
+            x = x + (ts[i + 1] - ts[i]) * (vu + 2.0 * (vc - vu))
+    return x
+
+
+def test_quality_target_calibrates_once_then_reuses(calibration_dir: Any) -> None:
+    x, y = calib_data()
+    xb, yb = other_data()
+    m = FlowDiT()
+    ref = euler(m, xb, yb)
+    sc.enable_cache(m)  # no arguments: the balanced preset
+    s = sc.summary(m)
+    assert (s["strategy"], s["quality"]["target_psnr"], s["quality"]["preset"]) == ("target", 35.0, "balanced")
+    assert s["level"] == "output"
+    euler(m, x, y)  # first run: calibration, every step computes
+    st = sc.state_of(m)
+    assert st.last_run_decisions == [False] * STEPS and not list(calibration_dir.glob("*.json"))
+    assert sc.summary(m)["quality"]["last_run"]["mode"] == "calibrate"
+    base = m.counts()
+    out = euler(m, xb, yb)  # second run, other seeds and classes: follows the plan
+    s = sc.summary(m)
+    q = s["quality"]
+    (f,) = calibration_dir.glob("*.json")  # stored when the second run started
+    assert f.name == f"{q['model_hash']}.json" and q["file"] == str(f)
+    assert q["last_run"]["mode"] == "plan" and q["last_run"]["predicted_psnr"] >= 35.0
+    reused = sum(st.last_run_decisions)
+    assert reused == q["last_run"]["reused_steps"] >= 3 and st.last_run_decisions[0] is False
+    assert [a - b for a, b in zip(m.counts(), base, strict=True)] == [STEPS - reused] * 4  # output level
+    assert psnr(out, ref) >= 34.0 and not torch.equal(out, ref)
+    (cal,) = q["calibrations"].values()
+    assert cal["steps"] == STEPS and cal["plan"] == q["last_run"]["plan"]
+    assert "".join("C" if c == "C" else "R" for c in cal["plan"]) == "".join(
+        "R" if d else "C" for d in st.last_run_decisions)
+
+
+def test_quality_presets_order_reuse() -> None:
+    x, y = calib_data()
+    xb, yb = other_data()
+    m = FlowDiT(seed=3)
+    ref = schedule_run(m, xb, yb, 24)
+    reused = {}
+    for preset, target in (("fast", 30.0), ("balanced", 35.0), ("quality", 40.0)):
+        sc.enable_cache(m, preset=preset)
+        assert sc.summary(m)["quality"]["target_psnr"] == target == sc.PRESETS[preset]
+        schedule_run(m, x, y, 24)  # the first preset calibrates, the others find the stored calibration
+        out = schedule_run(m, xb, yb, 24)
+        reused[preset] = sum(sc.state_of(m).last_run_decisions)
+        assert psnr(out, ref) >= target - 1.0, preset
+    assert reused["fast"] >= reused["balanced"] >= reused["quality"] >= 1
+    sc.enable_cache(m, target_psnr=60)
+    schedule_run(m, x, y, 24)
+    assert sum(sc.state_of(m).last_run_decisions) <= reused["quality"]
+
+
+def test_quality_target_argument_errors() -> None:
+    m = TinyDiT()
+    with pytest.raises(ValueError, match="unknown preset 'turbo'"):
+        sc.enable_cache(m, preset="turbo")
+    with pytest.raises(ValueError, match=r"target_psnr must be in 10\.\.100"):
+        sc.enable_cache(m, target_psnr=5)
+    with pytest.raises(ValueError, match="not both"):
+        sc.enable_cache(m, preset="fast", strategy="adaptive")
+    with pytest.raises(ValueError, match="output level"):
+        sc.enable_cache(m, target_psnr=35, level="block")
+    with pytest.raises(ValueError, match="unknown preset"):
+        sc.set_global_config(default_preset="turbo")
+    assert sc.enable_cache(m, target_psnr=42.5) is m and sc.summary(m)["quality"]["preset"] is None
+
+
+def test_default_preset_and_strategy_defaults() -> None:
+    m = TinyDiT()
+    sc.set_global_config(default_strategy="fixed")  # the seed's way: no-argument enable_cache uses strategies
+    try:
+        sc.enable_cache(m)
+        assert sc.summary(m)["strategy"] == "fixed"
+        sc.set_global_config(default_preset="fast")
+        sc.enable_cache(m)
+        assert sc.summary(m)["quality"]["target_psnr"] == 30.0
+    finally:
+        sc.set_global_config(default_strategy="fixed", default_preset="balanced")
+
+
+def test_calibration_persists_per_model_fingerprint(data: tuple, calibration_dir: Any) -> None:
+    x, y = data
+    a = TinyDiT(seed=0)
+    sc.enable_cache(a)
+    euler(a, x, y)
+    sc.disable_cache(a)  # ends the calibrating run: stored
+    (f,) = calibration_dir.glob("*.json")
+    body = json.loads(f.read_text())
+    assert body["format"] == 1 and len(body["calibrations"]) == 1
+    sc.set_calibration_dir(calibration_dir.parent / "elsewhere")  # forget what this process loaded
+    sc.set_calibration_dir(calibration_dir)
+    same = TinyDiT(seed=0)  # same weights, another object (another process would see the same)
+    sc.enable_cache(same)
+    euler(same, x, y)
+    assert any(sc.state_of(same).last_run_decisions)  # its first run already follows the stored plan
+    other = TinyDiT(seed=1)
+    sc.enable_cache(other)
+    euler(other, x, y)
+    assert not any(sc.state_of(other).last_run_decisions)  # other weights: calibrates
+    sc.disable_cache(other)
+    assert len(list(calibration_dir.glob("*.json"))) == 2
+    assert sc_cal.fingerprint(a) == sc_cal.fingerprint(same) != sc_cal.fingerprint(other)
+
+
+def test_unreadable_calibration_is_reported_and_replaced(data: tuple, calibration_dir: Any,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    x, y = data
+    m = TinyDiT()
+    calibration_dir.mkdir(parents=True)
+    f = calibration_dir / f"{sc_cal.fingerprint(m)}.json"
+    f.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="comfy_autocloud.stepcache"):
+        sc.enable_cache(m)
+    q = sc.summary(m)["quality"]
+    assert str(f) in q["error"] and "unreadable calibration" in q["error"] and str(f) in caplog.text
+    euler(m, x, y)
+    assert not any(sc.state_of(m).last_run_decisions)
+    euler(m, x, y)
+    assert any(sc.state_of(m).last_run_decisions)
+    assert json.loads(f.read_text())["format"] == 1 and "error" not in sc.summary(m)["quality"]
+    f.write_text(json.dumps({"format": 1, "calibrations": {"k": {"family": "", "schedule": [1.0], "times": [1.0],
+                                                                  "calls": [1, 1], "dt": [1.0], "peak": 1.0,
+                                                                  "err": [[]]}}}))
+    sc.set_calibration_dir(calibration_dir.parent / "elsewhere")
+    sc.set_calibration_dir(calibration_dir)
+    sc.enable_cache(m)
+    assert "inconsistent calibration record" in sc.summary(m)["quality"]["error"]
+
+
+def test_few_step_schedules_compute_every_step(data: tuple) -> None:
+    x, y = data
+    m = TinyDiT()
+    ref = schedule_run(m, x, y, 6)
+    sc.enable_cache(m, preset="fast")
+    schedule_run(m, x, y, 6)
+    assert torch.equal(schedule_run(m, x, y, 6), ref)  # the second run follows an all-compute plan
+    last = sc.summary(m)["quality"]["last_run"]
+    assert last["mode"] == "plan" and last["plan"] == "C" * 6
+    assert "few-step schedule (6 steps <= 8): every step computes" in last["note"]
+
+
+def test_each_schedule_gets_its_own_calibration(data: tuple, calibration_dir: Any) -> None:
+    x, y = data
+    m = TinyDiT()
+    sc.enable_cache(m)
+    euler(m, x, y)  # 10 steps: calibrates
+    schedule_run(m, x, y, 20)  # another schedule: calibrates too
+    assert not any(sc.state_of(m).last_run_decisions)
+    euler(m, x, y)
+    assert any(sc.state_of(m).last_run_decisions)  # the 10-step plan
+    schedule_run(m, x, y, 20)
+    assert any(sc.state_of(m).last_run_decisions)  # the 20-step plan
+    cals = sc.summary(m)["quality"]["calibrations"]
+    assert sorted(c["steps"] for c in cals.values()) == [10, 20]
+    heun(m, x, y)  # same timesteps as the 10-step Euler run, two calls per step from step 1: leaves that plan
+    assert sc.summary(m)["quality"]["last_run"]["mode"] == "diverged"
+    assert not any(sc.state_of(m).last_run_decisions[2:])  # the rest computed
+    heun(m, x, y)  # matched at step 2 from now on: no calibration has its calls, so it calibrates
+    assert not any(sc.state_of(m).last_run_decisions)
+    heun(m, x, y)
+    assert any(sc.state_of(m).last_run_decisions)  # its own plan
+    euler(m, x, y)
+    assert any(sc.state_of(m).last_run_decisions) and sc.state_of(m).last_run_decisions[:2] == [False, False]
+    sc.disable_cache(m)
+    (f,) = calibration_dir.glob("*.json")
+    assert len(json.loads(f.read_text())["calibrations"]) == 3
+
+
+def test_quality_target_second_order_sampler() -> None:
+    x, y = calib_data()
+    xb, yb = other_data()
+    m = FlowDiT(seed=5)
+    ref = heun(m, xb, yb)
+    sc.enable_cache(m, preset="balanced")
+    heun(m, x, y)
+    out = heun(m, xb, yb)
+    assert any(sc.state_of(m).last_run_decisions) and psnr(out, ref) >= 34.0
+
+
+def _plan_error(cal: sc_cal.Calibration, ops: str) -> float:
+    """Brute-force oracle of the planner's error model: per run of reuse, the sum of dt * error of each step's
+    better predictor; runs combine as a SEGMENT_EXP-norm."""
+    total, seg, comp = 0.0, 0.0, [0]
+    for i in range(1, cal.steps):
+        if ops[i] == "C":
+            total += seg ** sc_cal.SEGMENT_EXP
+            seg = 0.0
+            comp.append(i)
+            continue
+        p, c = (comp[-2] if len(comp) > 1 else -1), comp[-1]
+        cands = [cal.err[i].get(k) for k in ((p, c), (-1, c))]
+        seg += abs(cal.dt[i]) * min(e for e in cands if e is not None)
+    total += seg ** sc_cal.SEGMENT_EXP
+    return total ** (1 / sc_cal.SEGMENT_EXP)
+
+
+def test_planner_is_the_cheapest_plan_meeting_the_target() -> None:
+    n = 12
+    err = [{(p, c): (0.004 * (i - c) ** 2 * (1 + (i % 3)) if p >= 0 else 0.03 * (i - c))
+            for c in range(max(0, i - 8), i) for p in [-1, *range(max(0, c - 9), c)]} for i in range(n)]
+    ts = [1 - i / n for i in range(n)]
+    cal = sc_cal.Calibration(family="sample_euler", schedule=ts, times=ts, calls=[1] * n, dt=[1 / n] * n, peak=2.0,
+                             err=err)
+    for target in (30.0, 40.0, 50.0):
+        plan = sc_cal.make_plan(cal, target)
+        budget = 2.0 * 10 ** (-target / 20)
+        assert plan.ops[0] == "C" and len(plan.ops) == n
+        assert _plan_error(cal, plan.ops) <= budget * (1 + 1e-9)
+        assert plan.predicted_psnr == pytest.approx(20 * math.log10(2.0 / _plan_error(cal, plan.ops)), abs=1e-6)
+        fewest = min(c.count("C") for c in ("C" + "".join(b) for b in itertools.product("CR", repeat=n - 1))
+                     if _runs_ok(c) and _plan_error(cal, c) <= budget * (1 + 1e-9))
+        assert plan.computed == fewest, target
+    assert sc_cal.make_plan(cal, 30.0, first=3).ops[:3] == "CCC"  # plain torch runs matched at step 3
+
+
+def _runs_ok(ops: str) -> bool:
+    return all(len(r) <= sc_cal.MAX_REUSE for r in ops.split("C"))
+
+
+def test_calibrations_live_in_the_store_private_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("AUTOCLOUD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AUTOCLOUD_CONFIG", str(tmp_path / "none.yaml"))
+    sc.set_calibration_dir(None)
+    assert sc.calibration_dir() == tmp_path / "cache" / ".autocloud" / "stepcache"
+    sc_cal.use_store_dir(tmp_path / "store" / ".autocloud")  # what the ComfyUI nodes set: the running store's
+    try:
+        assert sc.calibration_dir() == tmp_path / "store" / ".autocloud" / "stepcache"
+    finally:
+        sc_cal.use_store_dir(None)
+
+
+def test_unwritable_calibration_dir_keeps_working_in_memory(data: tuple, tmp_path: Any) -> None:
+    x, y = data
+    (tmp_path / "a-file").write_text("")
+    sc.set_calibration_dir(tmp_path / "a-file" / "stepcache")  # cannot be created
+    m = TinyDiT()
+    sc.enable_cache(m)
+    euler(m, x, y)
+    euler(m, x, y)
+    assert any(sc.state_of(m).last_run_decisions)  # the calibration is kept in memory
+    err = sc.summary(m)["quality"]["error"]
+    assert "cannot save calibration" in err and str(tmp_path / "a-file" / "stepcache") in err
+
+
+def test_later_runs_correct_an_optimistic_calibration(calibration_dir: Any) -> None:
+    """Planned runs check their computed steps against the calibration (the error a reuse would have made there);
+    errors larger than calibrated scale the plan up for the next runs and are stored."""
+    x, y = calib_data()
+    m = FlowDiT(seed=2)
+    sc.enable_cache(m)
+    euler(m, x, y)  # calibration
+    euler(m, x, y)  # follows the plan, checks it
+    sc.disable_cache(m)
+    f = sc_cal.calibration_file(sc_cal.fingerprint(m))
+    (cal,) = f.items.values()
+    assert cal.checks >= 2 and cal.gain < 1.3  # same images: the calibration holds
+    for row in cal.err:  # a calibration 4x too optimistic (as one from easier images would be)
+        for k in row:
+            row[k] /= 4
+    cal.check_log_sum, cal.checks = 0.0, 0
+    sc.enable_cache(m)
+    euler(m, x, y)
+    fewer = sum(not d for d in sc.state_of(m).last_run_decisions)
+    euler(m, x, y)  # starting, it folds the previous run's checks in: errors ~4x the calibration's
+    assert cal.gain > 2.5
+    assert sum(not d for d in sc.state_of(m).last_run_decisions) > fewer
+    sc.disable_cache(m)
+    stored = json.loads(f.path.read_text())["calibrations"][cal.key]
+    assert stored["checks"] == cal.checks > 0 and math.exp(stored["check_log_sum"] / stored["checks"]) > 2.5

@@ -6,6 +6,8 @@ Needs ``COMFYUI_PATH`` and an interpreter that can import ComfyUI (its venv, wit
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -179,7 +181,7 @@ def test_nodes(flux: Any, conds: tuple) -> None:
         assert cls.CATEGORY == "AutoCloud/stepcache" and cls.INPUT_TYPES()["required"]["model"] == ("MODEL",)
     (fast,) = nodes.CacheDitAccelerate().apply(flux)
     (adv,) = nodes.CacheDitAdvancedConfig().apply(flux, "dynamic", 3, 2, 0.0, False)
-    assert sc.summary(adv)["strategy"] == "dynamic" and sc.summary(fast)["strategy"] == "adaptive"
+    assert sc.summary(adv)["strategy"] == "dynamic" and sc.summary(fast)["strategy"] == "target"
     run(adv, conds)
     res = nodes.CacheDitDetailedStats().report(adv)
     assert "step cache [dynamic] steps 10" in res["ui"]["text"][0] and res["result"][0] == res["ui"]["text"][0]
@@ -321,3 +323,169 @@ def holder_block_mode(mp: Any) -> bool:
     from comfy_autocloud.stepcache.comfy_wrappers import holder_of
 
     return holder_of(mp).block_mode
+
+
+# ---------------------------------------------------------------- quality targets
+
+
+@pytest.fixture(autouse=True)
+def calibration_dir(tmp_path: Path) -> Any:
+    """Each test's own calibrations (an explicit directory wins over the store's, which the nodes set)."""
+    d = tmp_path / "stepcache-calibrations"
+    sc.set_calibration_dir(d)
+    yield d
+    sc.set_calibration_dir(None)
+
+
+def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    flat = ref.flatten(1)
+    peak = float((flat.amax(1) - flat.amin(1)).mean())
+    mse = float((a - ref).pow(2).mean())
+    return 100.0 if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def other_noise(conds: tuple, seed: int = 21) -> tuple:
+    pos, neg, noise = conds
+    return pos, neg, torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def stats_text(mp: Any) -> str:
+    return nodes.CacheDitDetailedStats().report(mp)["result"][0]
+
+
+def test_quality_target_flux_calibrates_then_plans(flux: Any, conds: tuple, calibration_dir: Path) -> None:
+    held_out = other_noise(conds)
+    ref = run(flux, held_out, steps=20)
+    (cached,) = nodes.CacheDitAccelerate().apply(flux)  # the node's default: balanced, 35 dB
+    assert sc.summary(cached)["quality"]["target_psnr"] == 35.0 and holder_block_mode(cached) is False
+    run(cached, conds, steps=20)
+    st = sc.state_of(cached)
+    assert not any(st.last_run_decisions) and len(st.last_run_decisions) == 20
+    text = stats_text(cached)
+    assert "calibration run (every step computed" in text and "plan for next runs" in text
+    (f,) = calibration_dir.glob("*.json")  # stored when the sampling run ended
+    (cal,) = json.loads(f.read_text())["calibrations"].values()
+    assert cal["family"] == "sample_euler" and len(cal["times"]) == 20
+    c = Counter(flux)
+    out = run(cached, held_out, steps=20)
+    c.close()
+    reused = sum(st.last_run_decisions)
+    assert reused >= 3 and c.n["double1"] == 20 - reused
+    assert psnr(out, ref) >= 34.0
+    text = stats_text(cached)
+    assert "followed calibration 20:sample_euler:" in text and f"reused {reused}" in text
+    assert "estimated PSNR" in text and st.cached_bytes() == 0
+    assert torch.equal(run(flux, held_out, steps=20), ref)  # the model without the node: stock, bit for bit
+    run(cached, conds, steps=20, sampler="heun")  # another sampler: its own calibration
+    assert not any(st.last_run_decisions)
+    assert len(json.loads(f.read_text())["calibrations"]) == 2
+
+
+def test_quality_target_few_steps_compute_every_step(flux: Any, conds: tuple) -> None:
+    ref = run(flux, conds, steps=6)
+    cached = sc.enable_cache(flux, preset="fast")
+    run(cached, conds, steps=6)
+    assert torch.equal(run(cached, conds, steps=6), ref)
+    assert not any(sc.state_of(cached).last_run_decisions)
+    assert "few-step schedule (6 steps <= 8): every step computes" in stats_text(cached)
+
+
+def test_quality_target_unet_output_level(unet: Any) -> None:
+    g = torch.Generator().manual_seed(4)
+    conds = ([[torch.randn(1, 5, 32, generator=g), {}]], [[torch.randn(1, 5, 32, generator=g), {}]],
+             torch.randn(2, 4, 8, 8, generator=g))
+    held_out = other_noise(conds)
+    ref = run(unet, held_out, steps=20)
+    cached = sc.enable_cache(unet, target_psnr=35)
+    run(cached, conds, steps=20)
+    out = run(cached, held_out, steps=20)
+    assert sum(sc.state_of(cached).last_run_decisions) >= 2 and psnr(out, ref) >= 34.0
+    assert torch.equal(run(unet, held_out, steps=20), ref)
+
+
+def test_calibration_identity_follows_weights_and_patches(flux: Any) -> None:
+    from comfy_autocloud.stepcache.comfy_wrappers import model_fingerprint
+
+    base = model_fingerprint(flux)
+    assert model_fingerprint(flux.clone()) == base
+    key = "diffusion_model.double_blocks.0.img_mlp.0.weight"
+    w = flux.model.state_dict()[key]
+    lora = flux.clone()
+    lora.add_patches({key: (torch.ones_like(w) * 0.01,)}, 1.0)
+    assert model_fingerprint(lora) != base
+
+
+def test_nodes_take_preset_and_target(flux: Any) -> None:
+    (a,) = nodes.CacheDitAccelerate().apply(flux, "quality", 0.0)
+    (b,) = nodes.CacheDitAccelerate().apply(flux, "fast", 37.5)
+    (c,) = nodes.CacheDitAdvancedConfig().apply(flux, "adaptive", 5, 3, 0.0, False, 0.3, "block", "fast")
+    (d,) = nodes.CacheDitAdvancedConfig().apply(flux, "adaptive", 5, 3, 0.0, False, 0.3, "block")
+    assert sc.summary(a)["quality"]["target_psnr"] == 40.0 and sc.summary(b)["quality"]["target_psnr"] == 37.5
+    assert sc.summary(c)["quality"]["preset"] == "fast" and sc.summary(d)["strategy"] == "adaptive"
+    assert holder_block_mode(d) is True and holder_block_mode(c) is False
+    (e,) = nodes.CacheDitCacheControl().apply(flux, True)
+    assert sc.summary(e)["quality"]["preset"] == "balanced"
+    from comfy_autocloud.comfy.setup import get_adapter
+    from comfy_autocloud.stepcache import calibration
+
+    adapter = get_adapter()
+    if adapter is not None:  # the nodes keep calibrations in the running store's private directory
+        assert calibration._DIRS["store"] == adapter.store.private / "stepcache"
+    inputs = nodes.CacheDitAccelerate.INPUT_TYPES()
+    assert inputs["required"]["preset"][0] == ["balanced", "quality", "fast"]
+
+
+def _graph(seed: int, prefix: str, cached: bool) -> dict[str, Any]:
+    """API prompt: tiny SD1.5 checkpoint -> (CacheDit Accelerate ->) KSampler, 10 steps -> SaveLatent (+ stats)."""
+    p: dict[str, Any] = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cloud", "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["accel", 0] if cached else ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0],
+            "latent_image": ["latent", 0], "seed": seed, "steps": 10, "cfg": 3.0, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": prefix}},
+    }
+    if cached:
+        p["accel"] = {"class_type": "AutoCloudCacheDitAccelerate", "inputs": {"model": ["ckpt", 0],
+                                                                            "preset": "balanced"}}
+        p["stats"] = {"class_type": "AutoCloudCacheDitDetailedStats", "inputs": {"model": ["accel", 0],
+                                                                               "latent": ["sample", 0]}}
+    return p
+
+
+@pytest.mark.timeout(900)  # four prompts that load the checkpoint again each time; minutes on a busy machine
+def test_server_prompts_with_and_without_the_node(tmp_path: Path) -> None:
+    """A real ComfyUI server (every node executes every prompt: --cache-none): the Accelerate node calibrates
+    on its first prompt (every step computed: the stock result) and reuses on the next; a prompt without the
+    node afterwards is bit-identical to stock."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from safetensors.torch import load_file
+
+    from comfy_env import ComfyServer, tiny_models
+
+    models = tiny_models(Path(COMFY))
+    base = tmp_path / "comfy"
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "checkpoints" / "tiny-sd15.safetensors").symlink_to(models / "tiny-sd15.safetensors")
+    cache = tmp_path / "cache"
+    with ComfyServer(Path(COMFY), base, env={"AUTOCLOUD_CACHE": str(cache)},
+                     extra_args=("--cache-none", "--disable-metadata")) as server:
+        texts = {}
+        for name, seed, cached in (("stock", 5, False), ("calib", 5, True), ("cached", 5, True), ("after", 5, False)):
+            done = server.run(_graph(seed, name, cached), timeout=300)
+            assert done.status == "success", (done.error(), server.log()[-3000:])
+            if cached:
+                texts[name] = done.history["outputs"]["stats"]["text"][0]
+
+    def latent(name: str) -> torch.Tensor:
+        (f,) = (base / "output").rglob(f"{name}_*.latent")
+        return load_file(str(f))["latent_tensor"]
+
+    assert "last run: calibration run" in texts["calib"] and torch.equal(latent("calib"), latent("stock"))
+    assert "last run: followed calibration 10:sample_euler:" in texts["cached"] and "estimated PSNR" in texts["cached"]
+    assert not torch.equal(latent("cached"), latent("stock"))  # some steps were reused
+    assert torch.equal(latent("after"), latent("stock"))  # node removed: stock, bit for bit
+    assert len(list((cache / ".autocloud" / "stepcache").glob("*.json"))) == 1  # in the store's private dir

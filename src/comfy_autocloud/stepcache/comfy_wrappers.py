@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .calibration import fingerprint
 from .state import CacheConfig, CallContext, StepCacheState, control_active
 
 KEY = "autocloud_stepcache"
@@ -43,16 +44,28 @@ class ComfyStepCache:
     # ---- wrappers --------------------------------------------------------------------------
     def outer_sample(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        sampler = args[2] if len(args) > 2 else kwargs.get("sampler")
         st = self.state
         with st.lock:
             st.reset_run()
             if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
                 nz = sigmas[sigmas > 0]
                 st.final_t = float(nz.min()) if nz.numel() else None
+            if st.quality is not None:
+                mp = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
+                if mp is not None:
+                    st.quality.set_model(model_fingerprint(mp))
+                sched = [float(v) for v in sigmas.flatten().tolist()] if isinstance(sigmas, torch.Tensor) else None
+                st.quality.begin_run(sched[:-1] if sched else None, sampler_family(sampler),
+                                     final_t=sched[-1] if sched else 0.0)
+                st.runs_managed = True
         try:
             return executor(*args, **kwargs)
         finally:
             with st.lock:
+                if st.quality is not None:
+                    st.quality.end_run()
+                st.runs_managed = False
                 st.reset_run()
                 st.final_t = None
                 self.current = None
@@ -83,6 +96,22 @@ class ComfyStepCache:
             finally:
                 self.current = None
                 st.end_call(ctx)
+
+
+def sampler_family(sampler: Any) -> str:
+    """The sampler's name (``KSAMPLER.sampler_function``: ``sample_euler``, ``sample_heun``, ...)."""
+    fn = getattr(sampler, "sampler_function", None)
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return str(getattr(fn, "__name__", None) or type(sampler).__name__)
+
+
+def model_fingerprint(mp: Any) -> str:
+    """The calibration identity of a ModelPatcher: its diffusion model's weights (tensors a weight patch such as
+    a LoRA may have changed in place are left out of the sampled values) plus the patches and their strengths."""
+    dm = getattr(mp.model, "diffusion_model", mp.model)
+    patched = {k.removeprefix("diffusion_model.") for k in getattr(mp, "patches", {})}
+    extra = ";".join(f"{k}:{[p[0] for p in v]}" for k, v in sorted(getattr(mp, "patches", {}).items()))
+    return fingerprint(dm, extra=extra, skip=patched)
 
 
 class FluxBlockPatch:
@@ -146,7 +175,7 @@ def apply_to_model_patcher(model: Any, config: CacheConfig, label: str | None = 
     import comfy.patcher_extension as pe
 
     m = remove_from_model_patcher(model) if holder_of(model) is not None else model.clone()
-    blocks = _flux_blocks(m) if level == "block" else None
+    blocks = _flux_blocks(m) if level == "block" and config.target_psnr is None else None
     name = label or type(getattr(m.model, "diffusion_model", m.model)).__name__
     cache = ComfyStepCache(config, label=name, block_mode=blocks is not None)
     m.model_options.setdefault("transformer_options", {})[KEY] = cache

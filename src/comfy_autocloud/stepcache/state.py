@@ -19,6 +19,8 @@ Runs, steps and streams are derived from the timestep of each call, so no sample
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import threading
 import time
@@ -30,7 +32,9 @@ from typing import Any
 
 import torch
 
-from .strategies import AdaptiveStrategy, make_strategy
+from .calibration import target_of
+from .quality import QualityTarget
+from .strategies import AdaptiveStrategy, FixedStrategy, make_strategy
 
 log = logging.getLogger("comfy_autocloud.stepcache")
 
@@ -51,10 +55,16 @@ class CacheConfig:
     max_reuse: int | None = None
     extrapolate: bool | None = None
     seed: int = 0
+    target_psnr: float | None = None  # a quality target: steps are planned from a calibration, not a strategy
+    preset: str | None = None
 
     def validate(self) -> CacheConfig:
-        make_strategy(self.strategy, skip_interval=self.skip_interval, warmup_steps=self.warmup_steps,
-                      threshold=self.threshold, max_reuse=self.max_reuse)
+        if self.target_psnr is not None:
+            self.target_psnr = target_of(None, self.target_psnr)
+            self.strategy = "target"
+        else:
+            make_strategy(self.strategy, skip_interval=self.skip_interval, warmup_steps=self.warmup_steps,
+                          threshold=self.threshold, max_reuse=self.max_reuse)
         if not 0.0 <= self.noise_scale <= 1.0:
             raise ValueError(f"noise_scale must be in 0..1, got {self.noise_scale}")
         return self
@@ -128,6 +138,7 @@ class CallContext:
     reuse: bool = False
     decided: bool = False
     base: Tensors | None = None
+    order: str = ""  # a planned reuse: "T" extrapolate, "R" copy ("" = the config's choice)
     force_compute: bool = False  # e.g. a ControlNet adds per-step residuals to this call (see ``control_active``)
 
 
@@ -166,9 +177,13 @@ class StepCacheState:
 
     def __init__(self, config: CacheConfig, label: str = "model") -> None:
         self.config = config.validate()
-        self.strategy = make_strategy(config.strategy, skip_interval=config.skip_interval,
-                                      warmup_steps=config.warmup_steps, threshold=config.threshold,
-                                      max_reuse=config.max_reuse)
+        # a quality target plans every decision itself; its strategy slot holds a rule that never reuses
+        self.quality = None if config.target_psnr is None else QualityTarget(config.target_psnr, config.preset,
+                                                                            label=label)
+        self.strategy = FixedStrategy(skip_interval=1, warmup_steps=0) if self.quality is not None else \
+            make_strategy(config.strategy, skip_interval=config.skip_interval, warmup_steps=config.warmup_steps,
+                          threshold=config.threshold, max_reuse=config.max_reuse)
+        self.runs_managed = False  # True while an adapter (ComfyUI's OUTER_SAMPLE) brackets the run itself
         self.stats = CacheStats(model=label)
         self.label = label
         self.enabled = True
@@ -179,6 +194,7 @@ class StepCacheState:
         self._last_t: float | None = None
         self._step = -1
         self._decision: bool | None = None
+        self._order = ""
         self._compute_time: dict[Hashable, float] = {}
         self._gen: torch.Generator | None = None
         self.last_run_decisions: list[bool] = []
@@ -195,6 +211,12 @@ class StepCacheState:
         self._gen = None
         self.strategy.reset()
 
+    def finish_run(self) -> None:
+        """The current run is over (a new one starts, the cache is removed, the process exits): a quality
+        target stores what a calibrating run measured."""
+        if self.quality is not None and self._last_t is not None:
+            self.quality.end_run()
+
     def _debug(self, msg: str, *args: Any) -> None:
         if self.config.debug or _GLOBAL.global_debug:
             log.info("stepcache[%s] " + msg, self.label, *args)
@@ -206,6 +228,9 @@ class StepCacheState:
         if new_run:
             if self._last_t is not None:
                 self._debug("timestep went up (%.6g -> %.6g): new run", self._last_t, t)
+            if self.quality is not None and not self.runs_managed:
+                self.finish_run()
+                self.quality.begin_run()
             self.reset_run()
             self.stats.runs += 1
             self.last_run_decisions = []
@@ -215,6 +240,8 @@ class StepCacheState:
             self._decision = None
             self._occ.clear()
             self.stats.steps += 1
+            if self.quality is not None:
+                self.quality.begin_step(self._step, t)
         self._last_t = t
         occ = self._occ.get(key, 0)
         self._occ[key] = occ + 1
@@ -233,7 +260,10 @@ class StepCacheState:
             last = self.final_t is not None and ctx.t <= self.final_t * (1 + 1e-6) + 1e-9
             adaptive = isinstance(self.strategy, AdaptiveStrategy)
             spent = self.strategy.accumulated + (signal or 0.0) if adaptive else None
-            if ctx.force_compute:  # computes without consulting the rule; the error budget restarts
+            if self.quality is not None:  # the plan decides every step, the last one included
+                self._order = "C" if ctx.force_compute else self.quality.decision(len(self.quality.times) - 1)
+                wants, last = self._order != "C", False
+            elif ctx.force_compute:  # computes without consulting the rule; the error budget restarts
                 wants = False
                 if adaptive:
                     self.strategy.reset()
@@ -251,6 +281,7 @@ class StepCacheState:
                         "reuse" if self._decision else "compute", sig, acc,
                         ", ControlNet active" if ctx.force_compute else "")
         ctx.reuse = self._decision and len(ctx.stream.history) > 0 and not ctx.force_compute
+        ctx.order = self._order if self.quality is not None else ""
         ctx.decided = True
         return ctx.reuse
 
@@ -295,7 +326,8 @@ class StepCacheState:
         hist = ctx.stream.history
         t1, r1 = hist[-1]
         res = r1
-        if self.config.use_taylor and len(hist) == 2:
+        taylor = self.config.use_taylor if not ctx.order else ctx.order == "T"
+        if taylor and len(hist) == 2:
             t0, r0 = hist[0]
             if abs(t1 - t0) > 1e-9 and r0.keys() == r1.keys():
                 scale = (ctx.t - t1) / (t1 - t0)
@@ -319,6 +351,8 @@ class StepCacheState:
         s = ctx.stream
         signal = None
         xd = x.detach()
+        if self.quality is not None:
+            self.quality.call(xd if ctx.first_of_step else None)
         if s.prev_input is not None and s.prev_input.shape == xd.shape and s.prev_output is not None:
             dx = float((xd.float() - s.prev_input.float()).abs().mean())
             if s.rate is not None:
@@ -340,6 +374,8 @@ class StepCacheState:
             if dx > 0:
                 s.rate = float((od.float() - s.prev_output.float()).abs().mean()) / dx
         s.prev_input, s.prev_output, s.pending_input = xin, od.clone(), None
+        if self.quality is not None and not ctx.force_compute:
+            self.quality.record(ctx.key, ctx.t, od)
         self.store(ctx, {"out": od}, {})
 
     # ---- bookkeeping ------------------------------------------------------------------------
@@ -378,6 +414,9 @@ class StepCacheState:
                  warmup_steps=self.config.warmup_steps, noise_scale=self.config.noise_scale,
                  extrapolate=self.config.use_taylor, enabled=self.enabled,
                  cached_mib=round(self.cached_bytes() / 2**20, 3))
+        if self.quality is not None:
+            d["level"] = "output"
+            d["quality"] = self.quality.summary()
         if self.config.strategy == "adaptive":
             d["threshold"] = self.strategy.threshold  # type: ignore[union-attr]
             d["max_reuse"] = self.strategy.max_reuse  # type: ignore[union-attr]
@@ -392,6 +431,7 @@ class GlobalConfig:
     default_skip_interval: int = 2
     default_strategy: str = "fixed"
     default_warmup_steps: int = 2
+    default_preset: str | None = "balanced"  # enable_cache(model) with no arguments: this quality target
     global_debug: bool = False
 
 
@@ -414,6 +454,15 @@ def _register(state: StepCacheState) -> None:
     with _REG_LOCK:
         _LIVE.add(state)
     weakref.finalize(state, _retire, state.stats)
+
+
+@atexit.register
+def _finish_live_runs() -> None:
+    """A plain torch run has no end marker: a calibrating run still open at exit is stored now."""
+    for s in live_states():
+        if s.quality is not None and not s.runs_managed:
+            with contextlib.suppress(Exception):
+                s.finish_run()
 
 
 def live_states() -> list[StepCacheState]:

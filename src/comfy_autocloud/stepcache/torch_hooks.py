@@ -177,6 +177,7 @@ class TorchCacheHandle:
             else:
                 mod.forward = prev
         self._saved.clear()
+        self.state.finish_run()
         self.state.reset_run()
 
     def _install(self) -> None:
