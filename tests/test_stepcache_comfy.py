@@ -42,7 +42,7 @@ comfy = _import_comfy()
 
 import comfy_autocloud.stepcache as sc  # noqa: E402
 from comfy_autocloud.comfy import nodes_stepcache as nodes  # noqa: E402
-from comfy_autocloud.stepcache.comfy_wrappers import KEY, FluxBlockPatch  # noqa: E402
+from comfy_autocloud.comfy.stepcache_wrappers import KEY, FluxBlockPatch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_unet_output_level_euler_cfg(unet: Any) -> None:
 
 
 def holder_block_mode(mp: Any) -> bool:
-    from comfy_autocloud.stepcache.comfy_wrappers import holder_of
+    from comfy_autocloud.comfy.stepcache_wrappers import holder_of
 
     return holder_of(mp).block_mode
 
@@ -404,7 +404,7 @@ def test_quality_target_unet_output_level(unet: Any) -> None:
 
 
 def test_calibration_identity_follows_weights_and_patches(flux: Any) -> None:
-    from comfy_autocloud.stepcache.comfy_wrappers import model_fingerprint
+    from comfy_autocloud.comfy.stepcache_wrappers import model_fingerprint
 
     base = model_fingerprint(flux)
     assert model_fingerprint(flux.clone()) == base

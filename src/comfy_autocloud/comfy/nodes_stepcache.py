@@ -9,6 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+try:  # registers ComfyUI's MODEL with the step cache, also for other packs calling stepcache.enable_cache
+    from comfy_autocloud.comfy import stepcache_wrappers  # noqa: F401
+except ModuleNotFoundError as exc:  # torch missing: only outside ComfyUI, where there is no MODEL to cache
+    if exc.name != "torch":
+        raise
+
 CATEGORY = "AutoCloud/stepcache"
 PRESET_CHOICES = ["balanced", "quality", "fast"]
 TARGET_TIP = "PSNR target in dB against uncached sampling; 0 = the preset's (quality 40, balanced 35, fast 30)"

@@ -25,6 +25,7 @@ from typing import Any
 from .calibration import PRESETS, calibration_dir, fingerprint, set_calibration_dir, target_of
 from .state import CacheConfig, CacheStats, StepCacheState, global_config, global_stats, reset_stats
 from .strategies import STRATEGIES, AdaptiveStrategy, DynamicStrategy, FixedStrategy, make_strategy
+from .targets import ModelTarget, register_target, target_for
 
 __all__ = [
     "PRESETS",
@@ -34,23 +35,35 @@ __all__ = [
     "CacheStats",
     "DynamicStrategy",
     "FixedStrategy",
+    "ModelTarget",
     "StepCacheState",
     "calibration_dir",
     "disable_cache",
     "enable_cache",
     "get_global_stats",
     "make_strategy",
+    "register_target",
     "reset_cache_stats",
     "set_calibration_dir",
     "set_global_config",
     "state_of",
     "summary",
+    "target_for",
 ]
 
 
 def _is_model_patcher(model: Any) -> bool:
     """ComfyUI MODEL (ModelPatcher) by duck type, so this module never imports ComfyUI itself."""
     return hasattr(model, "model_options") and hasattr(model, "clone") and hasattr(model, "add_wrapper_with_key")
+
+
+def _target_of(model: Any) -> ModelTarget | None:
+    """The registered handler for a non-torch model kind; a ComfyUI MODEL without one is a clear error."""
+    target = target_for(model)
+    if target is None and _is_model_patcher(model):
+        raise TypeError("enable_cache: a ComfyUI MODEL is cached through the ComfyUI-AutoCloud node pack "
+                        "(import comfy_autocloud.comfy.stepcache_wrappers inside ComfyUI)")
+    return target
 
 
 def _is_pipeline(model: Any) -> bool:
@@ -125,10 +138,9 @@ def enable_cache(
             seed=seed,
         ).validate()
     level = level or "output"
-    if _is_model_patcher(model):
-        from .comfy_wrappers import apply_to_model_patcher
-
-        return apply_to_model_patcher(model, cfg, label=label, level=level)
+    target = _target_of(model)
+    if target is not None:
+        return target.apply(model, cfg, label=label, level=level)
     if _is_pipeline(model):
         enable_cache(model.transformer, skip_interval, warmup_steps, strategy, noise_scale, debug,
                      target_psnr=target_psnr, preset=preset, threshold=threshold, max_reuse=max_reuse,
@@ -149,11 +161,9 @@ def enable_cache(
 
 def state_of(model: Any) -> StepCacheState | None:
     """The cache state attached to ``model`` (None when it is not cached)."""
-    if _is_model_patcher(model):
-        from .comfy_wrappers import holder_of
-
-        h = holder_of(model)
-        return h.state if h is not None else None
+    target = _target_of(model)
+    if target is not None:
+        return target.state_of(model)
     if _is_pipeline(model):
         model = model.transformer
     from . import torch_hooks
@@ -172,10 +182,9 @@ def summary(model: Any) -> dict[str, Any]:
 
 def disable_cache(model: Any) -> Any:
     """Remove the cache; returns the uncached model (in place for torch, a clone for ComfyUI MODELs)."""
-    if _is_model_patcher(model):
-        from .comfy_wrappers import remove_from_model_patcher
-
-        return remove_from_model_patcher(model)
+    target = _target_of(model)
+    if target is not None:
+        return target.remove(model)
     target = model.transformer if _is_pipeline(model) else model
     from . import torch_hooks
 

@@ -14,7 +14,8 @@
   and its residual is not kept; steps outside the ControlNet's range (or at strength 0) cache as usual.
 
 LoRA and other weight patches are untouched (the clone shares the patched weights). ComfyUI is imported
-lazily here; nothing else in the package imports it.
+lazily, inside the functions. Importing this module registers `ModelPatcherTarget` with the step cache, so
+`stepcache.enable_cache(model)` works on a MODEL without `stepcache/` importing ComfyUI code.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 
 import torch
 
-from .calibration import fingerprint
-from .state import CacheConfig, CallContext, StepCacheState, control_active
+from comfy_autocloud.stepcache.calibration import fingerprint
+from comfy_autocloud.stepcache.state import CacheConfig, CallContext, StepCacheState, control_active
+from comfy_autocloud.stepcache.targets import register_target
 
 KEY = "autocloud_stepcache"
 
@@ -208,3 +210,25 @@ def remove_from_model_patcher(model: Any) -> Any:
         else:
             dit[k] = prev
     return m
+
+
+class ModelPatcherTarget:
+    """`stepcache.enable_cache` / `summary` / `disable_cache` on a ComfyUI MODEL (registered on import)."""
+
+    name = "comfyui-model-patcher"
+
+    def matches(self, model: Any) -> bool:
+        return hasattr(model, "model_options") and hasattr(model, "clone") and hasattr(model, "add_wrapper_with_key")
+
+    def apply(self, model: Any, config: CacheConfig, *, label: str | None, level: str) -> Any:
+        return apply_to_model_patcher(model, config, label=label, level=level)
+
+    def state_of(self, model: Any) -> StepCacheState | None:
+        holder = holder_of(model)
+        return holder.state if holder is not None else None
+
+    def remove(self, model: Any) -> Any:
+        return remove_from_model_patcher(model)
+
+
+register_target(ModelPatcherTarget())
