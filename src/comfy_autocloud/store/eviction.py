@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # Fixed cost of one download expressed in bytes: ~1 s of setup + verification at ~128 MiB/s.
 DOWNLOAD_COST_BYTES = 128 * 2**20
@@ -78,6 +78,7 @@ class _RowPolicy:
     """A policy that ranks by the row's stored priority and learns nothing from the stream."""
 
     stateful = False
+    local_rank = True  # a file's rank changes only when it is requested (the simulator keeps a heap)
 
     def rank(self, item: Item) -> Rank:
         return (item.priority, item.last_access, item.key)
@@ -125,6 +126,7 @@ class DecayedFrequencyPolicy:
     for evicted keys too (so it is stateful: it needs the stream, not only the row)."""
 
     stateful = True
+    local_rank = True  # a request changes only its own key's weight; forgetting bumps `generation`
     FORGET = 40.0  # a key whose weight fell below 2^-FORGET of a fresh request is forgotten
 
     def __init__(self, name: str, half_life: float, max_keys: int = 100_000) -> None:
@@ -133,6 +135,7 @@ class DecayedFrequencyPolicy:
         self.max_keys = max_keys
         self.weight: dict[str, float] = {}  # key -> log2 sum 2^(t_i / half_life)
         self._seen = 0
+        self.generation = 0  # bumped when keys are forgotten (their files' ranks drop to -inf)
 
     def priority(self, size: int, hits: int, now: float, clock: float) -> float:
         return float(now)  # the stored column (not used for ranking): the last access, as for LRU
@@ -143,6 +146,15 @@ class DecayedFrequencyPolicy:
     def rank(self, item: Item) -> Rank:
         return (self.weight.get(item.key, -math.inf), item.last_access, item.key)
 
+    def state(self, keys: dict[str, int]) -> dict[str, Any]:
+        """What it has learned, JSON-ready, keys as indexes into a shared key table (see `AdaptivePolicy`)."""
+        return {"seen": self._seen, "weight": [[keys.setdefault(k, len(keys)), w] for k, w in self.weight.items()]}
+
+    def load_state(self, state: dict[str, Any], keys: Sequence[str]) -> None:
+        weight = {keys[int(i)]: float(w) for i, w in state["weight"]}
+        self._seen, self.weight = int(state["seen"]), weight
+        self.generation += 1
+
     def observe(self, now: float, key: str, size: int) -> None:
         x = now / self.half_life
         old = self.weight.get(key)
@@ -150,6 +162,7 @@ class DecayedFrequencyPolicy:
         self._seen += 1
         if self._seen % 1000 == 0 or len(self.weight) > self.max_keys:
             floor = x - self.FORGET
+            self.generation += 1
             kept = sorted(((w, k) for k, w in self.weight.items() if w >= floor), reverse=True)
             self.weight = {k: w for w, k in kept[:self.max_keys * 3 // 4 or 1]} if len(kept) > self.max_keys \
                 else {k: w for w, k in kept}
@@ -187,6 +200,58 @@ class AdaptivePolicy:
 
     def clock_after(self, clock: float, victims: Sequence[Item]) -> float:
         return self._stored.clock_after(clock, victims)
+
+    def state(self, keys: dict[str, int] | None = None) -> dict[str, Any]:
+        """Everything it has learned, JSON-ready and exact (floats round-trip): each shadow's table and
+        clock, the decayed-frequency weights, the scores and the choice. Bounded: a shadow holds at most
+        a cache's worth of files, a decayed-frequency one at most `max_keys` weights. Keys are stored once,
+        as indexes into `keys`."""
+        keys = {} if keys is None else keys
+        shadows: dict[str, Any] = {}
+        for name, sim in self.shadows.items():
+            shadows[name] = {
+                "used": sim.used, "clock": sim.clock, "evictions": sim.evictions,
+                "table": [[keys.setdefault(it.key, len(keys)), it.size, it.last_access, it.hits, it.created,
+                           it.priority] for it in sim.table.values()],
+            }
+            if isinstance(sim.policy, DecayedFrequencyPolicy):
+                shadows[name]["policy"] = sim.policy.state(keys)
+        out: dict[str, Any] = {"policy": self.name, "capacity": self.capacity, "candidates": list(self.score),
+                               "chosen": self.chosen, "switches": self.switches, "seen": self._seen,
+                               "score": self.score, "shadows": shadows}
+        if not self.shadows and isinstance(self.fallback, DecayedFrequencyPolicy):
+            out["fallback"] = self.fallback.state(keys)
+        out["keys"] = sorted(keys, key=keys.__getitem__)
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`; ValueError if it was saved by a policy of another capacity or candidates
+        (then nothing changes)."""
+        from comfy_autocloud.store.simulate import Simulator
+
+        if (state.get("policy"), state.get("capacity"), state.get("candidates")) != \
+                (self.name, self.capacity, list(self.score)):
+            raise ValueError(f"saved for policy {state.get('policy')!r} with capacity {state.get('capacity')} and "
+                             f"candidates {state.get('candidates')}, not {self.name!r} with {self.capacity} and "
+                             f"{list(self.score)}")
+        keys = [str(k) for k in state["keys"]]
+        shadows = {}
+        for name in self.shadows:
+            saved = state["shadows"][name]
+            sim = Simulator(self.capacity or 0, name)
+            if isinstance(sim.policy, DecayedFrequencyPolicy):
+                sim.policy.load_state(saved["policy"], keys)
+            items = [Item(key=keys[int(k)], size=int(n), last_access=float(t), hits=int(h), created=float(c),
+                          priority=float(p)) for k, n, t, h, c, p in saved["table"]]
+            sim.load(items, used=int(saved["used"]), clock=float(saved["clock"]), evictions=int(saved["evictions"]))
+            shadows[name] = sim
+        score = {name: float(state["score"][name]) for name in self.score}
+        if state["chosen"] not in score:
+            raise ValueError(f"chosen policy {state['chosen']!r} is not a candidate")
+        if not self.shadows and isinstance(self.fallback, DecayedFrequencyPolicy):
+            self.fallback.load_state(state["fallback"], keys)
+        self.shadows, self.score = shadows, score
+        self.chosen, self.switches, self._seen = str(state["chosen"]), int(state["switches"]), int(state["seen"])
 
     def rank(self, item: Item) -> Rank:
         if not self.shadows:
