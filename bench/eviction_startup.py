@@ -10,12 +10,13 @@ the access log holding the trace's newest N rows. Then, each in a fresh Python p
   the policy's saved state absent (the first eviction after an upgrade, or after the state file was
   lost), then with the state a previous process saved (the usual cold start), then with LRU (no
   learning: the floor);
-* `fetch`: the whole `autocloud fetch file://...` CLI process that must evict, default vs LRU.
+* `fetch`: the whole `autocloud fetch file://...` CLI process that must evict, default without and
+  with the saved state, and LRU.
 
-One line per access-log size:
+One line per access-log size, medians of three runs:
 
   eviction-startup rows=50000 reserve_cold=0.412s reserve_saved=0.018s reserve_lru=0.011s
-    fetch_default=0.61s fetch_lru=0.58s
+    fetch_cold=2.61s fetch_saved=2.1s fetch_lru=2.08s
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import hashlib
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,7 @@ from comfy_autocloud.store.policy_state import STATE_NAME as POLICY_STATE  # noq
 from traces import realistic_trace  # noqa: E402
 
 SCALE = 10**6  # GB-sized models become KB-sized files
+ROUNDS = 3  # medians of three runs each (the machine is shared)
 NEW_SIZE = 20_000  # the new download: as big as a large checkpoint, so it must evict
 
 _RESERVE = f"""
@@ -121,21 +124,23 @@ def main(argv: list[str] | None = None) -> int:
         for rows in (int(r) for r in args.rows.split(",")):
             base = tmpd / f"base{rows}"
             cap = build(base, rows)
-            t: dict[str, float] = {}
-            for name, policy, warm in (("reserve_cold", "default", False), ("reserve_saved", "default", True),
-                                       ("reserve_lru", "lru", False)):
-                root = tmpd / f"{name}{rows}"
-                copy(base, root)
-                if warm:
-                    saved_state(base, root, cap)
-                t[name] = reserve_time(root, cap, policy)
-            for name, policy in (("fetch_default", "default"), ("fetch_lru", "lru")):
-                root = tmpd / f"{name}{rows}"
-                copy(base, root)
-                if policy == "default":
-                    saved_state(base, root, cap)
-                t[name] = fetch_time(root, cap, policy, src)
-            print(f"eviction-startup rows={rows} " + " ".join(f"{k}={v:.3f}s" for k, v in t.items()), flush=True)
+            t: dict[str, list[float]] = {}
+            for _round in range(ROUNDS):
+                for name, policy, warm in (("reserve_cold", "default", False), ("reserve_saved", "default", True),
+                                           ("reserve_lru", "lru", False)):
+                    root = tmpd / f"{name}{rows}-{_round}"
+                    copy(base, root)
+                    if warm:
+                        saved_state(base, root, cap)
+                    t.setdefault(name, []).append(reserve_time(root, cap, policy))
+                for name, policy in (("fetch_cold", "default"), ("fetch_saved", "default"), ("fetch_lru", "lru")):
+                    root = tmpd / f"{name}{rows}-{_round}"
+                    copy(base, root)
+                    if name == "fetch_saved":
+                        saved_state(base, root, cap)
+                    t.setdefault(name, []).append(fetch_time(root, cap, policy, src))
+            med = {k: statistics.median(v) for k, v in t.items()}
+            print(f"eviction-startup rows={rows} " + " ".join(f"{k}={v:.3f}s" for k, v in med.items()), flush=True)
     return 0
 
 

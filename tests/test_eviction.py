@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ GiB = 2**30
 
 
 def test_get_policy_names() -> None:
-    names = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d")
+    names = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod")
     assert {get_policy(n).name for n in names} == set(names)
     with pytest.raises(ValueError, match="known: default, lfuda, gdsf, lru"):
         get_policy("fifo")
@@ -224,6 +225,27 @@ def test_adaptive_policy_in_the_store_keeps_pins_and_learns_from_the_log(tmp_pat
     shadow = store.policy.shadows[store.policy.chosen]
     assert "loras/hot" in shadow.table  # it has seen every access in the log
     store.close()
+
+
+def test_hourly_frequency_ranks_by_the_coming_hours() -> None:
+    """A model used every morning outranks one used as often every evening when the morning comes, and
+    the other way round in the evening; weights stay finite over years (rescaled), order unchanged."""
+    pol = get_policy("lrfu-tod")
+    day, t0 = 86400.0, 1_700_006_400.0  # a UTC midnight
+    for d in range(10):
+        pol.observe(t0 + d * day + 9 * 3600, "checkpoints/morning", GiB)
+        pol.observe(t0 + d * day + 20 * 3600, "checkpoints/evening", GiB)
+    morning, evening = Item("checkpoints/morning", GiB, 0.0), Item("checkpoints/evening", GiB, 0.0)
+    pol.observe(t0 + 10 * day + 8 * 3600, "loras/x", GiB)  # 8:00
+    assert pol.rank(morning) > pol.rank(evening)
+    pol.observe(t0 + 10 * day + 19 * 3600, "loras/x", GiB)  # 19:00
+    assert pol.rank(evening) > pol.rank(morning)
+    assert pol.rank(Item("loras/never", GiB, 0.0))[0] == float("-inf")
+    later = t0 + 300 * 14 * day  # past the rescale point: old history is forgotten, new counts as usual
+    pol.observe(later + 9 * 3600, "checkpoints/morning", GiB)
+    pol.observe(later + 9 * 3600 + 60, "checkpoints/morning", GiB)
+    pol.observe(later + 9 * 3600 + 120, "checkpoints/evening", GiB)
+    assert pol.rank(morning) > pol.rank(evening) and all(math.isfinite(pol.rank(i)[0]) for i in (morning, evening))
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d"])

@@ -14,6 +14,9 @@ ratio the real store would get on that trace.
 * "lrfu-1d", "lrfu-14d": exponentially decayed request frequency (half-life one day / two weeks),
   remembered for files that were evicted (a ghost history), so a model that comes back every morning
   or every Monday is known when it does, and a batch job's one-off models rank below it.
+* "lrfu-tod": decayed frequency (half-life two weeks) per hour of the day, ranked by the requests in
+  the next hours of the day (load follows the time of day: a model used every morning outranks one
+  used every night when the morning comes) plus a share of the key's requests at any hour.
 * "default" (adaptive): a shadow cache of the same capacity per candidate (the policies above), all
   fed every request; each shadow's byte hits decay with a half-life of `ADAPT_HALF_LIFE` requests.
   The best shadow decides which real files go: files it no longer holds first, then in its order.
@@ -168,7 +171,79 @@ class DecayedFrequencyPolicy:
                 else {k: w for w, k in kept}
 
 
-ADAPT_CANDIDATES = ("lrfu-14d", "lrfu-1d", "lfuda", "gdlfu", "gdsf", "lru")  # first: the choice before evidence
+class HourlyFrequencyPolicy:
+    """Decayed request frequency per hour of the day: rank = log2 of (the key's decayed requests in the
+    `window` hours from the current hour on, over past days + `mix` x its decayed requests at any hour).
+    Loads follow the time of day (people work at their own hours), so at 9:00 the models used in the
+    mornings outrank the ones used at night even when those are as frequent; the ghost history keeps
+    evicted keys. The rank moves with the clock, so the simulator sorts instead of keeping a heap."""
+
+    stateful = True
+    local_rank = False
+    FORGET = 40.0  # forgotten when its total fell below 2^-FORGET of one fresh request
+    RESCALE = 256.0  # half-lives after which the stored weights are scaled down (floats stay finite)
+
+    def __init__(self, name: str, half_life: float, *, window: int = 8, mix: float = 0.3,
+                 max_keys: int = 100_000) -> None:
+        self.name = name
+        self.half_life = half_life
+        self.window = window
+        self.mix = mix
+        self.max_keys = max_keys
+        self.weight: dict[str, list[float]] = {}  # key -> 24 sums of 2^((t_i - anchor) / half_life)
+        self.anchor: float | None = None
+        self.now = 0.0
+        self._seen = 0
+
+    def priority(self, size: int, hits: int, now: float, clock: float) -> float:
+        return float(now)
+
+    def clock_after(self, clock: float, victims: Sequence[Item]) -> float:
+        return clock
+
+    def rank(self, item: Item) -> Rank:
+        bins = self.weight.get(item.key)
+        if bins is None:
+            return (-math.inf, item.last_access, item.key)
+        hour = int(self.now % 86400.0 // 3600.0)
+        near = sum(bins[(hour + j) % 24] for j in range(self.window))
+        value = near + self.mix * sum(bins)
+        return (math.log2(value) if value > 0 else -math.inf, item.last_access, item.key)
+
+    def observe(self, now: float, key: str, size: int) -> None:
+        self.now = now
+        if self.anchor is None:
+            self.anchor = now
+        x = (now - self.anchor) / self.half_life
+        if x > self.RESCALE:
+            scale = 2.0 ** -x
+            self.weight = {k: [w * scale for w in bins] for k, bins in self.weight.items()}
+            self.anchor, x = now, 0.0
+        bins = self.weight.get(key)
+        if bins is None:
+            bins = self.weight[key] = [0.0] * 24
+        bins[int(now % 86400.0 // 3600.0)] += 2.0 ** x
+        self._seen += 1
+        if self._seen % 1000 == 0 or len(self.weight) > self.max_keys:
+            floor = 2.0 ** (x - self.FORGET)
+            kept = sorted(((sum(b), k) for k, b in self.weight.items() if sum(b) >= floor), reverse=True)
+            keep = kept[:self.max_keys * 3 // 4 or 1] if len(kept) > self.max_keys else kept
+            self.weight = {k: self.weight[k] for _t, k in keep}
+
+    def state(self, keys: dict[str, int]) -> dict[str, Any]:
+        return {"seen": self._seen, "anchor": self.anchor, "now": self.now,
+                "weight": [[keys.setdefault(k, len(keys)), b] for k, b in self.weight.items()]}
+
+    def load_state(self, state: dict[str, Any], keys: Sequence[str]) -> None:
+        weight = {keys[int(i)]: [float(w) for w in b] for i, b in state["weight"]}
+        if any(len(b) != 24 for b in weight.values()):
+            raise ValueError("hourly weights must have 24 hours")
+        anchor = None if state["anchor"] is None else float(state["anchor"])
+        self._seen, self.anchor, self.now, self.weight = int(state["seen"]), anchor, float(state["now"]), weight
+
+
+# The first is the choice before evidence.
+ADAPT_CANDIDATES = ("lrfu-14d", "lrfu-tod", "lrfu-1d", "lfuda", "gdlfu", "gdsf", "lru")
 ADAPT_HALF_LIFE = 2000.0  # requests over which a shadow's byte hits count half as much
 ADAPT_EPOCH = 100  # requests between decisions
 HYSTERESIS = 0.03  # another shadow must be this much better (relative decayed byte hits) to take over
@@ -214,7 +289,7 @@ class AdaptivePolicy:
                 "table": [[keys.setdefault(it.key, len(keys)), it.size, it.last_access, it.hits, it.created,
                            it.priority] for it in sim.table.values()],
             }
-            if isinstance(sim.policy, DecayedFrequencyPolicy):
+            if isinstance(sim.policy, (DecayedFrequencyPolicy, HourlyFrequencyPolicy)):
                 shadows[name]["policy"] = sim.policy.state(keys)
         out: dict[str, Any] = {"policy": self.name, "capacity": self.capacity, "candidates": list(self.score),
                                "chosen": self.chosen, "switches": self.switches, "seen": self._seen,
@@ -239,7 +314,7 @@ class AdaptivePolicy:
         for name in self.shadows:
             saved = state["shadows"][name]
             sim = Simulator(self.capacity or 0, name)
-            if isinstance(sim.policy, DecayedFrequencyPolicy):
+            if isinstance(sim.policy, (DecayedFrequencyPolicy, HourlyFrequencyPolicy)):
                 sim.policy.load_state(saved["policy"], keys)
             items = [Item(key=keys[int(k)], size=int(n), last_access=float(t), hits=int(h), created=float(c),
                           priority=float(p)) for k, n, t, h, c, p in saved["table"]]
@@ -285,6 +360,7 @@ _POLICIES: dict[str, Callable[[int | None], Policy]] = {
     "gdlfu": lambda cap: GreedyDualPolicy("gdlfu", size_weight=1.0, fixed_cost=DOWNLOAD_COST_BYTES),
     "lrfu-1d": lambda cap: DecayedFrequencyPolicy("lrfu-1d", 86400.0),
     "lrfu-14d": lambda cap: DecayedFrequencyPolicy("lrfu-14d", 14 * 86400.0),
+    "lrfu-tod": lambda cap: HourlyFrequencyPolicy("lrfu-tod", 14 * 86400.0),
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
