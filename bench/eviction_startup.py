@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from comfy_autocloud.store import Store  # noqa: E402
 from comfy_autocloud.store.layout import INDEX_NAME, PRIVATE_DIR  # noqa: E402
-from comfy_autocloud.store.policy_state import STATE_NAME as POLICY_STATE  # noqa: E402
+from comfy_autocloud.store.layout import POLICY_STATE_NAME as POLICY_STATE  # noqa: E402
 from traces import realistic_trace  # noqa: E402
 
 SCALE = 10**6  # GB-sized models become KB-sized files

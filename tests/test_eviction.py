@@ -325,7 +325,7 @@ def test_next_process_resumes_from_the_saved_state(tmp_path: Path, monkeypatch: 
     import logging
 
     import comfy_autocloud.store.store as store_mod
-    from comfy_autocloud.store.policy_state import STATE_NAME
+    from comfy_autocloud.store.layout import POLICY_STATE_NAME as STATE_NAME
 
     monkeypatch.setattr(store_mod, "SAVE_EVERY", 25)
     trace, cap = _scaled_trace(260)
@@ -367,7 +367,7 @@ def test_two_processes_sharing_a_cache_converge(tmp_path: Path, monkeypatch: pyt
     """Two stores on one cache that started from different points: after one saves, the other adopts
     that state (it is further along), and from then on both make the same choices."""
     import comfy_autocloud.store.store as store_mod
-    from comfy_autocloud.store.policy_state import STATE_NAME
+    from comfy_autocloud.store.layout import POLICY_STATE_NAME as STATE_NAME
 
     monkeypatch.setattr(store_mod, "SAVE_EVERY", 10**9)  # only the first save of each process
     monkeypatch.setattr(store_mod, "POLICY_REPLAY", 20)

@@ -231,13 +231,17 @@ class HourlyFrequencyPolicy:
             self.weight = {k: self.weight[k] for _t, k in keep}
 
     def state(self, keys: dict[str, int]) -> dict[str, Any]:
-        return {"seen": self._seen, "anchor": self.anchor, "now": self.now,
-                "weight": [[keys.setdefault(k, len(keys)), b] for k, b in self.weight.items()]}
+        """Weights as [key index, [hour, weight, hour, weight, ...]] over the hours it was requested at."""
+        weight = [[keys.setdefault(k, len(keys)), [v for h, w in enumerate(b) if w for v in (h, w)]]
+                  for k, b in self.weight.items()]
+        return {"seen": self._seen, "anchor": self.anchor, "now": self.now, "weight": weight}
 
     def load_state(self, state: dict[str, Any], keys: Sequence[str]) -> None:
-        weight = {keys[int(i)]: [float(w) for w in b] for i, b in state["weight"]}
-        if any(len(b) != 24 for b in weight.values()):
-            raise ValueError("hourly weights must have 24 hours")
+        weight: dict[str, list[float]] = {}
+        for i, flat in state["weight"]:
+            bins = weight[keys[int(i)]] = [0.0] * 24
+            for h, w in zip(flat[::2], flat[1::2], strict=True):
+                bins[int(h)] = float(w)
         anchor = None if state["anchor"] is None else float(state["anchor"])
         self._seen, self.anchor, self.now, self.weight = int(state["seen"]), anchor, float(state["now"]), weight
 

@@ -31,7 +31,6 @@ from comfy_autocloud.store.eviction import AdaptivePolicy
 from comfy_autocloud.store.index import Index
 
 log = logging.getLogger(__name__)
-STATE_NAME = "policy-state.json"
 FORMAT = 1
 SAVE_EVERY = 200  # access-log rows observed between two saves (one save costs a few ms)
 

@@ -32,6 +32,7 @@ from comfy_autocloud.store.layout import (
     INDEX_NAME,
     LOCKS_DIR,
     PARTIAL_DIR,
+    POLICY_STATE_NAME,
     PRIVATE_DIR,
     QUARANTINE_DIR,
     TEMP_RESERVE,
@@ -39,7 +40,7 @@ from comfy_autocloud.store.layout import (
     key_name,
     temp_partial_dir,
 )
-from comfy_autocloud.store.policy_state import SAVE_EVERY, STATE_NAME, PolicyStateFile
+from comfy_autocloud.store.policy_state import SAVE_EVERY, PolicyStateFile
 from comfy_autocloud.store.room import disk_needs, over_watermark, room_for, unique_bytes
 from comfy_autocloud.store.space import disk_space, sha256_file
 from comfy_autocloud.store.verify import VerifyReport, run_verify
@@ -163,7 +164,7 @@ class Store:
         self._index.rerank(self.policy.name)
         self._policy_seen = -1  # the last access-log row a stateful policy has observed
         self._policy_lock = threading.Lock()  # threads of this process feed it each row once
-        self._policy_file = PolicyStateFile(self.private / STATE_NAME)
+        self._policy_file = PolicyStateFile(self.private / POLICY_STATE_NAME)
         self._policy_saved = -1  # the row the saved state was built up to, as this process last knew it
 
     # ----------------------------------------------------------------- paths
