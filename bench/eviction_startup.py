@@ -10,26 +10,26 @@ the access log holding the trace's newest N rows. Then, each in a fresh Python p
   the policy's saved state absent (the first eviction after an upgrade, or after the state file was
   lost), then with the state a previous process saved (the usual cold start), then with LRU (no
   learning: the floor);
-* `fetch`: the whole `autocloud fetch file://...` CLI process that must evict, default without and
-  with the saved state, and LRU.
+* `fetch`: an `autocloud -v fetch --json file://...` CLI process that must evict, default without and
+  with the saved state, and LRU: the `reserve` phase it reports (where the eviction happens).
 
 One line per access-log size, medians of three runs:
 
-  eviction-startup rows=50000 reserve_cold=0.412s reserve_saved=0.018s reserve_lru=0.011s
-    fetch_cold=2.61s fetch_saved=2.1s fetch_lru=2.08s
+  eviction-startup rows=50000 reserve_cold=0.424s reserve_saved=0.036s reserve_lru=0.010s
+    fetch_cold=0.541s fetch_saved=0.028s fetch_lru=0.028s
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,14 +103,15 @@ def reserve_time(root: Path, cap: int, policy: str) -> float:
     return float(out.stdout.strip())
 
 
-def fetch_time(root: Path, cap: int, policy: str, src: Path) -> float:
+def fetch_reserve_time(root: Path, cap: int, policy: str, src: Path) -> float:
+    """`autocloud -v fetch --json file://...` in a fresh process; the seconds its `reserve` phase took."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "AUTOCLOUD_CACHE": str(root),
            "AUTOCLOUD_MAX_SIZE": str(cap), "AUTOCLOUD_POLICY": policy}
     exe = Path(sys.executable).with_name("autocloud")
-    t = time.perf_counter()
-    subprocess.run([str(exe), "fetch", "-f", "checkpoints", f"file://{src}"], env=env, check=True,
-                   capture_output=True)
-    return time.perf_counter() - t
+    out = subprocess.run([str(exe), "-v", "fetch", "--json", "-f", "checkpoints", f"file://{src}"], env=env,
+                         check=True, capture_output=True, text=True)
+    doc = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    return float(doc["phases"]["reserve"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     copy(base, root)
                     if name == "fetch_saved":
                         saved_state(base, root, cap)
-                    t.setdefault(name, []).append(fetch_time(root, cap, policy, src))
+                    t.setdefault(name, []).append(fetch_reserve_time(root, cap, policy, src))
             med = {k: statistics.median(v) for k, v in t.items()}
             print(f"eviction-startup rows={rows} " + " ".join(f"{k}={v:.3f}s" for k, v in med.items()), flush=True)
     return 0
