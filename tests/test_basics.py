@@ -97,3 +97,37 @@ def test_settings_errors_name_the_setting(tmp_path, monkeypatch) -> None:
     cfg.write_text("")
     with pytest.raises(ManifestError, match="AUTOCLOUD_MAX_SIZE:max_size"):
         load_settings(env={"AUTOCLOUD_MAX_SIZE": "huge"})
+
+
+def test_deprecated_prefetch_setting_names_still_work(tmp_path, monkeypatch, capsys) -> None:
+    """The background disk prefetch settings were named preload*; the old names (config file and
+    AUTOCLOUD_PRELOAD*) still work, after the new ones, and `autocloud config` says they are deprecated."""
+    import json
+
+    from cli_helpers import run_cli
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("preload: true\npreload_top: 3\nprefetch_interval: 60\npreload_interval: 999\n")
+    monkeypatch.setenv("AUTOCLOUD_CONFIG", str(cfg))
+    env = {"AUTOCLOUD_PRELOAD_RATE": "10M"}
+    s = load_settings(env=env)
+    assert s.prefetch_background is True and s.prefetch_top == 3 and s.prefetch_rate == 10 * 2**20
+    assert s.prefetch_interval == 60.0 and s.origins["prefetch_interval"] == str(cfg)  # the new name wins
+    assert s.origins["prefetch_background"] == f"{cfg}: preload (deprecated: use prefetch_background)"
+    assert s.origins["prefetch_rate"] == "env AUTOCLOUD_PRELOAD_RATE (deprecated: use AUTOCLOUD_PREFETCH_RATE)"
+    s = load_settings(env={**env, "AUTOCLOUD_PREFETCH_RATE": "20M"})
+    assert s.prefetch_rate == 20 * 2**20 and s.origins["prefetch_rate"] == "env AUTOCLOUD_PREFETCH_RATE"
+    assert "preload" not in s.values and "preload_rate" not in s.values
+    with pytest.raises(ManifestError, match="AUTOCLOUD_PRELOAD_TOP:prefetch_top"):
+        load_settings(env={"AUTOCLOUD_PRELOAD_TOP": "many"})
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AUTOCLOUD_CACHE", str(tmp_path / "c"))
+    assert run_cli("config", "--json") == 0
+    shown = json.loads(capsys.readouterr().out)["settings"]
+    assert shown["prefetch_background"] == {"value": True,
+                                            "from": f"{cfg}: preload (deprecated: use prefetch_background)"}
+    assert "deprecated" in shown["prefetch_rate"]["from"] and "deprecated" not in shown["policy"]["from"]
+    assert run_cli("config") == 0
+    assert "deprecated" in capsys.readouterr().out

@@ -159,14 +159,15 @@ def test_settings_from_comfy_user_directory(tmp_path: Path) -> None:
     user.mkdir()
     (user / "autocloud.yaml").write_text(
         "manifest: [lists/base.json, /abs/other.json, https://example.com/m.json]\n"
-        "max_size: 200G\nallowed_hosts: [huggingface.co, cdn.example.com]\npreload: true\npreload_rate: 10M\n")
+        "max_size: 200G\nallowed_hosts: [huggingface.co, cdn.example.com]\n"
+        "prefetch_background: true\nprefetch_rate: 10M\n")
     env = {"AUTOCLOUD_CONFIG": str(tmp_path / "none.yaml"), "AUTOCLOUD_MAX_SIZE": "100G"}
     s = load_comfy_settings(user, env=env)
     assert s.manifest == (str(user / "lists/base.json"), "/abs/other.json", "https://example.com/m.json")
     assert s.max_size == 100 * 2**30 and s.origins["max_size"] == "env AUTOCLOUD_MAX_SIZE"
     assert s.allowed_hosts == ("huggingface.co", "cdn.example.com")
-    assert s.preload is True and s.preload_rate == 10 * MiB
-    assert s.origins["preload"] == str(user / "autocloud.yaml")
+    assert s.prefetch_background is True and s.prefetch_rate == 10 * MiB
+    assert s.origins["prefetch_background"] == str(user / "autocloud.yaml")
     (user / "autocloud.yaml").write_text("prefetch: maybe\n")
     with pytest.raises(Exception, match="prefetch"):
         load_comfy_settings(user, env=env)
@@ -449,7 +450,7 @@ def test_preloader_rate_limited_and_yields_to_on_demand(origin: TimedNginx, tmp_
     pop = ModelSpec(folder="checkpoints", filename="pop.safetensors", sources=(origin.url("pop.safetensors"),),
                     pin=True)
     need = _spec("loras", "need.safetensors", origin.url("need.safetensors"))
-    a = _adapter(tmp_path, [pop, need], preload_rate="2M")  # 4 MiB take ~2 s: long enough to interrupt
+    a = _adapter(tmp_path, [pop, need], prefetch_rate="2M")  # 4 MiB take ~2 s: long enough to interrupt
     from comfy_autocloud.comfy.background_prefetch import prefetcher_for
 
     pre = prefetcher_for(a)
@@ -459,7 +460,7 @@ def test_preloader_rate_limited_and_yields_to_on_demand(origin: TimedNginx, tmp_
         th = threading.Thread(target=pre.run_once)
         th.start()
         time.sleep(0.5)
-        assert [d["reason"] for d in a.status()["downloads"]] == ["preload"]
+        assert [d["reason"] for d in a.status()["downloads"]] == ["background"]
         t1 = time.monotonic()
         assert a.resolve_missing("loras", "need.safetensors") is not None
         on_demand = time.monotonic() - t1

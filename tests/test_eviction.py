@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ GiB = 2**30
 
 
 def test_get_policy_names() -> None:
-    names = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d")
+    names = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod")
     assert {get_policy(n).name for n in names} == set(names)
     with pytest.raises(ValueError, match="known: default, lfuda, gdsf, lru"):
         get_policy("fifo")
@@ -224,3 +225,167 @@ def test_adaptive_policy_in_the_store_keeps_pins_and_learns_from_the_log(tmp_pat
     shadow = store.policy.shadows[store.policy.chosen]
     assert "loras/hot" in shadow.table  # it has seen every access in the log
     store.close()
+
+
+def test_hourly_frequency_ranks_by_the_coming_hours() -> None:
+    """A model used every morning outranks one used as often every evening when the morning comes, and
+    the other way round in the evening; weights stay finite over years (rescaled), order unchanged."""
+    pol = get_policy("lrfu-tod")
+    day, t0 = 86400.0, 1_700_006_400.0  # a UTC midnight
+    for d in range(10):
+        pol.observe(t0 + d * day + 9 * 3600, "checkpoints/morning", GiB)
+        pol.observe(t0 + d * day + 20 * 3600, "checkpoints/evening", GiB)
+    morning, evening = Item("checkpoints/morning", GiB, 0.0), Item("checkpoints/evening", GiB, 0.0)
+    pol.observe(t0 + 10 * day + 8 * 3600, "loras/x", GiB)  # 8:00
+    assert pol.rank(morning) > pol.rank(evening)
+    pol.observe(t0 + 10 * day + 19 * 3600, "loras/x", GiB)  # 19:00
+    assert pol.rank(evening) > pol.rank(morning)
+    assert pol.rank(Item("loras/never", GiB, 0.0))[0] == float("-inf")
+    later = t0 + 300 * 14 * day  # past the rescale point: old history is forgotten, new counts as usual
+    pol.observe(later + 9 * 3600, "checkpoints/morning", GiB)
+    pol.observe(later + 9 * 3600 + 60, "checkpoints/morning", GiB)
+    pol.observe(later + 9 * 3600 + 120, "checkpoints/evening", GiB)
+    assert pol.rank(morning) > pol.rank(evening) and all(math.isfinite(pol.rank(i)[0]) for i in (morning, evening))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d"])
+def test_simulator_heap_picks_what_sorting_picks(policy: str) -> None:
+    """The simulator's heap (what makes the default's shadows cheap) evicts exactly what sorting the
+    table with `select_victims` evicts, request by request, across forgetting in decayed frequency."""
+    trace = realistic_trace(0, days=14)
+    cap = sum({k: s for _t, k, s in trace}.values()) // 10
+    fast, slow = Simulator(cap, policy), Simulator(cap, policy)
+    assert fast._heap is not None
+    slow._heap = None  # the plain path: sort the table at each miss
+    for t, key, size in trace:
+        assert fast.request(t, key, size) == slow.request(t, key, size)
+        assert fast.table.keys() == slow.table.keys(), (t, key)
+    assert fast.evictions == slow.evictions > 100
+
+
+def test_adaptive_state_round_trip_continues_exactly() -> None:
+    """Saved (through JSON) half-way and resumed, the default learns exactly what one uninterrupted
+    replay learns: same shadows, scores and choice, same victims."""
+    import json
+
+    trace = realistic_trace(4, days=21)
+    cap = sum({k: s for _t, k, s in trace}.values()) // 10
+    whole, first = AdaptivePolicy(cap), AdaptivePolicy(cap)
+    for t, key, size in trace:
+        whole.observe(t, key, size)
+    half = len(trace) // 2
+    for t, key, size in trace[:half]:
+        first.observe(t, key, size)
+    resumed = AdaptivePolicy(cap)
+    resumed.load_state(json.loads(json.dumps(first.state())))
+    for t, key, size in trace[half:]:
+        resumed.observe(t, key, size)
+    assert resumed.state() == whole.state()
+    assert whole.switches > 0  # the trace makes it change its mind
+    items = [Item(k, s, t, hits=1) for t, k, s in trace[-200:]]
+    items = list({it.key: it for it in items}.values())
+    need = sum(it.size for it in items) // 2
+    assert [v.key for v in select_victims(resumed, items, need)] == [v.key for v in select_victims(whole, items, need)]
+    with pytest.raises(ValueError, match="capacity"):
+        AdaptivePolicy(cap + 1).load_state(whole.state())
+
+
+def _run_requests(store: Store, trace: list[tuple[float, str, int]]) -> None:
+    """Each request as ComfyUI's loader makes it: a touch when cached, else reserve + download + commit."""
+    for _t, key, size in trace:
+        if store.lookup(key) is not None:
+            store.touch(key)
+            continue
+        data = hashlib.sha256(key.encode()).digest() * (size // 32 + 1)
+        with store.reserve(key, size):
+            part = store.partial_path(key)
+            part.write_bytes(data[:size])
+            store.commit(key, part, size=size, sha256=hashlib.sha256(data[:size]).hexdigest(), source="t")
+
+
+def _scaled_trace(requests: int) -> tuple[list[tuple[float, str, int]], int]:
+    trace = zipf_trace(seed=5, requests=requests, models=24, scan_share=0.2)
+    trace = [(t, k, max(1, s // 2**20)) for t, k, s in trace]
+    return trace, sum(sorted({k: s for _t, k, s in trace}.values())[-6:])
+
+
+def _fed(cap: int, store: Store) -> AdaptivePolicy:
+    """The reference: a fresh default policy that replayed the store's whole access log."""
+    ref = AdaptivePolicy(cap)
+    for t, key, size in store.access_history():
+        ref.observe(t, key, size)
+    return ref
+
+
+def test_next_process_resumes_from_the_saved_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A new process loads the state the last one saved and replays only the newer access-log rows,
+    ending exactly where a replay of the whole log ends; a state that does not match is ignored."""
+    import json
+    import logging
+
+    import comfy_autocloud.store.store as store_mod
+    from comfy_autocloud.store.layout import POLICY_STATE_NAME as STATE_NAME
+
+    monkeypatch.setattr(store_mod, "SAVE_EVERY", 25)
+    trace, cap = _scaled_trace(260)
+    kw = dict(max_size=cap, high_watermark=1.0, low_watermark=1.0, min_free_disk=0)
+    first = Store(tmp_path / "c", **kw)
+    _run_requests(first, trace[:200])
+    state = tmp_path / "c" / ".autocloud" / STATE_NAME
+    saved = json.loads(state.read_text())
+    assert 0 < saved["built_to"] <= first.last_access_id()
+    first.close()
+
+    # The next process relearns nothing: with a replay window of 40 rows (of 200+) it could not match
+    # the reference from the log alone.
+    monkeypatch.setattr(store_mod, "POLICY_REPLAY", 40)
+    second = Store(tmp_path / "c", **kw)
+    _run_requests(second, trace[200:])
+    assert second.would_evict(cap // 2) is not None  # feeds it the last rows
+    assert second.policy.state() == _fed(cap, second).state()
+    second.close()
+
+    # Ignored, with the reason: a file that does not parse, one built up to a row the log no longer
+    # holds as saved, one for another cap. The store then replays the newest POLICY_REPLAY rows.
+    good = state.read_text()
+    bad_row = json.loads(good)
+    bad_row["built_to_key"] = "checkpoints/other.safetensors"
+    for text, reason in (("{not json", "policy-state.json"), (json.dumps(bad_row), "no longer holds"),
+                         (good, "capacity")):
+        state.write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="comfy_autocloud.store.policy_state"):
+            other = Store(tmp_path / "c", **{**kw, "max_size": cap + 1 if reason == "capacity" else cap})
+            assert other.would_evict(cap) is not None
+        assert reason in caplog.text and str(state) in caplog.text, caplog.text
+        assert other.policy.state() != _fed(cap, other).state()  # it relearned from 40 rows only
+        other.close()
+
+
+def test_two_processes_sharing_a_cache_converge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stores on one cache that started from different points: after one saves, the other adopts
+    that state (it is further along), and from then on both make the same choices."""
+    import comfy_autocloud.store.store as store_mod
+    from comfy_autocloud.store.layout import POLICY_STATE_NAME as STATE_NAME
+
+    monkeypatch.setattr(store_mod, "SAVE_EVERY", 10**9)  # only the first save of each process
+    monkeypatch.setattr(store_mod, "POLICY_REPLAY", 20)
+    trace, cap = _scaled_trace(160)
+    kw = dict(max_size=cap, high_watermark=1.0, low_watermark=1.0, min_free_disk=0)
+    a = Store(tmp_path / "c", **kw)
+    _run_requests(a, trace[:120])  # a learns from row 1 on and saves once, early
+    assert a.would_evict(cap) is not None
+    own = a.policy.state()
+    (tmp_path / "c" / ".autocloud" / STATE_NAME).unlink()  # lost: b cannot start from a's state
+    b = Store(tmp_path / "c", **kw)
+    assert b.would_evict(cap) is not None  # b starts from the newest 20 rows, then saves
+    assert b.policy.state() != own  # two lineages
+    assert a.would_evict(cap) is not None and a.policy.state() == b.policy.state()  # a adopted b's
+    _run_requests(a, trace[120:140])
+    _run_requests(b, trace[140:])
+    for s in (a, b):
+        assert s.would_evict(cap) is not None
+    assert a.policy.state() == b.policy.state()
+    a.close()
+    b.close()

@@ -11,7 +11,7 @@ import { api } from "../../scripts/api.js";
 
 const TAB_ID = "autocloud";
 const POLL_MS = 2000;
-const REASONS = { prefetch: "for a queued prompt", "on-demand": "needed by a loader", preload: "preloading",
+const REASONS = { prefetch: "for a queued prompt", "on-demand": "needed by a loader", background: "fetching ahead",
   api: "requested here", unknown: "" };
 const PHASES = { queued: "waiting", wait: "waiting for another download", start: "connecting",
   download: "downloading", commit: "verifying and saving" };

@@ -121,6 +121,11 @@ class Setting:
     default: Any
     parse: Any
     help: str
+    old_name: str | None = None  # a deprecated name (and AUTOCLOUD_<OLD_NAME>) still read, after the new ones
+
+    @property
+    def old_env(self) -> str | None:
+        return f"AUTOCLOUD_{self.old_name.upper()}" if self.old_name else None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -153,14 +158,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prefetch", "AUTOCLOUD_PREFETCH", True, _bool,
             "fetch every missing model of a queued prompt at once, before its loaders run"),
     Setting("parallel", "AUTOCLOUD_PARALLEL", 4, _positive_int, "model downloads at once in ComfyUI"),
-    Setting("preload", "AUTOCLOUD_PRELOAD", False, _bool,
-            "keep pinned and most-used models present in the background (background disk prefetch)"),
-    Setting("preload_rate", "AUTOCLOUD_PRELOAD_RATE", 50 * 2**20, lambda v: parse_rate(v),
-            "byte rate the background prefetcher may use; on-demand downloads always go first"),
-    Setting("preload_interval", "AUTOCLOUD_PRELOAD_INTERVAL", 3600.0, float,
-            "seconds between background prefetch passes"),
-    Setting("preload_top", "AUTOCLOUD_PRELOAD_TOP", 10, int,
-            "how many of the most-used models the background prefetcher keeps on disk"),
+    # background disk prefetch (comfy_autocloud.prefetch); "preload" means the RAM/VRAM preload below
+    Setting("prefetch_background", "AUTOCLOUD_PREFETCH_BACKGROUND", False, _bool,
+            "keep pinned and most-used models present in the background (background disk prefetch)",
+            old_name="preload"),
+    Setting("prefetch_rate", "AUTOCLOUD_PREFETCH_RATE", 50 * 2**20, lambda v: parse_rate(v),
+            "byte rate the background prefetcher may use; on-demand downloads always go first",
+            old_name="preload_rate"),
+    Setting("prefetch_interval", "AUTOCLOUD_PREFETCH_INTERVAL", 3600.0, float,
+            "seconds between background prefetch passes", old_name="preload_interval"),
+    Setting("prefetch_top", "AUTOCLOUD_PREFETCH_TOP", 10, int,
+            "how many of the most-used models the background prefetcher keeps on disk", old_name="preload_top"),
     # memory preload (seed 000): models held in RAM/VRAM by the preload registry
     Setting("preload_config", "AUTOCLOUD_PRELOAD_CONFIG", None, _optional(lambda v: str(Path(v).expanduser())),
             "preload_config.json to load at ComfyUI start-up (default: ComfyUI's user dir, then the pack dir)"),
@@ -248,7 +256,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ManifestError(str(path), f"cannot read config: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(str(path), "config must be a mapping of setting: value")
-    known = {s.name for s in SETTINGS}
+    known = {s.name for s in SETTINGS} | {s.old_name for s in SETTINGS if s.old_name}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ManifestError(f"{path}:{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
@@ -268,22 +276,32 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
     extra_values = _read_config_file(extra_config) if extra_config is not None else {}
     settings = Settings()
     for s in SETTINGS:
+        old, old_env = s.old_name, s.old_env
+        written, note = s.name, ""  # the name the value was given under; what `config` adds to its origin
         if overrides.get(s.name) is not None:
             raw, origin = overrides[s.name], "command line"
         elif env.get(s.env) not in (None, ""):
             raw, origin = env[s.env], f"env {s.env}"
+        elif old_env and env.get(old_env) not in (None, ""):
+            raw, origin, note = env[old_env], f"env {old_env}", f" (deprecated: use {s.env})"
         elif s.name in extra_values:
             raw, origin = extra_values[s.name], f"{extra_config}"
+        elif old and old in extra_values:
+            raw, origin, written = extra_values[old], f"{extra_config}", old
         elif s.name in file_values:
             raw, origin = file_values[s.name], f"{cfg_path}"
+        elif old and old in file_values:
+            raw, origin, written = file_values[old], f"{cfg_path}", old
         else:
             raw, origin = s.default, "default"
+        if written != s.name:
+            note = f": {written} (deprecated: use {s.name})"
         try:
             value = s.parse(raw) if raw is not None else None
         except (ValueError, TypeError) as exc:
-            raise ManifestError(f"{origin}:{s.name}", f"invalid value {raw!r}: {exc}") from exc
+            raise ManifestError(f"{origin}:{written}", f"invalid value {raw!r}: {exc}") from exc
         settings.values[s.name] = value
-        settings.origins[s.name] = origin
+        settings.origins[s.name] = origin + note
     return settings
 
 

@@ -1,9 +1,11 @@
 """Runs the background disk prefetcher for the adapter: its downloads show up in status and the panel
-as reason 'preload', and it steps aside whenever a prompt's prefetch, a loader or an API download runs."""
+as reason 'background' (shown as "fetching ahead"), and it steps aside whenever a prompt's prefetch, a
+loader or an API download runs."""
 
 from __future__ import annotations
 
 from comfy_autocloud.comfy.runtime import Adapter
+from comfy_autocloud.comfy.tracker import BACKGROUND
 from comfy_autocloud.errors import AutoCloudError
 from comfy_autocloud.fetch.service import FetchResult
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -15,7 +17,7 @@ def prefetcher_for(adapter: Adapter) -> BackgroundPrefetcher:
     tracker = adapter.tracker
 
     def on_start(spec: ModelSpec) -> None:
-        tracker.begin(spec.key, "preload")
+        tracker.begin(spec.key, BACKGROUND)
 
     def on_done(spec: ModelSpec, result: FetchResult | None, error: AutoCloudError | None) -> None:
         if error is not None:
@@ -28,8 +30,8 @@ def prefetcher_for(adapter: Adapter) -> BackgroundPrefetcher:
             adapter._changed(spec.key)
 
     return BackgroundPrefetcher(adapter.store, adapter.fetch_service, adapter.catalog.specs,
-                                rate=s.get("preload_rate") or 50 * 2**20, top=int(s.get("preload_top", 10)),
-                                interval=float(s.get("preload_interval", 3600.0)),
-                                busy=lambda: tracker.busy(ignore=("preload",)), progress=tracker.callback("preload"),
+                                rate=s.get("prefetch_rate") or 50 * 2**20, top=int(s.get("prefetch_top", 10)),
+                                interval=float(s.get("prefetch_interval", 3600.0)),
+                                busy=lambda: tracker.busy(ignore=(BACKGROUND,)), progress=tracker.callback(BACKGROUND),
                                 on_start=on_start, on_done=on_done,
                                 predict_top=int(s.get("predict_top") or 0) if s.get("predict") else 0)

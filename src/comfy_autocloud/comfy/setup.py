@@ -68,7 +68,7 @@ def _attach_server(adapter: Adapter, server: Any) -> None:
 
 
 def _start_prefetcher(adapter: Adapter) -> None:
-    if not adapter.settings.values.get("preload"):
+    if not adapter.settings.values.get("prefetch_background"):
         return
     from comfy_autocloud.comfy.background_prefetch import prefetcher_for
 

@@ -1,6 +1,6 @@
 """Downloads in flight and counters, fed by the fetch service's progress events.
 
-One place knows what is downloading, how fast and why (prefetch, on-demand, preload, api), so the
+One place knows what is downloading, how fast and why (prefetch, on-demand, background, api), so the
 status route, the Prometheus metrics, the websocket messages and the loaders' progress bars all agree.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 from comfy_autocloud.progress import ProgressCallback, ProgressEvent
 
 log = logging.getLogger(__name__)
+BACKGROUND = "background"  # the reason of the background disk prefetcher's downloads (they yield to all others)
 
 Listener = Callable[[dict[str, Any]], None]
 SPEED_WINDOW = 3.0  # seconds of samples behind the reported speed
@@ -26,7 +27,7 @@ EMIT_EVERY = 0.25  # at most this often per key for byte updates (websocket traf
 @dataclass
 class Download:
     key: str
-    reason: str  # prefetch | on-demand | preload | api
+    reason: str  # prefetch | on-demand | background (the background disk prefetcher) | api
     phase: str = "queued"
     bytes_done: int = 0
     bytes_total: int | None = None
@@ -74,12 +75,12 @@ class Tracker:
         self._listeners.append(fn)
 
     def begin(self, key: str, reason: str) -> None:
-        """Announce a download; a preload of the same key becomes this reason (so busy() sees it)."""
+        """Announce a download; a background prefetch of the same key becomes this reason (so busy() sees it)."""
         with self._lock:
             dl = self._active.get(key)
             if dl is None:
                 dl = self._active[key] = Download(key, reason)
-            elif dl.reason == "preload" and reason != "preload":
+            elif dl.reason == BACKGROUND and reason != BACKGROUND:
                 dl.reason = reason
             else:
                 return
@@ -178,7 +179,7 @@ class Tracker:
         with self._lock:
             return [d.as_dict() for d in self._recent]
 
-    def busy(self, *, ignore: tuple[str, ...] = ("preload",)) -> bool:
+    def busy(self, *, ignore: tuple[str, ...] = (BACKGROUND,)) -> bool:
         """True while a download other than `ignore`d kinds runs (the background prefetcher yields to these)."""
         with self._lock:
             return any(d.reason not in ignore for d in self._active.values())

@@ -14,6 +14,9 @@ ratio the real store would get on that trace.
 * "lrfu-1d", "lrfu-14d": exponentially decayed request frequency (half-life one day / two weeks),
   remembered for files that were evicted (a ghost history), so a model that comes back every morning
   or every Monday is known when it does, and a batch job's one-off models rank below it.
+* "lrfu-tod": decayed frequency (half-life two weeks) per hour of the day, ranked by the requests in
+  the next hours of the day (load follows the time of day: a model used every morning outranks one
+  used every night when the morning comes) plus a share of the key's requests at any hour.
 * "default" (adaptive): a shadow cache of the same capacity per candidate (the policies above), all
   fed every request; each shadow's byte hits decay with a half-life of `ADAPT_HALF_LIFE` requests.
   The best shadow decides which real files go: files it no longer holds first, then in its order.
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # Fixed cost of one download expressed in bytes: ~1 s of setup + verification at ~128 MiB/s.
 DOWNLOAD_COST_BYTES = 128 * 2**20
@@ -78,6 +81,7 @@ class _RowPolicy:
     """A policy that ranks by the row's stored priority and learns nothing from the stream."""
 
     stateful = False
+    local_rank = True  # a file's rank changes only when it is requested (the simulator keeps a heap)
 
     def rank(self, item: Item) -> Rank:
         return (item.priority, item.last_access, item.key)
@@ -125,6 +129,7 @@ class DecayedFrequencyPolicy:
     for evicted keys too (so it is stateful: it needs the stream, not only the row)."""
 
     stateful = True
+    local_rank = True  # a request changes only its own key's weight; forgetting bumps `generation`
     FORGET = 40.0  # a key whose weight fell below 2^-FORGET of a fresh request is forgotten
 
     def __init__(self, name: str, half_life: float, max_keys: int = 100_000) -> None:
@@ -133,6 +138,7 @@ class DecayedFrequencyPolicy:
         self.max_keys = max_keys
         self.weight: dict[str, float] = {}  # key -> log2 sum 2^(t_i / half_life)
         self._seen = 0
+        self.generation = 0  # bumped when keys are forgotten (their files' ranks drop to -inf)
 
     def priority(self, size: int, hits: int, now: float, clock: float) -> float:
         return float(now)  # the stored column (not used for ranking): the last access, as for LRU
@@ -143,6 +149,15 @@ class DecayedFrequencyPolicy:
     def rank(self, item: Item) -> Rank:
         return (self.weight.get(item.key, -math.inf), item.last_access, item.key)
 
+    def state(self, keys: dict[str, int]) -> dict[str, Any]:
+        """What it has learned, JSON-ready, keys as indexes into a shared key table (see `AdaptivePolicy`)."""
+        return {"seen": self._seen, "weight": [[keys.setdefault(k, len(keys)), w] for k, w in self.weight.items()]}
+
+    def load_state(self, state: dict[str, Any], keys: Sequence[str]) -> None:
+        weight = {keys[int(i)]: float(w) for i, w in state["weight"]}
+        self._seen, self.weight = int(state["seen"]), weight
+        self.generation += 1
+
     def observe(self, now: float, key: str, size: int) -> None:
         x = now / self.half_life
         old = self.weight.get(key)
@@ -150,12 +165,89 @@ class DecayedFrequencyPolicy:
         self._seen += 1
         if self._seen % 1000 == 0 or len(self.weight) > self.max_keys:
             floor = x - self.FORGET
+            self.generation += 1
             kept = sorted(((w, k) for k, w in self.weight.items() if w >= floor), reverse=True)
             self.weight = {k: w for w, k in kept[:self.max_keys * 3 // 4 or 1]} if len(kept) > self.max_keys \
                 else {k: w for w, k in kept}
 
 
-ADAPT_CANDIDATES = ("lrfu-14d", "lrfu-1d", "lfuda", "gdlfu", "gdsf", "lru")  # first: the choice before evidence
+class HourlyFrequencyPolicy:
+    """Decayed request frequency per hour of the day: rank = log2 of (the key's decayed requests in the
+    `window` hours from the current hour on, over past days + `mix` x its decayed requests at any hour).
+    Loads follow the time of day (people work at their own hours), so at 9:00 the models used in the
+    mornings outrank the ones used at night even when those are as frequent; the ghost history keeps
+    evicted keys. The rank moves with the clock, so the simulator sorts instead of keeping a heap."""
+
+    stateful = True
+    local_rank = False
+    FORGET = 40.0  # forgotten when its total fell below 2^-FORGET of one fresh request
+    RESCALE = 256.0  # half-lives after which the stored weights are scaled down (floats stay finite)
+
+    def __init__(self, name: str, half_life: float, *, window: int = 8, mix: float = 0.3,
+                 max_keys: int = 100_000) -> None:
+        self.name = name
+        self.half_life = half_life
+        self.window = window
+        self.mix = mix
+        self.max_keys = max_keys
+        self.weight: dict[str, list[float]] = {}  # key -> 24 sums of 2^((t_i - anchor) / half_life)
+        self.anchor: float | None = None
+        self.now = 0.0
+        self._seen = 0
+
+    def priority(self, size: int, hits: int, now: float, clock: float) -> float:
+        return float(now)
+
+    def clock_after(self, clock: float, victims: Sequence[Item]) -> float:
+        return clock
+
+    def rank(self, item: Item) -> Rank:
+        bins = self.weight.get(item.key)
+        if bins is None:
+            return (-math.inf, item.last_access, item.key)
+        hour = int(self.now % 86400.0 // 3600.0)
+        near = sum(bins[(hour + j) % 24] for j in range(self.window))
+        value = near + self.mix * sum(bins)
+        return (math.log2(value) if value > 0 else -math.inf, item.last_access, item.key)
+
+    def observe(self, now: float, key: str, size: int) -> None:
+        self.now = now
+        if self.anchor is None:
+            self.anchor = now
+        x = (now - self.anchor) / self.half_life
+        if x > self.RESCALE:
+            scale = 2.0 ** -x
+            self.weight = {k: [w * scale for w in bins] for k, bins in self.weight.items()}
+            self.anchor, x = now, 0.0
+        bins = self.weight.get(key)
+        if bins is None:
+            bins = self.weight[key] = [0.0] * 24
+        bins[int(now % 86400.0 // 3600.0)] += 2.0 ** x
+        self._seen += 1
+        if self._seen % 1000 == 0 or len(self.weight) > self.max_keys:
+            floor = 2.0 ** (x - self.FORGET)
+            kept = sorted(((sum(b), k) for k, b in self.weight.items() if sum(b) >= floor), reverse=True)
+            keep = kept[:self.max_keys * 3 // 4 or 1] if len(kept) > self.max_keys else kept
+            self.weight = {k: self.weight[k] for _t, k in keep}
+
+    def state(self, keys: dict[str, int]) -> dict[str, Any]:
+        """Weights as [key index, [hour, weight, hour, weight, ...]] over the hours it was requested at."""
+        weight = [[keys.setdefault(k, len(keys)), [v for h, w in enumerate(b) if w for v in (h, w)]]
+                  for k, b in self.weight.items()]
+        return {"seen": self._seen, "anchor": self.anchor, "now": self.now, "weight": weight}
+
+    def load_state(self, state: dict[str, Any], keys: Sequence[str]) -> None:
+        weight: dict[str, list[float]] = {}
+        for i, flat in state["weight"]:
+            bins = weight[keys[int(i)]] = [0.0] * 24
+            for h, w in zip(flat[::2], flat[1::2], strict=True):
+                bins[int(h)] = float(w)
+        anchor = None if state["anchor"] is None else float(state["anchor"])
+        self._seen, self.anchor, self.now, self.weight = int(state["seen"]), anchor, float(state["now"]), weight
+
+
+# The first is the choice before evidence.
+ADAPT_CANDIDATES = ("lrfu-14d", "lrfu-tod", "lrfu-1d", "lfuda", "gdlfu", "gdsf", "lru")
 ADAPT_HALF_LIFE = 2000.0  # requests over which a shadow's byte hits count half as much
 ADAPT_EPOCH = 100  # requests between decisions
 HYSTERESIS = 0.03  # another shadow must be this much better (relative decayed byte hits) to take over
@@ -187,6 +279,58 @@ class AdaptivePolicy:
 
     def clock_after(self, clock: float, victims: Sequence[Item]) -> float:
         return self._stored.clock_after(clock, victims)
+
+    def state(self, keys: dict[str, int] | None = None) -> dict[str, Any]:
+        """Everything it has learned, JSON-ready and exact (floats round-trip): each shadow's table and
+        clock, the decayed-frequency weights, the scores and the choice. Bounded: a shadow holds at most
+        a cache's worth of files, a decayed-frequency one at most `max_keys` weights. Keys are stored once,
+        as indexes into `keys`."""
+        keys = {} if keys is None else keys
+        shadows: dict[str, Any] = {}
+        for name, sim in self.shadows.items():
+            shadows[name] = {
+                "used": sim.used, "clock": sim.clock, "evictions": sim.evictions,
+                "table": [[keys.setdefault(it.key, len(keys)), it.size, it.last_access, it.hits, it.created,
+                           it.priority] for it in sim.table.values()],
+            }
+            if isinstance(sim.policy, (DecayedFrequencyPolicy, HourlyFrequencyPolicy)):
+                shadows[name]["policy"] = sim.policy.state(keys)
+        out: dict[str, Any] = {"policy": self.name, "capacity": self.capacity, "candidates": list(self.score),
+                               "chosen": self.chosen, "switches": self.switches, "seen": self._seen,
+                               "score": self.score, "shadows": shadows}
+        if not self.shadows and isinstance(self.fallback, DecayedFrequencyPolicy):
+            out["fallback"] = self.fallback.state(keys)
+        out["keys"] = sorted(keys, key=keys.__getitem__)
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`; ValueError if it was saved by a policy of another capacity or candidates
+        (then nothing changes)."""
+        from comfy_autocloud.store.simulate import Simulator
+
+        if (state.get("policy"), state.get("capacity"), state.get("candidates")) != \
+                (self.name, self.capacity, list(self.score)):
+            raise ValueError(f"saved for policy {state.get('policy')!r} with capacity {state.get('capacity')} and "
+                             f"candidates {state.get('candidates')}, not {self.name!r} with {self.capacity} and "
+                             f"{list(self.score)}")
+        keys = [str(k) for k in state["keys"]]
+        shadows = {}
+        for name in self.shadows:
+            saved = state["shadows"][name]
+            sim = Simulator(self.capacity or 0, name)
+            if isinstance(sim.policy, (DecayedFrequencyPolicy, HourlyFrequencyPolicy)):
+                sim.policy.load_state(saved["policy"], keys)
+            items = [Item(key=keys[int(k)], size=int(n), last_access=float(t), hits=int(h), created=float(c),
+                          priority=float(p)) for k, n, t, h, c, p in saved["table"]]
+            sim.load(items, used=int(saved["used"]), clock=float(saved["clock"]), evictions=int(saved["evictions"]))
+            shadows[name] = sim
+        score = {name: float(state["score"][name]) for name in self.score}
+        if state["chosen"] not in score:
+            raise ValueError(f"chosen policy {state['chosen']!r} is not a candidate")
+        if not self.shadows and isinstance(self.fallback, DecayedFrequencyPolicy):
+            self.fallback.load_state(state["fallback"], keys)
+        self.shadows, self.score = shadows, score
+        self.chosen, self.switches, self._seen = str(state["chosen"]), int(state["switches"]), int(state["seen"])
 
     def rank(self, item: Item) -> Rank:
         if not self.shadows:
@@ -220,6 +364,7 @@ _POLICIES: dict[str, Callable[[int | None], Policy]] = {
     "gdlfu": lambda cap: GreedyDualPolicy("gdlfu", size_weight=1.0, fixed_cost=DOWNLOAD_COST_BYTES),
     "lrfu-1d": lambda cap: DecayedFrequencyPolicy("lrfu-1d", 86400.0),
     "lrfu-14d": lambda cap: DecayedFrequencyPolicy("lrfu-14d", 14 * 86400.0),
+    "lrfu-tod": lambda cap: HourlyFrequencyPolicy("lrfu-tod", 14 * 86400.0),
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)

@@ -314,6 +314,11 @@ class Index:
         return [(int(i), float(ts), str(k), int(n)) for i, ts, k, n in self._c(c).execute(
             "SELECT id, ts, key, size FROM access_log WHERE id > ? ORDER BY id", (after,))]
 
+    def access_row(self, row_id: int) -> tuple[float, str] | None:
+        """(ts, key) of one access-log row, None if the log does not hold it."""
+        row = self.conn().execute("SELECT ts, key FROM access_log WHERE id=?", (row_id,)).fetchone()
+        return (float(row[0]), str(row[1])) if row else None
+
     def last_access_id(self) -> int:
         row = self.conn().execute("SELECT MAX(id) FROM access_log").fetchone()
         return int(row[0] or 0)

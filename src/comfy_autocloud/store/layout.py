@@ -6,6 +6,7 @@
     <root>/.autocloud/partial/<name>.part           a download in progress (+ .state, .live records)
     <root>/.autocloud/locks/<name>.lock             its single-flight lock
     <root>/.autocloud/quarantine/                   files `verify` found damaged
+    <root>/.autocloud/policy-state.json             what the adaptive eviction policy learned (policy_state)
     <temp_dir>/autocloud-partial-<cache id>/        partials on a RAM disk, when a temp dir is set
 
 `<name>` is a hash of the key, so every file of one download shares the prefix `group_name` returns.
@@ -22,6 +23,7 @@ PARTIAL_DIR = "partial"
 LOCKS_DIR = "locks"
 QUARANTINE_DIR = "quarantine"
 INDEX_NAME = "index.sqlite"
+POLICY_STATE_NAME = "policy-state.json"
 TMP_SUFFIX = ".actmp"
 TEMP_RESERVE = 4 * 2**20  # left free on the temp dir after a partial is chosen to live there (state files)
 

@@ -4,18 +4,25 @@ The replay uses the Store's own `Policy.priority`, `Policy.clock_after`, `Policy
 `select_victims`; only the table of items lives in memory instead of SQLite. A miss is admitted the
 way `Store.reserve()` admits a download: evict just enough to fit, never the key itself; a file
 larger than the cache is not cached.
+
+For a policy whose rank of a file changes only when that file is requested (`local_rank`: the
+textbook ones and the decayed-frequency ones), the simulator keeps its files in a heap with lazy
+deletion instead of sorting the table at each miss: the same victims in the same order (the rank is a
+total order), in O(log n) per request. That is what makes the adaptive default's shadow caches cheap
+to replay (`eviction.AdaptivePolicy`).
 """
 
 from __future__ import annotations
 
 import csv
+import heapq
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from comfy_autocloud.errors import ManifestError
-from comfy_autocloud.store.eviction import Item, bytes_freed, get_policy, select_victims
+from comfy_autocloud.store.eviction import Item, get_policy, select_victims
 
 Request = tuple[float, str, int]
 
@@ -46,12 +53,63 @@ class Simulator:
         self.used = 0
         self.clock = 0.0
         self.evictions = 0
+        # (rank, stamp) per file, lowest first; an entry whose stamp is not the file's current one is stale.
+        self._heap: list[tuple[tuple[float, float, str], int]] | None = \
+            [] if getattr(self.policy, "local_rank", False) else None
+        self._stamp: dict[str, int] = {}
+        self._tick = 0
+        self._generation = getattr(self.policy, "generation", 0)
 
     def request(self, now: float, key: str, size: int) -> bool:
         hit = self._request(now, key, size)
         if self.policy.stateful:  # after the request, as the Store's access log records it
             self.policy.observe(now, key, size)
+        if self._heap is not None:
+            item = self.table.get(key)
+            if item is not None:  # its rank changed (or it is new): a fresh entry, the old one goes stale
+                self._tick += 1
+                self._stamp[key] = self._tick
+                heapq.heappush(self._heap, (self.policy.rank(item), self._tick))
         return hit
+
+    def load(self, items: Iterable[Item], *, used: int, clock: float, evictions: int) -> None:
+        """Restore a saved table (see `AdaptivePolicy.state`): the same cache as the one saved."""
+        self.table = {it.key: it for it in items}
+        self.used, self.clock, self.evictions = used, clock, evictions
+        self._stamp = {}
+        if self._heap is not None:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Every file's current rank, no stale entries (after the policy forgot keys, or to bound the heap)."""
+        heap: list[tuple[tuple[float, float, str], int]] = []
+        for key, item in self.table.items():
+            self._tick += 1
+            self._stamp[key] = self._tick
+            heap.append((self.policy.rank(item), self._tick))
+        heapq.heapify(heap)
+        self._heap = heap
+        self._generation = getattr(self.policy, "generation", 0)
+
+    def _victims(self, need: int) -> list[Item]:
+        """Lowest-ranked files first until `need` bytes are free (what `select_victims` picks here)."""
+        if self._heap is None:
+            return select_victims(self.policy, self.table.values(), need)
+        if self._generation != getattr(self.policy, "generation", 0) or len(self._heap) > 2 * len(self.table) + 64:
+            self._rebuild()
+        heap, stamp, table = self._heap, self._stamp, self.table
+        victims: list[Item] = []
+        freed = 0
+        while freed < need and heap:
+            rank, tick = heapq.heappop(heap)
+            key = rank[2]
+            if stamp.get(key) != tick:
+                continue
+            del stamp[key]
+            item = table[key]
+            victims.append(item)
+            freed += item.size
+        return victims
 
     def _request(self, now: float, key: str, size: int) -> bool:
         pol, table = self.policy, self.table
@@ -64,12 +122,13 @@ class Simulator:
         if item is not None:  # same key, new content: the download replaces it
             self.used -= item.size
             del table[key]
+            self._stamp.pop(key, None)
         if size > self.capacity:
             return False
         need = self.used + size - self.capacity
-        if need > 0:
-            victims = select_victims(pol, table.values(), need, protect=(key,))
-            if bytes_freed(victims, table.values()) < need:
+        if need > 0:  # `key` is not in the table: nothing to protect
+            victims = self._victims(need)
+            if sum(v.size for v in victims) < need:  # no hardlinks here; cannot happen as size <= capacity
                 return False
             for v in victims:
                 del table[v.key]

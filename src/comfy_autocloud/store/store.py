@@ -26,12 +26,13 @@ from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
 from comfy_autocloud.fsutil import fsync_dir, fsync_file
 from comfy_autocloud.keys import check_sha256, split_key
 from comfy_autocloud.phases import Laps
-from comfy_autocloud.store.eviction import Item, Policy, bytes_freed, get_policy, select_victims
+from comfy_autocloud.store.eviction import AdaptivePolicy, Item, Policy, bytes_freed, get_policy, select_victims
 from comfy_autocloud.store.index import ACCESS_LOG_MAX, Index, proc_alive
 from comfy_autocloud.store.layout import (
     INDEX_NAME,
     LOCKS_DIR,
     PARTIAL_DIR,
+    POLICY_STATE_NAME,
     PRIVATE_DIR,
     QUARANTINE_DIR,
     TEMP_RESERVE,
@@ -39,13 +40,14 @@ from comfy_autocloud.store.layout import (
     key_name,
     temp_partial_dir,
 )
+from comfy_autocloud.store.policy_state import SAVE_EVERY, PolicyStateFile
 from comfy_autocloud.store.room import disk_needs, over_watermark, room_for, unique_bytes
 from comfy_autocloud.store.space import disk_space, sha256_file
 from comfy_autocloud.store.verify import VerifyReport, run_verify
 from comfy_autocloud.units import human_size
 
 log = logging.getLogger(__name__)
-POLICY_REPLAY = 5_000  # access-log rows (weeks of a node's loads) a stateful policy replays at first use
+POLICY_REPLAY = 5_000  # access-log rows (weeks of a node's loads) a stateful policy replays at most at first use
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ class Store:
         self._index.rerank(self.policy.name)
         self._policy_seen = -1  # the last access-log row a stateful policy has observed
         self._policy_lock = threading.Lock()  # threads of this process feed it each row once
+        self._policy_file = PolicyStateFile(self.private / POLICY_STATE_NAME)
+        self._policy_saved = -1  # the row the saved state was built up to, as this process last knew it
 
     # ----------------------------------------------------------------- paths
     def path_for(self, key: str) -> Path:
@@ -319,16 +323,28 @@ class Store:
 
     # ----------------------------------------------------------------- removing and making room
     def _feed_policy(self, conn: sqlite3.Connection | None = None) -> None:
-        """A stateful policy observes the accesses logged since it last looked (every process's, in order;
-        at first the newest POLICY_REPLAY), before it ranks victims."""
+        """A stateful policy observes the accesses logged since it last looked (every process's, in order),
+        before it ranks victims. The adaptive default starts from the state a process saved
+        (`policy_state`) and replays only the rows after it; without one, from the newest POLICY_REPLAY
+        rows. Saved every SAVE_EVERY rows, outside the write lock (`conn` is None there). Once started it
+        never skips a row, so processes on one cache that reach the same state stay the same."""
         if not self.policy.stateful:
             return
+        adaptive = self.policy if isinstance(self.policy, AdaptivePolicy) else None
         with self._policy_lock:
-            if self._policy_seen < 0:
+            if adaptive is not None:
+                built_to = self._policy_file.load_if_newer(adaptive, self._index, self._policy_seen)
+                if built_to is not None:
+                    self._policy_seen = self._policy_saved = built_to
+            if self._policy_seen < 0:  # nothing saved: learn from the newest rows (bounded)
                 self._policy_seen = max(0, self._index.last_access_id() - POLICY_REPLAY)
             for row_id, ts, key, size in self._index.access_since(self._policy_seen, conn):
                 self.policy.observe(ts, key, size)
                 self._policy_seen = row_id
+            if adaptive is not None and conn is None and self._policy_seen > 0 \
+                    and (self._policy_saved < 0 or self._policy_seen - self._policy_saved >= SAVE_EVERY):
+                self._policy_file.save(adaptive, self._index, self._policy_seen)  # a failure is logged, not retried
+                self._policy_saved = self._policy_seen
 
     def would_evict(self, nbytes: int, *, protect: Collection[str] = ()) -> list[Entry] | None:
         """What the policy would evict under the cap to make room for `nbytes` more (a dry run): [] when
