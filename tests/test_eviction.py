@@ -389,3 +389,12 @@ def test_two_processes_sharing_a_cache_converge(tmp_path: Path, monkeypatch: pyt
     assert a.policy.state() == b.policy.state()
     a.close()
     b.close()
+
+
+def test_every_registered_policy_is_a_valid_setting(tmp_path: Path) -> None:
+    from comfy_autocloud.config import POLICIES, load_settings
+    from comfy_autocloud.store.eviction import POLICY_NAMES
+
+    assert set(POLICIES) == set(POLICY_NAMES)
+    env = {"AUTOCLOUD_POLICY": "lrfu-1d", "AUTOCLOUD_CONFIG": str(tmp_path / "none.yaml"), "HOME": str(tmp_path)}
+    assert load_settings(env=env).policy == "lrfu-1d"

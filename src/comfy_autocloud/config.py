@@ -17,7 +17,8 @@ from comfy_autocloud.units import parse_rate, parse_size
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "autocloud" / "models"
 
 
-POLICIES = ("default", "lru", "lfuda", "gdsf")
+# The names store.eviction registers (config sits below the store; tests/test_eviction.py keeps them equal).
+POLICIES = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod")
 
 
 def _policy(value: str) -> str:

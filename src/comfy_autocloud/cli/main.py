@@ -16,6 +16,7 @@ import click
 
 from comfy_autocloud import __version__
 from comfy_autocloud.cli.output import exit_code_of
+from comfy_autocloud.config import POLICIES
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class LazyGroup(click.Group):
               help="Model cache directory [env AUTOCLOUD_CACHE; default ~/.cache/autocloud/models].")
 @click.option("--max-size", default=None, metavar="SIZE",
               help="Cache size cap, e.g. 200G [env AUTOCLOUD_MAX_SIZE; default: no cap].")
-@click.option("--policy", default=None, type=click.Choice(["default", "lru", "lfuda", "gdsf"]),
+@click.option("--policy", default=None, type=click.Choice(POLICIES),
               help="Eviction policy [env AUTOCLOUD_POLICY; default: size/frequency aware].")
 @click.option("--temp-dir", default=None, metavar="DIR",
               help="Partial downloads on this RAM disk (tmpfs); the cache disk when it lacks room "
