@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import random
 import shutil
 import signal
 import socket
+import socketserver
+import struct
 import subprocess
 import threading
 import time
@@ -38,13 +41,58 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+MODEL_SUFFIXES = (".safetensors", ".sft")
+
+
+def safetensors_header(size: int) -> bytes:
+    """The header of a valid safetensors file of exactly `size` bytes holding one U8 tensor (what follows it)."""
+    guess = 64
+    for _ in range(8):
+        data = size - 8 - guess
+        if data < 0:
+            break
+        text = json.dumps({"w": {"dtype": "U8", "shape": [data], "data_offsets": [0, data]}})
+        header = text + " " * (-len(text) % 8)
+        if len(header) == guess:
+            return struct.pack("<Q", len(header)) + header.encode()
+        guess = len(header)
+    raise ValueError(f"no safetensors file of exactly {size} bytes (too small?)")
+
+
+def safetensors_of(fill: bytes, size: int) -> bytes:
+    """A valid safetensors file of exactly `size` bytes whose tensor data repeats `fill`."""
+    header = safetensors_header(size)
+    return header + (fill * ((size - len(header)) // len(fill) + 1))[: size - len(header)]
+
+
+def random_safetensors(size: int) -> bytes:
+    """A valid safetensors file of exactly `size` bytes whose tensor data is `os.urandom`."""
+    header = safetensors_header(size)
+    return header + os.urandom(size - len(header))
+
+
+def safetensors_bytes(size: int, seed: int = 0) -> bytes:
+    """A valid safetensors file of exactly `size` bytes: one U8 tensor of pseudo-random bytes."""
+    header = safetensors_header(size)
+    return header + random_bytes(size - len(header), seed)
+
+
 def write_random_file(path: Path, size: int, seed: int = 0) -> str:
-    """Write `size` deterministic pseudo-random bytes (seeded PRNG, 16 MiB blocks); return the sha256."""
+    """Write `size` deterministic pseudo-random bytes (seeded PRNG, 16 MiB blocks); return the sha256.
+
+    A `.safetensors` name gets a valid safetensors file of that size (a header, then the random bytes as
+    one tensor): the store refuses model files that are not what their name says.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
         left = size
+        if path.suffix.lower() in MODEL_SUFFIXES:
+            header = safetensors_header(size)
+            f.write(header)
+            digest.update(header)
+            left -= len(header)
         while left:
             chunk = rng.randbytes(min(left, 16 << 20))
             f.write(chunk)
@@ -385,3 +433,59 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+class RawOrigin:
+    """A socket server that answers each path with exact bytes: what no HTTP library will send on purpose.
+
+    `add(path, head, body, close=...)`: `head` is the status line and headers (no blank line), `body` what
+    follows on GET. With `close` the connection ends after the body (a close-delimited body, or one cut
+    short); without it the connection stays open for the next request, so bytes beyond Content-Length land
+    where the client expects its next answer. Every request is counted in `requests[path]`.
+    """
+
+    def __init__(self) -> None:
+        self.answers: dict[str, tuple[bytes, bytes, bool]] = {}
+        self.requests: dict[str, int] = {}
+        origin = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                sock = self.request
+                sock.settimeout(10)
+                buf = b""
+                with contextlib.suppress(OSError):
+                    for _ in range(100):  # requests on one connection
+                        while b"\r\n\r\n" not in buf:
+                            chunk = sock.recv(65536)
+                            if not chunk:
+                                return
+                            buf += chunk
+                        raw, buf = buf.split(b"\r\n\r\n", 1)
+                        method, path = raw.split(b" ", 2)[:2]
+                        key = path.decode().split("?", 1)[0]
+                        origin.requests[key] = origin.requests.get(key, 0) + 1
+                        head, body, close = origin.answers.get(key, (b"HTTP/1.1 404 Not Found\r\n"
+                                                                     b"Content-Length: 0", b"", False))
+                        sock.sendall(head + b"\r\n\r\n" + (body if method != b"HEAD" else b""))
+                        if close:
+                            return
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="raw-origin", daemon=True)
+
+    def add(self, path: str, head: str, body: bytes, *, close: bool = True) -> str:
+        self.answers["/" + path.lstrip("/")] = (head.replace("\n", "\r\n").encode(), body, close)
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/{path.lstrip('/')}"
+
+    def __enter__(self) -> RawOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

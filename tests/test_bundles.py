@@ -18,7 +18,7 @@ from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.manifest import load_manifest, load_manifests
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.store import Store
-from servers import NginxOrigin, nginx_running, random_bytes
+from servers import NginxOrigin, nginx_running, safetensors_bytes
 
 MiB = 2**20
 pytestmark = pytest.mark.skipif(not NginxOrigin.available(), reason="nginx is not installed (./dev test installs it)")
@@ -31,7 +31,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxOrigin]:
         yield o
 
 
-LORAS = {f"style/lora{i}.safetensors": random_bytes(MiB + i * 1000, seed=i) for i in range(5)}
+LORAS = {f"style/lora{i}.safetensors": safetensors_bytes(MiB + i * 1000, seed=i) for i in range(5)}
 
 
 def _zip(path: Path, members: dict[str, bytes], *, method: int = zipfile.ZIP_DEFLATED,

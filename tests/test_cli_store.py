@@ -23,6 +23,7 @@ from comfy_autocloud.cli.store_cmds import (
 )
 from comfy_autocloud.config import load_settings
 from comfy_autocloud.store import Store, write_trace
+from servers import safetensors_of
 from traces import zipf_trace
 
 MiB = 2**20
@@ -34,7 +35,7 @@ def cache(tmp_path: Path) -> Path:
     s = Store(root)
     for key, size in (("checkpoints/big.safetensors", 3 * MiB), ("loras/a.safetensors", MiB),
                       ("loras/b.safetensors", MiB // 2)):
-        data = hashlib.sha256(key.encode()).digest() * (size // 32)
+        data = safetensors_of(hashlib.sha256(key.encode()).digest(), size)
         part = s.partial_path(key)
         part.write_bytes(data)
         s.commit(key, part, size=len(data), sha256=hashlib.sha256(data).hexdigest(),

@@ -22,6 +22,7 @@ from comfy_autocloud.store import (
     write_trace,
 )
 from comfy_autocloud.store.eviction import ADAPT_EPOCH
+from servers import safetensors_of
 from traces import realistic_trace, zipf_trace
 
 GiB = 2**30
@@ -138,8 +139,7 @@ def test_simulator_predicts_the_real_store(tmp_path: Path, policy: str) -> None:
             assert sim_hit, key
         else:
             assert not sim_hit, key
-            data = hashlib.sha256(key.encode()).digest() * (size // 32 + 1)
-            data = data[:size]
+            data = safetensors_of(hashlib.sha256(key.encode()).digest(), size)
             with store.reserve(key, size):
                 part = store.partial_path(key)
                 part.write_bytes(data)

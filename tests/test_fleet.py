@@ -24,7 +24,7 @@ from comfy_autocloud.fleet.registry import Heartbeat, Holding, Registry
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.store import Store
 from redis_server import TOKEN, RedisServer, redis_running
-from servers import NginxOrigin, free_port, nginx_running, write_random_file
+from servers import NginxOrigin, free_port, nginx_running, random_safetensors, safetensors_of, write_random_file
 
 MiB = 2**20
 pytestmark = pytest.mark.skipif(not RedisServer.available(),
@@ -75,7 +75,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 def peer(tmp_path: Path) -> Iterator[tuple[PeerServerThread, Store, bytes, str]]:
     store = Store(tmp_path / "cache")
-    data = os.urandom(3 * MiB + 17)
+    data = random_safetensors(3 * MiB + 17)
     sha = committed(store, "checkpoints/a.safetensors", data)
     with PeerServerThread(PeerServer(store, TOKEN, node_id="p1")) as srv:
         yield srv, store, data, sha
@@ -116,7 +116,7 @@ def test_public_metrics_opens_only_the_counters(tmp_path: Path) -> None:
     from comfy_autocloud.fleet.node import peer_limits
 
     store = Store(tmp_path / "cache")
-    committed(store, "checkpoints/a.safetensors", os.urandom(4096))
+    committed(store, "checkpoints/a.safetensors", random_safetensors(4096))
     settings = load_settings(env={"AUTOCLOUD_PEER_METRICS_PUBLIC": "1"})
     with PeerServerThread(PeerServer(store, TOKEN, node_id="p2", limits=peer_limits(settings))) as srv:
         status, _, text = raw_get(srv.port, "/metrics")
@@ -151,7 +151,7 @@ def test_peer_refuses_traversal_and_unverified(peer, tmp_path: Path) -> None:  #
 
 def test_peer_rate_limit_per_peer(tmp_path: Path) -> None:
     store = Store(tmp_path / "cache")
-    committed(store, "loras/x.safetensors", b"abc" * 1000)
+    committed(store, "loras/x.safetensors", safetensors_of(b"abc", 3000))
     with PeerServerThread(PeerServer(store, TOKEN, limits=PeerLimits(requests_per_s=10, burst=5))) as srv:
         t0 = time.monotonic()
         codes = []
@@ -182,7 +182,7 @@ def test_registry_heartbeat_ttl_and_reconcile(redis: RedisServer, tmp_path: Path
     reg = Registry(gate, "a", heartbeat_ttl=0.6)
     other = Registry(gate, "b", heartbeat_ttl=0.6)
     store = Store(tmp_path / "cache")
-    sha = committed(store, "vae/v.safetensors", b"v" * 4096)
+    sha = committed(store, "vae/v.safetensors", safetensors_of(b"v", 4096))
     beat = Heartbeat(reg, "http://127.0.0.1:1", lambda: [Holding(e.key, e.sha256, e.size) for e in store.entries()],
                      interval=0.1)
     beat.start()
@@ -382,7 +382,7 @@ def test_partial_request_while_the_holder_commits_waits_for_the_file(tmp_path: P
     """Record gone and lock still held = the holder is committing: a follower gets the file, not a 404."""
     store = Store(tmp_path / "cache")
     key = "checkpoints/finishing.safetensors"
-    data = os.urandom(2 * MiB + 5)
+    data = random_safetensors(2 * MiB + 5)
     part = store.partial_path(key)
     part.parent.mkdir(parents=True, exist_ok=True)
     part.write_bytes(data)  # every byte written and hashed; the engine already dropped the record
@@ -403,7 +403,7 @@ def test_resumed_bytes_from_elsewhere_do_not_get_a_peer_marked_bad(redis: RedisS
     from comfy_autocloud.transfer.ranges import PartState, state_path
 
     key = "checkpoints/resumed.safetensors"
-    data = os.urandom(6 * MiB + 3)
+    data = random_safetensors(6 * MiB + 3)
     holder_store = Store(tmp_path / "holder")
     sha = committed(holder_store, key, data)
     holder = Fleet(config(redis.url, "holder"))
@@ -483,7 +483,7 @@ def test_partial_request_before_the_first_byte_waits_for_it(tmp_path: Path) -> N
 
     store = Store(tmp_path / "cache")
     key = "checkpoints/starting.safetensors"
-    data = os.urandom(MiB)
+    data = random_safetensors(MiB)
     part = store.partial_path(key)
 
     def start_later() -> None:

@@ -28,7 +28,7 @@ from comfy_autocloud.prefetch.predictor import (
 from comfy_autocloud.prefetch.prefetcher import BackgroundPrefetcher, learn_from_store
 from comfy_autocloud.store import Store
 from comfy_autocloud.store import index as index_mod
-from servers import NginxOrigin, nginx_running, write_random_file
+from servers import NginxOrigin, nginx_running, safetensors_of, write_random_file
 from traces import T0, realistic_trace
 
 MiB = 2**20
@@ -191,16 +191,17 @@ def test_access_log_is_written_by_touch_and_bounded(tmp_path: Path, monkeypatch:
     for name in ("a", "b"):
         part = store.partial_path(f"loras/{name}.safetensors")
         part.parent.mkdir(parents=True, exist_ok=True)
-        part.write_bytes(name.encode() * 10)
+        data = safetensors_of(name.encode(), 96)  # model files must be what their name says
+        part.write_bytes(data)
         import hashlib
 
-        store.commit(f"loras/{name}.safetensors", part, size=10, sha256=hashlib.sha256(name.encode() * 10).hexdigest(),
+        store.commit(f"loras/{name}.safetensors", part, size=96, sha256=hashlib.sha256(data).hexdigest(),
                      source="test")
     store.touch("loras/a.safetensors")
     store.touch("loras/missing.safetensors")  # not cached: no row
     hist = store.access_history()
     assert [k for _t, k, _s in hist] == ["loras/a.safetensors", "loras/b.safetensors", "loras/a.safetensors"]
-    assert all(s == 10 for _t, _k, s in hist)
+    assert all(s == 96 for _t, _k, s in hist)
     monkeypatch.setattr(index_mod, "ACCESS_LOG_MAX", 50)
     monkeypatch.setattr(index_mod, "ACCESS_LOG_TRIM", 10)
     for _ in range(200):

@@ -19,11 +19,12 @@ from comfy_autocloud.sources import resolve
 from comfy_autocloud.sources.civitai import is_civitai_url, parse_civitai
 from comfy_autocloud.store import Store
 from fake_civitai import CIVITAI_TOKEN, FakeCivitai, FakeFile
+from servers import safetensors_of
 
-CKPT = hashlib.sha256(b"ckpt").digest() * 20_000   # 640 kB
-PRUNED = CKPT[:200_000]
-VAE = hashlib.sha256(b"vae").digest() * 3_000
-LORA = hashlib.sha256(b"lora").digest() * 5_000
+CKPT = safetensors_of(hashlib.sha256(b"ckpt").digest(), 32 * 20_000)   # 640 kB
+PRUNED = safetensors_of(hashlib.sha256(b"ckpt").digest(), 200_000)
+VAE = safetensors_of(hashlib.sha256(b"vae").digest(), 32 * 3_000)
+LORA = safetensors_of(hashlib.sha256(b"lora").digest(), 32 * 5_000)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ from comfy_autocloud.sources.hf import hf_ref_from_url, parse_hf
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer import RetryPolicy
 from fake_hub import HUB_TOKEN, OTHER_TOKEN, FakeHub
+from servers import safetensors_of
 
-BIG = hashlib.sha256(b"seed").digest() * 40_000          # 1.28 MB: an "LFS" file
+BIG = safetensors_of(hashlib.sha256(b"seed").digest(), 32 * 40_000)          # 1.28 MB: an "LFS" file
 SMALL = b'{"_class_name": "UNet2DConditionModel"}\n'      # a git-stored file
 
 

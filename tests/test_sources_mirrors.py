@@ -22,9 +22,10 @@ from comfy_autocloud.manifest.write import add_entries
 from comfy_autocloud.store import Store
 from fake_civitai import CIVITAI_TOKEN, FakeCivitai, FakeFile
 from fake_hub import HUB_TOKEN, FakeHub
+from servers import safetensors_of
 
-DATA = hashlib.sha256(b"mirror").digest() * 10_000  # 320 kB
-OTHER = hashlib.sha256(b"other").digest() * 10_000
+DATA = safetensors_of(hashlib.sha256(b"mirror").digest(), 32 * 10_000)  # 320 kB
+OTHER = safetensors_of(hashlib.sha256(b"other").digest(), 32 * 10_000)
 SHA = hashlib.sha256(DATA).hexdigest()
 OTHER_SHA = hashlib.sha256(OTHER).hexdigest()
 

@@ -33,12 +33,12 @@ from comfy_autocloud.sources import resolve
 from comfy_autocloud.sources.s3 import list_prefix, parse_s3, presign_seconds, sha256_from_head
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer import TransferOptions, download
-from servers import free_port
+from servers import free_port, safetensors_of
 
 KEY_ID = "AKIAMOTOTESTKEY00001"
 SECRET = "moto/Secret+AccessKey+NeverPrintMe0000001"
 MiB = 1 << 20
-BIG = hashlib.sha256(b"s3").digest() * (8 * MiB // 32)   # 8 MiB
+BIG = safetensors_of(hashlib.sha256(b"s3").digest(), 32 * (8 * MiB // 32))   # 8 MiB
 
 
 @pytest.fixture(scope="module")
@@ -242,10 +242,10 @@ def test_list_prefix_paginates(s3: Any) -> None:
 
 
 def test_from_s3_cli(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sha = put(s3, "lib/sd15/dreamy.safetensors", b"d" * 2000, checksum=True)
+    sha = put(s3, "lib/sd15/dreamy.safetensors", safetensors_of(b"d", 2000), checksum=True)
     put(s3, "lib/sd15/readme.txt", b"hello")
     put(s3, "lib/bad\\name.safetensors", b"b" * 10)
-    put(s3, "lib/with space.safetensors", b"s" * 10, meta_sha=True)
+    put(s3, "lib/with space.safetensors", safetensors_of(b"s", 96), meta_sha=True)
     rc = cli("manifest", "from-s3", "s3://models/lib/", "--folder", "checkpoints", "--glob", "*.safetensors")
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -253,7 +253,7 @@ def test_from_s3_cli(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert doc == {"checkpoints": {
         "sd15/dreamy.safetensors": {"url": "s3://models/lib/sd15/dreamy.safetensors", "sha256": sha, "size": 2000},
         "with space.safetensors": {"url": "s3://models/lib/with%20space.safetensors",
-                                   "sha256": hashlib.sha256(b"s" * 10).hexdigest(), "size": 10}}}
+                                   "sha256": hashlib.sha256(safetensors_of(b"s", 96)).hexdigest(), "size": 96}}}
     assert "skipped" in out.err and "backslash" in out.err
     manifest = tmp_path / "lib.json"
     assert cli("manifest", "from-s3", "s3://models/lib", "-f", "checkpoints", "-o", str(manifest)) == 0
@@ -262,13 +262,13 @@ def test_from_s3_cli(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "0 added" in out.out and "3 unchanged" in out.out
     assert cli("--cache-dir", str(tmp_path / "cache"), "fetch", "--manifest", str(manifest)) == 0
     assert (tmp_path / "cache" / "checkpoints" / "sd15" / "readme.txt").read_bytes() == b"hello"
-    assert (tmp_path / "cache" / "checkpoints" / "with space.safetensors").read_bytes() == b"s" * 10
+    assert (tmp_path / "cache" / "checkpoints" / "with space.safetensors").read_bytes() == safetensors_of(b"s", 96)
     no_secret(*capsys.readouterr())
 
 
 def test_manifest_add_s3(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sha = put(s3, "vae/tiny.safetensors", b"v" * 3000, checksum=True)
-    put(s3, "vae/unhashed.safetensors", b"u" * 3000)
+    sha = put(s3, "vae/tiny.safetensors", safetensors_of(b"v", 3000), checksum=True)
+    put(s3, "vae/unhashed.safetensors", safetensors_of(b"u", 3000))
     manifest = tmp_path / "m.json"
     rc = cli("--cache-dir", str(tmp_path / "cache"), "manifest", "add", "s3://models/vae/tiny.safetensors",
              "s3://models/vae/unhashed.safetensors", "-f", "vae", "-m", str(manifest), "--json")
@@ -278,7 +278,7 @@ def test_manifest_add_s3(s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert [r["hash_from"] for r in rows] == ["metadata", "download"]
     doc = json.loads(manifest.read_text())["vae"]
     assert doc["tiny.safetensors"] == {"url": "s3://models/vae/tiny.safetensors", "sha256": sha, "size": 3000}
-    assert doc["unhashed.safetensors"]["sha256"] == hashlib.sha256(b"u" * 3000).hexdigest()
+    assert doc["unhashed.safetensors"]["sha256"] == hashlib.sha256(safetensors_of(b"u", 3000)).hexdigest()
     no_secret(out.out, out.err)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
 from comfy_autocloud.store import Entry, Store
+from servers import safetensors_header, safetensors_of
 
 MiB = 2**20
 
@@ -27,8 +28,8 @@ def put(store: Store, key: str, data: bytes, **kw: object) -> Entry:
 
 
 def blob(tag: str, size: int) -> bytes:
-    seed = hashlib.sha256(tag.encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
+    """A valid safetensors file of `size` bytes (the store checks model files' format) named by `tag`."""
+    return safetensors_of(hashlib.sha256(tag.encode()).digest(), size)
 
 
 def age(store: Store, key: str, seconds_ago: float) -> None:
@@ -319,6 +320,7 @@ def test_lookup_and_touch_of_a_1gib_file_are_fast(store: Store) -> None:
     key = "checkpoints/big.safetensors"
     part = store.partial_path(key)
     with open(part, "wb") as fh:  # sparse: the store never reads the bytes on a hit
+        fh.write(safetensors_header(2**30))
         fh.truncate(2**30)
     store.commit(key, part, size=2**30, sha256="ab" * 32, source="s")
     timings = []

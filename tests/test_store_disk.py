@@ -11,13 +11,14 @@ import pytest
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace
 from comfy_autocloud.store import Store
 from mounts import tmpfs
+from servers import safetensors_of
 
 MiB = 2**20
 
 
 def blob(tag: str, size: int) -> bytes:
-    seed = hashlib.sha256(tag.encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
+    """A valid safetensors file of `size` bytes (the store checks model files' format) named by `tag`."""
+    return safetensors_of(hashlib.sha256(tag.encode()).digest(), size)
 
 
 def put(store: Store, key: str, data: bytes, **kw: object) -> None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from comfy_autocloud.store import Store
+from servers import safetensors_of
 
 MiB = 2**20
 
@@ -31,12 +32,12 @@ def kinds(report) -> list[tuple[str, str | None, bool]]:
 
 def test_verify_finds_and_fixes_each_kind(tmp_path: Path) -> None:
     s = Store(tmp_path / "c")
-    put(s, "checkpoints/good.safetensors", b"good" * 100)
-    put(s, "checkpoints/gone.safetensors", b"gone" * 100)
-    put(s, "loras/rot.safetensors", b"rot!" * 100)
-    put(s, "loras/short.safetensors", b"long" * 100)
+    put(s, "checkpoints/good.safetensors", safetensors_of(b"good", 400))
+    put(s, "checkpoints/gone.safetensors", safetensors_of(b"gone", 400))
+    put(s, "loras/rot.safetensors", safetensors_of(b"rot!", 400))
+    put(s, "loras/short.safetensors", safetensors_of(b"long", 400))
     s.path_for("checkpoints/gone.safetensors").unlink()
-    s.path_for("loras/rot.safetensors").write_bytes(b"ROT!" * 100)  # same size, other bytes (bit rot)
+    s.path_for("loras/rot.safetensors").write_bytes(safetensors_of(b"ROT!", 400))  # same size, other bytes (bit rot)
     s.path_for("loras/short.safetensors").write_bytes(b"cut")
     orphan = s.root / "vae" / "mine.safetensors"
     orphan.parent.mkdir()
@@ -116,10 +117,10 @@ def test_verify_drops_rows_of_dead_processes(tmp_path: Path) -> None:
 
 def test_verify_notices_a_file_replaced_by_hand(tmp_path: Path) -> None:
     s = Store(tmp_path / "c")
-    put(s, "vae/v.safetensors", b"v" * 64)
+    put(s, "vae/v.safetensors", safetensors_of(b"v", 96))
     path = s.path_for("vae/v.safetensors")
     tmp = path.with_name("new")
-    tmp.write_bytes(b"w" * 64)
+    tmp.write_bytes(safetensors_of(b"w", 96))
     os.replace(tmp, path)
     r = s.verify()
     assert r.ok and kinds(r) == [("inode_changed", "vae/v.safetensors", True)]
@@ -133,7 +134,7 @@ def test_folder_alias_inside_the_cache_is_not_an_orphan(tmp_path: Path) -> None:
     s = Store(tmp_path / "c")
     (s.root / "diffusion_models").mkdir()
     (s.root / "unet").symlink_to("diffusion_models", target_is_directory=True)
-    put(s, "unet/u.safetensors", b"u" * 10)
+    put(s, "unet/u.safetensors", safetensors_of(b"u", 96))
     assert (s.root / "diffusion_models" / "u.safetensors").exists()
     assert kinds(s.verify()) == []
     s.close()

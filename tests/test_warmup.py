@@ -33,6 +33,7 @@ from comfy_autocloud.warmup import pagecache
 from comfy_autocloud.warmup.extra_paths import BEGIN, SECTION, search_order
 from comfy_autocloud.warmup.plan import build_plan
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
+from servers import safetensors_of
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write(path: Path, size: int, seed: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1)
-    path.write_bytes(data[:size])
+    fill = hashlib.sha256(str(seed).encode()).digest()
+    # model files are checked for their format on commit: a .safetensors name gets a valid safetensors file
+    # (the few-byte files of the planning tests are never committed)
+    model = path.suffix == ".safetensors" and size >= 128
+    data = safetensors_of(fill, size) if model else (fill * (size // 32 + 1))[:size]
+    path.write_bytes(data)
     return sha256_file(path)
 
 

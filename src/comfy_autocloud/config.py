@@ -141,6 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit", "AUTOCLOUD_RATE_LIMIT", None, lambda v: None if v in (None, "", "0") else parse_rate(v),
             "process-wide download rate limit in bytes/s"),
     Setting("retries", "AUTOCLOUD_RETRIES", 6, int, "attempts per byte range on 5xx/429/reset/timeout"),
+    Setting("min_free_disk", "AUTOCLOUD_MIN_FREE_DISK", 256 * 2**20, parse_size,
+            "space every download leaves free on the cache disk (small disks, tests: lower it)"),
     Setting("temp_dir", "AUTOCLOUD_TEMP_DIR", None, _optional(lambda v: str(Path(v).expanduser())),
             "partial downloads on this (RAM) disk, e.g. a tmpfs; the cache disk when it lacks room for one"),
     Setting("keep_days", "AUTOCLOUD_KEEP_DAYS", None, lambda v: None if v in (None, "") else float(v),
@@ -152,6 +154,9 @@ SETTINGS: tuple[Setting, ...] = (
             "versions index `manifest sync` reads ({list: {url, md5|sha256, version}})"),
     Setting("manifest_dir", "AUTOCLOUD_MANIFEST_DIR", None, _optional(lambda v: str(Path(v).expanduser())),
             "directory `manifest sync` keeps the lists in (point AUTOCLOUD_MANIFEST at it)"),
+    Setting("network_list_local_dirs", "AUTOCLOUD_NETWORK_LIST_LOCAL_DIRS", (), _str_list,
+            "directories a list fetched over the network may name files in (file:// or /path); by default such "
+            "lists may name only network sources"),
     Setting("manifest_reload", "AUTOCLOUD_MANIFEST_RELOAD", 5.0, float,
             "seconds between checks of local manifest files for changes in ComfyUI (0: never reload)"),
     Setting("allowed_hosts", "AUTOCLOUD_ALLOWED_HOSTS", ("huggingface.co", "civitai.com"), _str_list,

@@ -36,6 +36,11 @@ class IntegrityError(AutoCloudError):
     """Downloaded bytes do not match the expected size or sha256."""
 
 
+class BadContent(IntegrityError):
+    """The bytes are not the kind of file their name says (an HTML error page, a Git LFS pointer, a
+    truncated safetensors...): refused before commit, and another source may still have the real file."""
+
+
 class NotEnoughSpace(AutoCloudError):
     """The cache cannot make room (cap or disk) for a file; raised before downloading when possible."""
 

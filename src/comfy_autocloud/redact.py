@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 REDACTED = "***"
 
-# Query parameters that carry credentials (presigned S3, Civitai, generic tokens).
-_SECRET_PARAMS = re.compile(
-    r"(token|key|secret|signature|sig|password|passwd|pwd|auth|credential|session|x-amz-security-token"
-    r"|x-amz-signature|x-amz-credential|access_token|api_key|apikey)",
-    re.IGNORECASE,
-)
+# Query values are masked whatever the parameter is called (`?t=`, `?hdnea=`, `?X-Amz-Signature=`...): a
+# signed URL may carry its secret under any name. Only these names, which never hold one, keep their value.
+_HARMLESS_PARAMS = frozenset({"download", "dl", "filename", "file", "format", "type", "fp", "size", "rev",
+                              "revision", "version", "modelversionid", "raw", "inline"})
+EXCERPT_CHARS = 200  # the most of a foreign text (an origin's error body, a library's message) an error quotes
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "x-api-key", "x-amz-security-token"}
 
 
+def redact_query(query: str) -> str:
+    """Mask every query value except those of `_HARMLESS_PARAMS`; a bare `?TOKEN` is masked whole."""
+    out = []
+    for piece in query.split("&"):
+        name, sep, _value = piece.partition("=")
+        if unquote_plus(name).strip().lower() in _HARMLESS_PARAMS:
+            out.append(piece)
+        elif sep:
+            out.append(f"{name}={REDACTED}")
+        elif piece:
+            out.append(REDACTED)
+    return "&".join(out)
+
+
 def redact_url(url: str) -> str:
-    """Drop userinfo and mask secret-looking query parameters; never raises."""
+    """Drop userinfo and mask query values (see `redact_query`); never raises."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -26,11 +39,9 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = REDACTED + "@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, REDACTED if _SECRET_PARAMS.search(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    query = redact_query(parts.query) if parts.query else ""
+    fragment = REDACTED if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -45,3 +56,15 @@ def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
     # A URL ends before whitespace/quotes, and trailing punctuation belongs to the sentence, not the URL.
     return re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,;:!?)\]}]", lambda m: redact_url(m.group(0)),
                   text)
+
+
+def excerpt(text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
+    """At most `limit` printable characters of a foreign text (an origin's body inside a library's error
+    message): control and non-ASCII bytes become `?`, the rest is cut with a count of what was left out."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    flat = "".join(c if c.isascii() and (c.isprintable() or c == " ") else ("?" if c not in "\r\n\t" else " ")
+                   for c in text[: limit + 1])
+    if len(text) > limit:
+        return f"{flat[:limit]}… ({len(text) - limit} more characters)"
+    return flat

@@ -47,7 +47,7 @@ def open_store(settings: Settings, *, cache_dir: Path | str | None = None, max_s
 
     return Store(Path(cache_dir) if cache_dir is not None else settings.cache_path,
                  max_size=settings.max_size if max_size is _UNSET else max_size, policy=settings.policy,
-                 temp_dir=settings.values.get("temp_dir"))
+                 min_free_disk=settings.min_free_disk, temp_dir=settings.values.get("temp_dir"))
 
 
 def open_fleet(settings: Settings, *, alone_on_error: bool = False) -> Fleet | None:

@@ -14,7 +14,7 @@ from comfy_autocloud.units import human_rate, human_size
 def _show(name: str, value: object) -> str:
     if value is None:
         return "-"
-    if name == "max_size":
+    if name in ("max_size", "min_free_disk"):
         return f"{human_size(value)} ({value} bytes)"  # type: ignore[arg-type]
     if name == "rate_limit":
         return human_rate(value)  # type: ignore[arg-type]

@@ -290,7 +290,7 @@ def sync_cmd(app: AppContext, url: str | None, directory: Path | None, every: fl
     service = app.services().fetch
     while True:
         try:
-            report = sync_manifests(url, target, service)
+            report = sync_manifests(url, target, service, local_dirs=s.network_list_local_dirs)
         except AutoCloudError as exc:
             if every is None:
                 raise

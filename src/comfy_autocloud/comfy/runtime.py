@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
@@ -28,7 +28,8 @@ from comfy_autocloud.config import Settings
 from comfy_autocloud.errors import AutoCloudError, Cancelled, ManifestError, StoreError
 from comfy_autocloud.fetch import FetchResult, FetchService
 from comfy_autocloud.keys import split_key
-from comfy_autocloud.manifest import load_manifests
+from comfy_autocloud.manifest import load_manifest, load_manifests
+from comfy_autocloud.manifest.locality import check_network_list
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.manifest.workflow import LEGACY_FOLDERS, workflow_model_refs
 from comfy_autocloud.progress import CancelToken
@@ -54,8 +55,11 @@ def is_url(text: str) -> bool:
     return text.lower().startswith(("http://", "https://"))
 
 
-def manifest_paths(entries: Iterable[str], fetch: FetchService) -> list[Path]:
+def manifest_paths(entries: Iterable[str], fetch: FetchService, local_dirs: Sequence[str] = ()) -> list[Path]:
     """AUTOCLOUD_MANIFEST entries as local paths; URLs are fetched into the cache by the FetchService.
+
+    A list fetched from a URL may name only network sources, or files inside `local_dirs`
+    (manifest.locality): ManifestError otherwise, and the previous catalog keeps serving.
 
     A URL is stored under a name derived from the origin's validator (ETag or Last-Modified + size), so a
     changed list is a new file and the previous one is kept until the new one is verified; if the origin
@@ -66,7 +70,9 @@ def manifest_paths(entries: Iterable[str], fetch: FetchService) -> list[Path]:
         if not is_url(entry):
             paths.append(Path(entry).expanduser())
             continue
-        paths.append(_fetch_manifest_url(entry, fetch))
+        path = _fetch_manifest_url(entry, fetch)
+        check_network_list(load_manifest(path), redact_url(entry), local_dirs)
+        paths.append(path)
     return paths
 
 
@@ -178,7 +184,8 @@ class Adapter:
                     if p.is_dir():
                         stack.enter_context(locked_view(p))
                 self._manifest_sig = directory_signature(local)
-                specs = load_manifests(manifest_paths(entries, self.fetch_service))
+                specs = load_manifests(manifest_paths(entries, self.fetch_service,
+                                                      self.settings.values.get("network_list_local_dirs", ())))
         except (AutoCloudError, OSError) as exc:
             self.manifest_error = str(exc)
             log.error("autocloud: manifest not loaded (the previous list keeps serving): %s", exc)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from comfy_autocloud.errors import (
     AutoCloudError,
+    BadContent,
     Cancelled,
     IntegrityError,
     ManifestError,
@@ -35,10 +36,17 @@ from comfy_autocloud.fetch.singleflight import single_flight
 from comfy_autocloud.keys import check_sha256, check_source, make_key
 from comfy_autocloud.phases import Laps
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
-from comfy_autocloud.redact import redact_url
+from comfy_autocloud.redact import excerpt, redact_text, redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
 from comfy_autocloud.store import Entry, Store
-from comfy_autocloud.transfer import TransferOptions, TransferResult, Unauthorized, copy_file, discard_partial
+from comfy_autocloud.transfer import (
+    TransferOptions,
+    TransferResult,
+    Unauthorized,
+    copy_file,
+    discard_partial,
+    discard_unresumable,
+)
 from comfy_autocloud.transfer.ranges import remove_live
 from comfy_autocloud.units import human_size
 
@@ -122,6 +130,11 @@ class FetchService:
             except AutoCloudError as exc:
                 self.notify(progress, ProgressEvent(spec.key, "error", message=exc.reason))
                 return exc
+            except Exception as exc:  # a bug or an OS error in one file must not stop the others
+                log.exception("%s: unexpected error", spec.key)
+                err = AutoCloudError(spec.key, f"unexpected {type(exc).__name__}: {excerpt(redact_text(str(exc)))}")
+                self.notify(progress, ProgressEvent(spec.key, "error", message=err.reason))
+                return err
 
         pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(specs) or 1)),
                                   thread_name_prefix="autocloud-fetch")
@@ -160,7 +173,7 @@ class FetchService:
 
         self.notify(progress, ProgressEvent(label, "start", 0, size, message=resolved.display))
         try:
-            result = self._transfer(resolved, Path(part), options, on_bytes, cancel)
+            result = self._transfer(resolved, Path(part), options, on_bytes, cancel, label)
         finally:
             with self._inflight_lock:
                 self._inflight.pop(label, None)
@@ -223,6 +236,7 @@ class FetchService:
             self.fleet_path.wait_for_download_slot(req.cancel, on_wait=on_wait)
             options = self.fleet_path.origin_options(options)
         errors: list[str] = []
+        bad: BadContent | None = None
         for source in spec.sources:
             try:
                 resolved = resolve(source)
@@ -237,6 +251,11 @@ class FetchService:
                 continue
             try:
                 return self.download_from(req, resolved, options=options)
+            except BadContent as exc:  # this source serves something else (an error page): try the next one
+                bad = exc
+                errors.append(exc.reason)  # "<source> sent ..."
+                log.info("%s: %s", req.spec.key, exc.reason)
+                continue
             except (Cancelled, IntegrityError, NotEnoughSpace):
                 raise
             except AutoCloudError as exc:
@@ -244,6 +263,8 @@ class FetchService:
                     raise
                 errors.append(f"{exc.subject}: {exc.reason}")
                 log.info("%s: source %s failed: %s", spec.key, resolved.display, exc.reason)
+        if len(errors) == 1 and bad is not None:
+            raise bad
         if len(errors) == 1:
             subject, _, reason = errors[0].partition(": ")
             raise TransferError(f"{spec.key} from {subject}", reason)
@@ -319,7 +340,7 @@ class FetchService:
             laps.lap("reserve")
             for attempt in range(1, attempts + 1):
                 try:
-                    result = self._transfer(resolved, part, options, on_bytes, cancel)
+                    result = self._transfer(resolved, part, options, on_bytes, cancel, key)
                 except NotEnoughSpace:
                     if not self.store.in_temp_dir(part):
                         raise
@@ -328,7 +349,7 @@ class FetchService:
                     discard_partial(part)
                     part = self.store.partial_path(key, size, disk=True)
                     part.parent.mkdir(parents=True, exist_ok=True)
-                    result = self._transfer(resolved, part, options, on_bytes, cancel)
+                    result = self._transfer(resolved, part, options, on_bytes, cancel, key)
                 laps.lap_with("transfer", result.phases)  # the engine's own steps told apart
                 downloaded += result.bytes_downloaded
                 if len(result.by_source) > 1:
@@ -349,9 +370,13 @@ class FetchService:
                          f"({attempts} attempts); the cached copy, if any, is untouched")
             self.notify(progress, ProgressEvent(key, "commit", result.size, result.size))
             laps.skip()
-            entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
-                                      etag=result.etag, last_modified=result.last_modified, pin=spec.pin,
-                                      timings=laps.times)
+            try:
+                entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
+                                          etag=result.etag, last_modified=result.last_modified, pin=spec.pin,
+                                          timings=laps.times, content_type=result.content_type)
+            except BadContent:
+                discard_partial(part)
+                raise
             remove_live(part)  # streaming readers now follow the committed file
         self.announce(key, entry.sha256, entry.size, reservation.evicted)
         self.notify(progress, ProgressEvent(key, "done", entry.size, entry.size))
@@ -359,12 +384,21 @@ class FetchService:
                            resolved.display, laps.times)
 
     def _transfer(self, resolved: ResolvedSource, part: Path, options: TransferOptions, on_bytes,
-                  cancel: CancelToken | None) -> TransferResult:
-        if resolved.kind == "file":
-            return copy_file(Path(resolved.url), part, progress=on_bytes, cancel=cancel)
-        from comfy_autocloud.transfer.engine import download  # aiohttp: only when something is downloaded
+                  cancel: CancelToken | None, label: str) -> TransferResult:
+        """One transfer into `part`; when it fails, a partial nothing can resume is removed at once."""
+        try:
+            if resolved.kind == "file":
+                return copy_file(Path(resolved.url), part, progress=on_bytes, cancel=cancel)
+            from comfy_autocloud.transfer.engine import download  # aiohttp: only when something is downloaded
 
-        return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
+            return download(resolved.url, part, options, progress=on_bytes, cancel=cancel)
+        except NotEnoughSpace as exc:
+            kept = "the partial download was removed" if discard_unresumable(part) else \
+                "the partial download is kept for resuming"
+            raise NotEnoughSpace(label, f"{exc.reason} while downloading from {resolved.display}; {kept}") from None
+        except BaseException:
+            discard_unresumable(part)
+            raise
 
 
 def _name_from_source(url: str) -> str:

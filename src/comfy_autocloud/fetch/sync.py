@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +35,7 @@ from comfy_autocloud.errors import AutoCloudError, ManifestError, TransferError
 from comfy_autocloud.fsutil import fsync_dir
 from comfy_autocloud.manifest.common import decode_utf8, parse_json_text, read_bytes
 from comfy_autocloud.manifest.load import load_manifest, load_manifests
+from comfy_autocloud.manifest.locality import check_network_list, check_source, is_network_source
 from comfy_autocloud.manifest.versions import VersionedList, matches, stale_lists, versions_from_data
 from comfy_autocloud.manifest.write import write_atomic
 from comfy_autocloud.progress import CancelToken, ProgressCallback
@@ -163,6 +164,14 @@ def _about(exc: AutoCloudError, subject: str) -> AutoCloudError:
     return type(exc)(subject, reason)
 
 
+def _kept(check: Callable[..., None], *args: Any) -> None:
+    """Run a locality check; its ManifestError says that the last good lists are kept."""
+    try:
+        check(*args)
+    except ManifestError as exc:
+        raise ManifestError(exc.subject, f"{exc.reason}; the last good lists are kept") from None
+
+
 def _read_index(path: Path, where: str) -> list[VersionedList]:
     return versions_from_data(parse_json_text(decode_utf8(read_bytes(path), where), where), where)
 
@@ -203,8 +212,13 @@ def _fetch_list(fetch: FetchService, v: VersionedList, stage: Path, progress: Pr
 
 
 def sync_manifests(index_url: str, directory: Path, fetch: FetchService, *,
-                   progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> SyncReport:
-    """Make `directory` hold exactly the lists the index names, at the hashes it gives (all or nothing)."""
+                   progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                   local_dirs: Sequence[str] = ()) -> SyncReport:
+    """Make `directory` hold exactly the lists the index names, at the hashes it gives (all or nothing).
+
+    An index fetched over the network may name, for its lists and their entries, only network sources,
+    or local files inside `local_dirs` (manifest.locality).
+    """
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     source = as_source(index_url)
@@ -225,6 +239,9 @@ def sync_manifests(index_url: str, directory: Path, fetch: FetchService, *,
                 index = _read_index(stage / INDEX_NAME, f"versions index {shown}")
             except ManifestError as exc:
                 raise ManifestError(exc.subject, f"{exc.reason}; the last good lists are kept") from None
+            network = is_network_source(source)
+            for v in index if network else ():
+                _kept(check_source, v.url, f"versions index {shown}: list {v.name!r}", local_dirs)
             names = [v.filename for v in index]
             if len(set(names)) != len(names) or INDEX_NAME in names:
                 raise ManifestError(f"versions index {shown}",
@@ -238,11 +255,14 @@ def sync_manifests(index_url: str, directory: Path, fetch: FetchService, *,
                     staged[v.name] = _fetch_list(fetch, v, stage, progress, cancel)
             final_set = [staged.get(v.name, directory / v.filename) for v in index]
             try:
-                report.entries = len(load_manifests(final_set))
+                merged = load_manifests(final_set)
             except ManifestError as exc:
                 raise ManifestError(f"versions index {shown}",
                                     f"the new lists contradict each other ({exc.subject}: {exc.reason}); "
                                     "the last good lists are kept") from None
+            if network:
+                _kept(check_network_list, merged, f"a list of {shown}", local_dirs)
+            report.entries = len(merged)
             gone = [p for name, p in previous.items() if name not in {v.name for v in index}]
             removed = [p.filename for p in gone if (directory / p.filename).exists()
                        and p.filename not in names]

@@ -15,7 +15,8 @@ Routes (all behind a shared-secret bearer token, compared in constant time):
   stops when the download stops (its single-flight lock is free and the file did not become final).
 - `GET /metrics`: Prometheus text (requests by route and status, bytes served, errors, streams).
 
-Per peer (client address) a token bucket limits requests, and optionally bytes per second.
+Per peer (client address) a token bucket limits requests, and optionally bytes per second. Failed
+authentications are limited per client before the token is compared (fleet/auth_limit.py).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from aiohttp import web
 
 from comfy_autocloud.aiothread import AppThread
 from comfy_autocloud.errors import StoreError
+from comfy_autocloud.fleet.auth_limit import AuthFailures
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer import RateLimiter
 from comfy_autocloud.transfer.ranges import PartState, live_path, state_path
@@ -62,6 +64,8 @@ class PeerLimits:
     burst: int = 400
     bytes_per_s: float | None = None
     public_metrics: bool = False
+    auth_failures_per_s: float = 1.0  # failed authentications a client may make (fleet/auth_limit.py)
+    auth_failure_burst: int = 10
 
 
 class _Bucket:
@@ -178,6 +182,7 @@ class PeerServer:
         self.limits = limits or PeerLimits()
         self.metrics = Metrics()
         self._buckets: dict[str, _Bucket] = {}
+        self._auth_failures = AuthFailures(self.limits.auth_failures_per_s, self.limits.auth_failure_burst)
         self._byte_limiters: dict[str, RateLimiter] = {}
 
     # ---------------------------------------------------------------- app
@@ -200,11 +205,18 @@ class PeerServer:
         route = request.path.split("/")[2] if request.path.startswith("/v1/") else request.path.strip("/")
         route = route if route in ("files", "partial", "metrics") else "other"
         public = route == "metrics" and self.limits.public_metrics  # counters only; the rest needs the token
-        if not public and not self._authorized(request):
-            self.metrics.requests[(route, 401)] += 1
-            return web.Response(status=401, text="missing or wrong peer token\n",
-                                headers={"WWW-Authenticate": 'Bearer realm="autocloud-peer"'})
         peer = request.remote or "?"
+        if not public:
+            wait = self._auth_failures.blocked(peer)  # before the token is looked at: no brute force
+            if wait > 0:
+                self.metrics.requests[(route, 429)] += 1
+                return web.Response(status=429, text="too many failed authentications\n",
+                                    headers={"Retry-After": f"{max(1, round(wait))}"})
+            if not self._authorized(request):
+                self._auth_failures.failed(peer, route)
+                self.metrics.requests[(route, 401)] += 1
+                return web.Response(status=401, text="missing or wrong peer token\n",
+                                    headers={"WWW-Authenticate": 'Bearer realm="autocloud-peer"'})
         bucket = self._buckets.get(peer)
         if bucket is None:
             bucket = self._buckets[peer] = _Bucket(self.limits.requests_per_s, self.limits.burst)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from comfy_autocloud.errors import StoreError
+from comfy_autocloud.errors import NotEnoughSpace, StoreError
 
 SCHEMA_VERSION = 1
 
@@ -171,6 +171,12 @@ class Index:
             self._all.append((pid, conn))
         return conn
 
+    def _full(self, exc: sqlite3.Error) -> NotEnoughSpace | None:
+        """SQLite's 'database or disk is full' as the store's own error (it names the index and says why)."""
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+            return NotEnoughSpace(str(self.path), "the cache index cannot be written: the disk is full")
+        return None
+
     def _retry(self, fn: Callable[[], object]) -> object:
         for attempt in range(_MAX_ATTEMPTS):
             try:
@@ -178,6 +184,9 @@ class Index:
             except sqlite3.OperationalError as exc:
                 msg = str(exc).lower()
                 if ("locked" not in msg and "busy" not in msg) or attempt == _MAX_ATTEMPTS - 1:
+                    full = self._full(exc)
+                    if full is not None:
+                        raise full from None
                     raise
                 time.sleep(min(0.5, 0.005 * 2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
@@ -189,11 +198,19 @@ class Index:
         self._retry(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            full = self._full(exc) if isinstance(exc, sqlite3.Error) else None
+            if full is not None:
+                raise full from None
+            raise
+        try:
+            self._retry(lambda: conn.execute("COMMIT"))
+        except NotEnoughSpace:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
-        self._retry(lambda: conn.execute("COMMIT"))
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
         """One autocommit statement (its own implicit transaction), retried when busy."""

@@ -7,13 +7,14 @@ policy's business (`eviction.select_victims`); how much must go, and on which de
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from comfy_autocloud.errors import NotEnoughSpace
 from comfy_autocloud.store.eviction import Item, Policy, bytes_freed, select_victims
 from comfy_autocloud.store.layout import TEMP_RESERVE
+from comfy_autocloud.store.partials import IdlePartial
 from comfy_autocloud.store.space import allocated, disk_space
 from comfy_autocloud.units import human_size
 
@@ -67,15 +68,20 @@ def disk_needs(part: Path, final: Path, nbytes: int, others: Iterable[tuple[Path
 
 
 def room_for(policy: Policy, items: list[Item], *, key: str, nbytes: int, replaced: int, reserved: int,
-             max_size: int | None, disks: list[DiskNeed]) -> list[Item]:
-    """The files to evict so `nbytes` more fit under the cap and on every disk, or NotEnoughSpace saying why.
+             max_size: int | None, disks: list[DiskNeed],
+             stopped: Callable[[int], list[IdlePartial]] = lambda dev: []) -> tuple[list[Item], list[IdlePartial]]:
+    """The files to evict and the stopped partial downloads to remove so `nbytes` more fit under the cap and
+    on every disk, or NotEnoughSpace saying why.
 
     `replaced`: bytes of the old version of `key` that the new one frees; `reserved`: bytes promised to
-    other downloads in progress.
+    other downloads in progress; `stopped(dev)`: partials of downloads that stopped on that device, oldest
+    first; they go only when evicting is not enough (they are resumable work), and are named when even
+    they are not.
     """
     used = unique_bytes(items)
     freeable = bytes_freed(select_victims(policy, items, 2**62), items)
     victims: list[Item] = []
+    drop: list[IdlePartial] = []
     if max_size is not None:
         need_cap = used - replaced + reserved + nbytes - max_size
         if need_cap > 0:
@@ -97,15 +103,29 @@ def room_for(policy: Policy, items: list[Item], *, key: str, nbytes: int, replac
         more = select_victims(policy, rest, short)
         more_freed = bytes_freed(more, rest)
         if more_freed < short:
-            msg = (f"needs {human_size(d.need)} + {human_size(d.keep)} kept free, disk has "
-                   f"{human_size(d.free)} free at {d.where}")
-            if d.outstanding:
-                msg += f", {human_size(d.outstanding)} promised to downloads in progress"
-            msg += (f"; evicting every unpinned, unused file would free only "
-                    f"{human_size(freed_dev + more_freed)}")
-            raise NotEnoughSpace(key, msg)
+            idle = stopped(d.dev)
+            held = sum(p.nbytes for p in idle)
+            if more_freed + held < short:
+                msg = (f"needs {human_size(d.need)} + {human_size(d.keep)} kept free, disk has "
+                       f"{human_size(d.free)} free at {d.where}")
+                if d.outstanding:
+                    msg += f", {human_size(d.outstanding)} promised to downloads in progress"
+                msg += (f"; evicting every unpinned, unused file would free only "
+                        f"{human_size(freed_dev + more_freed)}")
+                if idle:
+                    msg += (f"; {len(idle)} stopped partial download(s) hold {human_size(held)} in "
+                            f"{', '.join(sorted({str(p.files[0].parent) for p in idle}))}, not enough either "
+                            "(fetching those files again resumes them; `autocloud verify` removes them an hour "
+                            "after they stopped)")
+                raise NotEnoughSpace(key, msg)
+            left = short - more_freed
+            for p in idle:
+                if left <= 0:
+                    break
+                drop.append(p)
+                left -= p.nbytes
         victims += more
-    return victims
+    return victims, drop
 
 
 def over_watermark(policy: Policy, items: list[Item], reserved: int, max_size: int | None,

@@ -26,6 +26,7 @@ from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
 from comfy_autocloud.fsutil import fsync_dir, fsync_file
 from comfy_autocloud.keys import check_sha256, split_key
 from comfy_autocloud.phases import Laps
+from comfy_autocloud.store.content_check import check_before_commit
 from comfy_autocloud.store.eviction import AdaptivePolicy, Item, Policy, bytes_freed, get_policy, select_victims
 from comfy_autocloud.store.index import ACCESS_LOG_MAX, Index, proc_alive
 from comfy_autocloud.store.layout import (
@@ -40,6 +41,8 @@ from comfy_autocloud.store.layout import (
     key_name,
     temp_partial_dir,
 )
+from comfy_autocloud.store.partials import idle_partials
+from comfy_autocloud.store.partials import remove as remove_partial
 from comfy_autocloud.store.policy_state import SAVE_EVERY, PolicyStateFile
 from comfy_autocloud.store.room import disk_needs, over_watermark, room_for, unique_bytes
 from comfy_autocloud.store.space import disk_space, sha256_file
@@ -115,9 +118,15 @@ class Reservation:
         self._released = False
 
     def release(self) -> None:
+        """Give the room back. When the index cannot be written (its disk is full) the row is dropped by this
+        store's next reservation instead: a failed release must not replace the error being reported."""
         if not self._released:
             self._released = True
-            self.store._index.drop_process_row("reservations", self.id)
+            try:
+                self.store._index.drop_process_row("reservations", self.id)
+            except (NotEnoughSpace, sqlite3.Error) as exc:
+                log.warning("autocloud: %s: reservation kept until the next download: %s", self.key, exc)
+                self.store._unreleased.append(self.id)
 
     def __enter__(self) -> Reservation:
         return self
@@ -161,6 +170,7 @@ class Store:
         self._private_real = self.private.resolve()
         self.temp_dir = self._open_temp_dir(temp_dir)
         self._index = Index(self.private / INDEX_NAME, {"ac_priority": (4, self.policy.priority)})
+        self._unreleased: list[int] = []  # reservation rows whose release could not be written
         self._index.rerank(self.policy.name)
         self._policy_seen = -1  # the last access-log row a stateful policy has observed
         self._policy_lock = threading.Lock()  # threads of this process feed it each row once
@@ -393,6 +403,12 @@ class Store:
         if nbytes < 0:
             raise StoreError(key, f"cannot reserve a negative size ({nbytes})")
         self._feed_policy()  # the long catch-up outside the write lock
+        while self._unreleased:  # releases a full disk refused earlier
+            try:
+                self._index.drop_process_row("reservations", self._unreleased[-1])
+            except (NotEnoughSpace, sqlite3.Error):
+                break
+            self._unreleased.pop()
         with self._index.write() as c:
             self._feed_policy(c)
             self._index.reap(c)
@@ -408,8 +424,14 @@ class Store:
             part = self.partial_path(key)
             disks = disk_needs(part, final, nbytes, [(self.partial_path(k), n) for _i, k, n in live_res],
                                self.min_free_disk, part_in_ram=self.in_temp_dir(part))
-            victims = room_for(self.policy, items, key=key, nbytes=nbytes, replaced=replaced,
-                               reserved=sum(n for _i, _k, n in live_res), max_size=self.max_size, disks=disks)
+            running = {key_name(k) for _i, k, _n in live_res} | {key_name(key)}
+            victims, stopped = room_for(self.policy, items, key=key, nbytes=nbytes, replaced=replaced,
+                                        reserved=sum(n for _i, _k, n in live_res), max_size=self.max_size,
+                                        disks=disks, stopped=lambda dev: idle_partials(self, running, dev))
+            for p in stopped:
+                remove_partial(p)
+                log.warning("autocloud: removed a stopped partial download (%s) to make room for %s",
+                            human_size(p.nbytes), key)
             evicted = self._remove(c, [by_key[v.key] for v in victims], policy_eviction=True)
             row_id = self._index.add_reservation(c, key, nbytes, time.time())
         return Reservation(self, key, nbytes, row_id, evicted)
@@ -437,10 +459,13 @@ class Store:
         last_modified: str | None = None,
         pin: bool = False,
         timings: dict[str, float] | None = None,
+        content_type: str | None = None,
     ) -> Entry:
         """Move a complete, verified partial file to its final path atomically and index it.
 
-        `timings`, when given, gets the seconds spent on fsync, rename and index (see `phases.Laps`).
+        `timings`, when given, gets the seconds spent on fsync, rename and index (see `phases.Laps`). Its
+        content must be what the file name says (store.content_check; `content_type` is what the origin said
+        it sent): else BadContent, and the partial is deleted.
         """
         laps = Laps(timings)
         final = self.path_for(key)
@@ -455,6 +480,7 @@ class Store:
             raise StoreError(key, f"partial file {part_path} does not exist") from None
         if st.st_size != size:
             raise IntegrityError(key, f"partial file has {st.st_size} bytes, expected {size}")
+        check_before_commit(key, part_path, final.name, source, content_type)
         final.parent.mkdir(parents=True, exist_ok=True)
         final = self.path_for(key)  # re-check: a folder could have been swapped for a symlink meanwhile
 

@@ -1,8 +1,9 @@
 """Reconcile the cache directory with its index; the file system is the truth.
 
 Finds: rows whose file is gone (dropped), files whose size (or, with rehash, sha256) no longer matches
-(moved to `.autocloud/quarantine/`, row dropped, so the next use downloads a good copy), leftovers of
-dead downloads (partials, `.state` files, lock files, commit temp files older than `stale_minutes`,
+or whose content is not what the name says (store.content_check, as on commit) (moved to
+`.autocloud/quarantine/`, row dropped, so the next use downloads a good copy), leftovers of dead
+downloads (partials, `.state` files, lock files, commit temp files older than `stale_minutes`,
 removed) and rows of dead processes. Files at final paths that the index does not know ("orphans")
 are reported and left alone: they may be a user's own models, and deleting them is not ours to decide.
 """
@@ -10,7 +11,6 @@ are reported and left alone: they may be a user's own models, and deleting them 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_autocloud.errors import StoreError
+from comfy_autocloud.store.content_check import content_problem
 from comfy_autocloud.store.index import proc_alive
 from comfy_autocloud.store.layout import LOCKS_DIR, PRIVATE_DIR, QUARANTINE_DIR, group_name, is_commit_temp
+from comfy_autocloud.store.partials import flock_free
 from comfy_autocloud.store.space import sha256_file
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 # Kinds that are problems unless fixed. The others are informational: orphans are not ours to delete,
 # an empty lock file of a finished download costs nothing, dead rows are already ignored by every reader.
-PROBLEM_KINDS = frozenset({"missing", "size_mismatch", "sha256_mismatch", "unsafe_path", "unreadable",
+PROBLEM_KINDS = frozenset({"missing", "size_mismatch", "sha256_mismatch", "bad_content", "unsafe_path", "unreadable",
                            "stale_partial", "stale_temp"})
 
 
@@ -67,21 +69,6 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return {"checked": self.checked, "rehashed": self.rehashed, "ok": self.ok,
                 "problems": len(self.problems), "findings": [f.as_dict() for f in self.findings]}
-
-
-def _flock_free(path: Path) -> bool:
-    """True if nobody holds an flock on `path` (the fetch service's single-flight lock)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-    finally:
-        os.close(fd)  # closing our own descriptor drops only our probe lock
-    return True
 
 
 def _quarantine(store: Store, key: str, path: Path) -> Path:
@@ -156,6 +143,14 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
                 continue
             if actual != sha:
                 kind, bad_reason = "sha256_mismatch", f"sha256 {actual[:16]}… != indexed {sha[:16]}…"
+        if bad_reason is None:  # the same format checks as a commit (an HTML page named .safetensors...)
+            try:
+                problem = content_problem(path, path.name)
+            except OSError as exc:
+                add(Finding("unreadable", key, str(path), f"cannot read: {exc.strerror}", False))
+                continue
+            if problem is not None:
+                kind, bad_reason = "bad_content", f"holds {problem}"
         if bad_reason is not None:
             fixed = False
             if fix:
@@ -213,7 +208,7 @@ def _check_partials(store: Store, report: VerifyReport, now: float, cutoff: floa
     kept: set[str] = set()  # partial groups of downloads that may still be running
     for name, files in sorted(groups.items()):
         kept.add(name)
-        if name in live or not _flock_free(locks_dir / f"{name}.lock"):
+        if name in live or not flock_free(locks_dir / f"{name}.lock"):
             continue
         try:
             newest = max(f.lstat().st_mtime for f in files)
@@ -248,7 +243,7 @@ def _check_locks(store: Store, report: VerifyReport, busy: set[str], cutoff: flo
                 fixed = _remove_lock_if_free(lock)
                 if not fixed:
                     continue
-            elif not _flock_free(lock):
+            elif not flock_free(lock):
                 continue
             report.findings.append(Finding("stale_lock", None, str(lock), "lock file of no running download", fixed))
 

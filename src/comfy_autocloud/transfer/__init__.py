@@ -11,7 +11,7 @@ from comfy_autocloud.lazy import lazy_names
 from .http_policy import Gone, NotFound, Throttled, Unauthorized
 from .localcopy import copy_file
 from .options import Mirror, TransferOptions, TransferResult
-from .ranges import discard_partial, state_path
+from .ranges import discard_partial, discard_unresumable, state_path
 from .ratelimit import BothLimiter, RateLimiter
 from .retry import RetryPolicy, parse_retry_after
 
@@ -36,6 +36,7 @@ __all__ = [
     "Unauthorized",
     "copy_file",
     "discard_partial",
+    "discard_unresumable",
     "download",
     "download_async",
     "parse_retry_after",

@@ -16,7 +16,7 @@ import aiohttp
 from yarl import URL
 
 from ..errors import TransferError
-from ..redact import redact_text, redact_url
+from ..redact import excerpt, redact_text, redact_url
 from .http_policy import Retryable, RetryLoop, answer_failure, redirect, status_error
 from .proxy import proxy_for, proxy_secrets
 from .retry import RetryPolicy
@@ -100,7 +100,7 @@ class HttpClient:
             except asyncio.TimeoutError:
                 raise Retryable(f"timed out connecting or waiting for the answer{via}") from None
             except (aiohttp.ClientError, OSError) as e:
-                raise Retryable(self.clean(f"connection failed{via} ({type(e).__name__}: {e})")) from None
+                raise Retryable(self.clean(f"connection failed{via} ({type(e).__name__}: {excerpt(str(e))})")) from None
             hop = redirect(url, resp.status, resp.headers.get("Location"), headers, method)
             if hop is None:
                 widen_reads(resp)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -106,6 +107,8 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int, where: str) -> No
             offset += n
             n = os.pwrite(fd, data, offset)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NotEnoughSpace(where, f"disk full after {offset} bytes ({e.strerror})") from None
         raise TransferError(where, f"cannot write the partial file: {e.strerror or e}") from None
 
 
@@ -243,7 +246,7 @@ class _Download:
                               resumed_bytes=self.resumed, seconds=time.monotonic() - t0,
                               connections=max(self.peak, 1 if size else 0),
                               source_ranges={x.display: sorted(x.ranges) for x in self.sources if x.ranges},
-                              phases=laps.times)
+                              phases=laps.times, content_type=remote.content_type)
 
     async def _wait_thread(self, thread: threading.Thread) -> None:
         while thread.is_alive():
@@ -495,7 +498,7 @@ class _Download:
                 resp, _, _ = await self.http.open(remote.url, dict(remote.headers))
                 self.http.check(resp, (200,))
             size = int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length", "").isdigit() else None
-            remote.size = size
+            remote.size, remote.content_type = size, resp.headers.get("Content-Type")
             self._open_part(size, keep=False)
             table = self.table = SegmentTable.fresh(size if size is not None else 1 << 62)
             self._start_hasher(table.prefix)

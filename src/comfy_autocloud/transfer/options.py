@@ -61,6 +61,7 @@ class TransferResult:
     # Seconds per step of the call: probe, transfer (bytes arriving), hash_tail (hashing what was left
     # after the last byte), records (stopping the saver, removing the progress record).
     phases: dict[str, float] = field(default_factory=dict)
+    content_type: str | None = None  # what the origin said it sent (quoted when the content checks refuse it)
 
     @property
     def by_source(self) -> dict[str, int]:

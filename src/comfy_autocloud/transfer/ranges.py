@@ -244,6 +244,20 @@ def remove_live(part_path: Path) -> None:
     _drop_record(live_path(part_path))
 
 
+def discard_unresumable(part_path: Path) -> bool:
+    """After a failed download: remove a partial that no durable record describes (a single stream, a
+    local copy, a ranged download that failed before its first record). Nothing could resume it, and
+    kept it would only fill the disk. True if a file was removed."""
+    if state_path(part_path).exists():
+        return False
+    remove_live(part_path)
+    try:
+        part_path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def remove_state(part_path: Path, *, keep_live: bool = False) -> None:
     """Drop the durable and (unless `keep_live`) the live record, and their temp files."""
     _drop_record(state_path(part_path))

@@ -36,6 +36,7 @@ class Remote:
     ranges: bool
     rtt: float = 0.001            # seconds from sending the probe to its answer
     response: aiohttp.ClientResponse | None = None  # an open GET to reuse as the first stream
+    content_type: str | None = None  # what the origin says it sends
 
 
 def _length(h: Mapping[str, str]) -> int | None:
@@ -58,7 +59,8 @@ async def probe_remote(client: HttpClient, url: str, headers: Mapping[str, str])
             resp.release()
             size = _length(h)
             ranges = "bytes" in h.get("Accept-Ranges", "").lower() and size is not None
-            return Remote(final, hdrs, size, h.get("ETag"), h.get("Last-Modified"), ranges, rtt)
+            return Remote(final, hdrs, size, h.get("ETag"), h.get("Last-Modified"), ranges, rtt,
+                          content_type=h.get("Content-Type"))
         resp.release()
         # HEAD refused (405/501/403 on presigned URLs...): ask for everything, as a range.
         resp, final, hdrs = await client.open(url, {**base, "Range": "bytes=0-"})
@@ -69,8 +71,10 @@ async def probe_remote(client: HttpClient, url: str, headers: Mapping[str, str])
             if not m or m.group(1) != "0" or m.group(3) == "*":
                 resp.close()
                 raise Retryable("malformed Content-Range in the answer to bytes=0-")
-            return Remote(final, hdrs, int(m.group(3)), h.get("ETag"), h.get("Last-Modified"), True, rtt, resp)
-        return Remote(final, hdrs, _length(h), h.get("ETag"), h.get("Last-Modified"), False, rtt, resp)
+            return Remote(final, hdrs, int(m.group(3)), h.get("ETag"), h.get("Last-Modified"), True, rtt, resp,
+                          content_type=h.get("Content-Type"))
+        return Remote(final, hdrs, _length(h), h.get("ETag"), h.get("Last-Modified"), False, rtt, resp,
+                      content_type=h.get("Content-Type"))
 
     return await client.with_retries(attempt)
 
@@ -88,10 +92,12 @@ class RemoteInfo:
     # dropped cross-origin); never printed.
     url: str = field(default="", repr=False)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    content_type: str | None = None
 
     def remote(self) -> Remote:
         """The engine's view of this probe, to start a download without asking again."""
-        return Remote(self.url, dict(self.headers), self.size, self.etag, self.last_modified, self.accept_ranges)
+        return Remote(self.url, dict(self.headers), self.size, self.etag, self.last_modified, self.accept_ranges,
+                      content_type=self.content_type)
 
 
 async def probe_async(url: str, options: TransferOptions) -> RemoteInfo:
@@ -102,7 +108,7 @@ async def probe_async(url: str, options: TransferOptions) -> RemoteInfo:
         if remote.response is not None:
             remote.response.close()
     return RemoteInfo(remote.size, remote.etag, remote.last_modified, remote.ranges, redact_url(remote.url),
-                      remote.url, remote.headers)
+                      remote.url, remote.headers, remote.content_type)
 
 
 def probe(url: str, options: TransferOptions) -> RemoteInfo:
