@@ -7,6 +7,7 @@ left behind; a list from the network naming local files; tokens under any query 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -302,6 +303,12 @@ def test_tokens_under_any_query_name_never_appear(origin: NginxOrigin, tmp_path:
     assert source == row["source"]
     for f in (cache / ".autocloud").glob("index.sqlite*"):
         assert b"SECRETHMAC2" not in f.read_bytes()
+    # A row an older version stored with the secret in it is redacted when the cache is next opened.
+    with contextlib.closing(sqlite3.connect(cache / ".autocloud" / "index.sqlite")) as db, db:
+        db.execute("UPDATE entries SET source=?", (signed,))
+        db.execute("DELETE FROM meta WHERE name='sources_redacted'")
+    Store(cache).close()
+    assert [e.source for e in Store(cache).entries()] == [row["source"]]
 
 
 # ------------------------------------------------------------------ 6. more than Content-Length

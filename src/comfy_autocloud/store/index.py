@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from comfy_autocloud.errors import NotEnoughSpace, StoreError
+from comfy_autocloud.redact import redact_url
 
 SCHEMA_VERSION = 1
 
@@ -292,6 +293,18 @@ class Index:
                 f"priority=ac_priority(size, hits+1, ?1, {_CLOCK_SQL}) WHERE key=?2", (now, key))
             if cur.rowcount:
                 self.log_access(c, now, key)
+
+    def redact_sources(self) -> None:
+        """Once per index: re-redact the source of rows an older version stored with a query value it did
+        not recognise as a secret (`?t=`, `?hdnea=`); every query value is masked now (redact.redact_url)."""
+        if self.get_meta("sources_redacted") == "2":
+            return
+        with self.write() as c:
+            for key, source in c.execute("SELECT key, source FROM entries").fetchall():
+                clean = redact_url(source) if "://" in source else source
+                if clean != source:
+                    c.execute("UPDATE entries SET source=? WHERE key=?", (clean, key))
+            c.execute("INSERT OR REPLACE INTO meta(name, value) VALUES('sources_redacted', '2')")
 
     def rerank(self, policy_name: str) -> None:
         """Recompute every priority when the cache was last used with another policy."""

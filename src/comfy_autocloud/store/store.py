@@ -176,6 +176,7 @@ class Store:
         self._policy_lock = threading.Lock()  # threads of this process feed it each row once
         self._policy_file = PolicyStateFile(self.private / POLICY_STATE_NAME)
         self._policy_saved = -1  # the row the saved state was built up to, as this process last knew it
+        self._index.redact_sources()
 
     # ----------------------------------------------------------------- paths
     def path_for(self, key: str) -> Path:
