@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from comfy_autocloud.store import Store
 from comfy_autocloud.units import parse_size
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
+from servers import safetensors_header
 
 DROP = Path("/proc/sys/vm/drop_caches")
 
@@ -45,8 +47,10 @@ def make_volume(models: Path, files: int, size: int) -> list[Path]:
     for i in range(files):
         p = models / "checkpoints" / f"model_{i}.safetensors"
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "wb") as fh:
-            left = size
+        with open(p, "wb") as fh:  # a valid safetensors file: the store checks model files' format on commit
+            header = safetensors_header(size)
+            fh.write(header)
+            left = size - len(header)
             n = 0
             while left:
                 block[:16] = f"{i:08d}{n:08d}".encode()
