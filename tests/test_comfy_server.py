@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,13 @@ from comfy_env import (
     tiny_models,
     txt2img,
 )
-from servers import free_port, write_random_file
+from servers import free_port, random_bytes
 
 pytestmark = pytest.mark.slow
 CKPT = "tiny-sd15.safetensors"
 LORA_A, LORA_B, TAESD = "tiny-lora-a.safetensors", "tiny-lora-b.safetensors", "tiny-taesd.safetensors"
 CORRUPT = "corrupt-lora.safetensors"
-PANEL_FILE = "panel-demo.safetensors"
+PANEL_FILE = "panel-demo.pth"
 
 
 @dataclass
@@ -55,7 +56,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     for f in MODEL_FILES:
         os.link(models / f, www / f) if os.stat(models).st_dev == os.stat(www).st_dev else shutil.copy(models / f, www)
     shutil.copy(models / LORA_B, www / CORRUPT)  # served bytes differ from the manifest's sha256 below
-    write_random_file(www / PANEL_FILE, 48 * 2**20, seed=5)
+    with zipfile.ZipFile(www / PANEL_FILE, "w", zipfile.ZIP_STORED) as zf:  # a .pth is a zip (torch.save)
+        zf.writestr("panel-demo/data/0", random_bytes(48 * 2**20, seed=5))
     origin = TimedNginx(www, base / "nginx", limit_rate="1m")
     origin.start()
     manifest = {
@@ -63,7 +65,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "loras": {LORA_A: origin.url(f"/slow/{LORA_A}"), LORA_B: origin.url(f"/slow/{LORA_B}"),
                   CORRUPT: {"url": origin.url(CORRUPT), "sha256": model_sha256(models, LORA_A)}},
         "vae": {TAESD: origin.url(f"/slow/{TAESD}")},
-        "upscale_models": {PANEL_FILE.replace(".safetensors", ".pth"): origin.url(f"/slow/{PANEL_FILE}")},
+        "upscale_models": {PANEL_FILE: origin.url(f"/slow/{PANEL_FILE}")},
     }
     (base / "manifest.json").write_text(json.dumps(manifest))
     cache = base / "cache"
@@ -199,7 +201,7 @@ def test_web_panel_renders_in_headless_chromium(env: Env, tmp_path: Path) -> Non
                             "'.autocloud-sidebar-ready, .side-bar-button, .p-button'))"):
                     break
                 await asyncio.sleep(0.1)
-            key = "upscale_models/" + PANEL_FILE.replace(".safetensors", ".pth")
+            key = "upscale_models/" + PANEL_FILE
             await js("fetch('/autocloud/fetch', {method: 'POST', headers: {'Content-Type': 'application/json'},"
                      f" body: JSON.stringify({{key: '{key}'}})}})")
             opened = await js("window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.autocloud')"

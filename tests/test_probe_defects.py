@@ -109,6 +109,17 @@ def test_a_source_serving_an_error_page_is_skipped_for_the_next(origin: NginxOri
     assert got.path.read_bytes() == GOOD and got.source == origin.url("m.safetensors")
 
 
+def test_an_error_page_already_at_the_final_path_is_not_adopted(origin: NginxOrigin, tmp_path: Path) -> None:
+    store = Store(tmp_path / "cache")
+    path = store.path_for("checkpoints/m.safetensors")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(HTML)  # e.g. saved by `wget` from a login page
+    (origin.data_dir / "m.safetensors").write_bytes(GOOD)
+    got = FetchService(store, options=_options()).fetch(
+        ModelSpec(folder="checkpoints", filename="m.safetensors", sources=(origin.url("m.safetensors"),)))
+    assert not got.cached and got.path.read_bytes() == GOOD
+
+
 def test_verify_and_rehash_find_a_cached_file_that_is_not_what_its_name_says(tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture[str]
                                                                              ) -> None:

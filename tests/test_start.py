@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from comfy_autocloud.warmup.supervise import SuperviseOptions, comfyui_args, exit_code, health_url
-from servers import free_port
+from servers import free_port, random_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ class Fake:
                     "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.env.pop("SKIP_WARMUP", None)
         (tmp / "warmup_models.conf").write_text("checkpoints/m.safetensors\n")
-        (self.comfy / "models" / "checkpoints" / "m.safetensors").write_bytes(os.urandom(1 << 20))
+        (self.comfy / "models" / "checkpoints" / "m.safetensors").write_bytes(random_safetensors(1 << 20))
 
     def start(self, *args: str, **env: str) -> subprocess.Popen[str]:
         argv = [sys.executable, "-m", "comfy_autocloud.cli.start_cmd", "--health-interval", "0.1", "--backoff", "0.05",

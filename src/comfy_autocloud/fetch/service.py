@@ -39,6 +39,7 @@ from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEven
 from comfy_autocloud.redact import excerpt, redact_text, redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
 from comfy_autocloud.store import Entry, Store
+from comfy_autocloud.store.content_check import content_problem
 from comfy_autocloud.transfer import (
     TransferOptions,
     TransferResult,
@@ -279,9 +280,14 @@ class FetchService:
         return entry
 
     def _adopt_existing(self, spec: ModelSpec) -> FetchResult | None:
-        """A file a person put at the final path by hand: index it if it is what the manifest asks for."""
+        """A file a person put at the final path by hand: index it if it is what the manifest asks for (and
+        what its name says: an error page saved there is downloaded over, see store.content_check)."""
         path = self.store.path_for(spec.key)
         if not path.is_file() or self.store.lookup(spec.key) is not None:
+            return None
+        problem = content_problem(path, path.name)
+        if problem is not None:
+            log.warning("%s: the file already at %s holds %s; downloading it", spec.key, path, problem)
             return None
         entry = self.store.adopt(spec.key)
         if spec.sha256 is not None and entry.sha256 != spec.sha256:
