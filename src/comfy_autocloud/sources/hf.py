@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import SourceError
 from ..keys import check_relpath
-from ..redact import redact_text, redact_url
+from ..redact import excerpt, redact_text, redact_url
 from ..transfer.http_policy import Retryable, Unauthorized, error_type
 from . import ResolvedSource
 from ._net import RESOLVE_RETRY, quiet_loggers, with_retries
@@ -242,7 +242,7 @@ def _reason(e: BaseException, ref: HfRef, base: str, have_token: bool, secrets: 
         return redact_text(f"the Hub answered HTTP {status}", secrets)
     if type(e).__name__ == "OfflineModeIsEnabled":
         return "HF_HUB_OFFLINE is set; unset it to resolve hf:// sources"
-    return redact_text(f"cannot resolve through huggingface_hub ({type(e).__name__}: {e})", secrets)
+    return redact_text(f"cannot resolve through huggingface_hub ({type(e).__name__}: {excerpt(str(e))})", secrets)
 
 
 __all__ = ["HfRef", "endpoint", "hf_ref_from_url", "hf_token", "parse_hf", "resolve_hf", "resolve_hf_ref"]

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 from ..errors import SourceError
-from ..redact import redact_text
+from ..redact import excerpt, redact_text
 from ..transfer.http_policy import NotFound, Unauthorized, error_type
 from . import ResolvedSource
 from ._net import quiet_loggers
@@ -184,7 +184,7 @@ class _Client:
         except ClientError as e:
             raise SourceError(subject, self._client_error(ref, e)) from None
         except BotoCoreError as e:
-            raise SourceError(subject, redact_text(f"{type(e).__name__}: {e}", self.secrets)) from None
+            raise SourceError(subject, redact_text(f"{type(e).__name__}: {excerpt(str(e))}", self.secrets)) from None
 
     def _client_error(self, ref: S3Ref, e: Any) -> str:
         err = e.response.get("Error", {}) or {}
