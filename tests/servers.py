@@ -42,6 +42,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 MODEL_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt")  # a torch checkpoint: a zip, or (legacy) a pickle
 
 
 def safetensors_header(size: int) -> bytes:
@@ -81,15 +82,16 @@ def write_random_file(path: Path, size: int, seed: int = 0) -> str:
     """Write `size` deterministic pseudo-random bytes (seeded PRNG, 16 MiB blocks); return the sha256.
 
     A `.safetensors` name gets a valid safetensors file of that size (a header, then the random bytes as
-    one tensor): the store refuses model files that are not what their name says.
+    one tensor), a `.pth`/`.pt`/`.ckpt` name starts like a (legacy) pickle: the store refuses model files
+    that are not what their name says.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
         left = size
-        if path.suffix.lower() in MODEL_SUFFIXES:
-            header = safetensors_header(size)
+        if path.suffix.lower() in MODEL_SUFFIXES + PICKLE_SUFFIXES:
+            header = safetensors_header(size) if path.suffix.lower() in MODEL_SUFFIXES else b"\x80\x02"
             f.write(header)
             digest.update(header)
             left -= len(header)
