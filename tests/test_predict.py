@@ -274,10 +274,10 @@ def test_prefetcher_fetches_what_usually_comes_next(tmp_path: Path, origin: Ngin
 
 def test_a_broken_saved_predictor_is_replaced_and_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = Store(tmp_path / "cache")
-    data = b"x" * 10
+    data = safetensors_of(b"x", 96)  # model files must be what their name says
     import hashlib
 
-    store.commit("loras/a.safetensors", _part(store, "loras/a.safetensors", data), size=10,
+    store.commit("loras/a.safetensors", _part(store, "loras/a.safetensors", data), size=len(data),
                  sha256=hashlib.sha256(data).hexdigest(), source="test")
     saved = store.private / "predictor.json"
     saved.write_text("{broken")
@@ -301,7 +301,7 @@ def test_after_a_pause_the_prefetcher_turns_to_what_starts_a_session(tmp_path: P
     import hashlib
 
     for key in ("checkpoints/start.safetensors", "loras/then.safetensors"):
-        data = key.encode() * 4
+        data = safetensors_of(key.encode(), 256)
         store.commit(key, _part(store, key, data), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
                      source="test")
     pre = BackgroundPrefetcher(store, FetchService(store), lambda: [], rate=MiB, top=0, predict_top=1)

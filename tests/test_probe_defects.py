@@ -337,6 +337,17 @@ def test_an_origin_sending_more_than_content_length_gives_a_short_error(raw: Raw
     assert "more characters" in str(err)
 
 
+def test_an_excerpt_is_short_printable_and_names_a_page_title() -> None:
+    from comfy_autocloud.redact import excerpt
+
+    page = "\x1b[31m<html><head>" + "x" * 5000 + "<title>407 Proxy Authentication Required</title>\n\x00"
+    out = excerpt(page)
+    assert len(out) < 400 and out.isprintable() and "\x1b" not in out
+    assert f"({len(page) - 200} more characters)" in out
+    assert out.endswith("[page title: 407 Proxy Authentication Required]")
+    assert excerpt(b"short\r\nbody") == "short  body"
+
+
 # ------------------------------------------------------------------ 7. failed peer authentication
 def test_failed_peer_authentication_is_limited_before_the_token_check(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:

@@ -12,6 +12,7 @@ REDACTED = "***"
 # signed URL may carry its secret under any name. Only these names, which never hold one, keep their value.
 _HARMLESS_PARAMS = frozenset({"download", "dl", "filename", "file", "format", "type", "fp", "size", "rev",
                               "revision", "version", "modelversionid", "raw", "inline"})
+_TITLE = re.compile(r"<title>([^<]{1,200})</title>", re.IGNORECASE)
 EXCERPT_CHARS = 200  # the most of a foreign text (an origin's error body, a library's message) an error quotes
 _SECRET_HEADERS = {"authorization", "proxy-authorization", "cookie", "x-api-key", "x-amz-security-token"}
 
@@ -58,13 +59,21 @@ def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
                   text)
 
 
+def _printable(text: str) -> str:
+    return "".join(c if c.isascii() and (c.isprintable() or c == " ") else ("?" if c not in "\r\n\t" else " ")
+                   for c in text)
+
+
 def excerpt(text: str | bytes, limit: int = EXCERPT_CHARS) -> str:
     """At most `limit` printable characters of a foreign text (an origin's body inside a library's error
-    message): control and non-ASCII bytes become `?`, the rest is cut with a count of what was left out."""
+    message): control and non-ASCII bytes become `?`, the rest is cut with a count of what was left out.
+    An HTML page's title past the cut is named too ("407 Proxy Authentication Required"): it says most."""
     if isinstance(text, bytes):
         text = text.decode("latin-1")
-    flat = "".join(c if c.isascii() and (c.isprintable() or c == " ") else ("?" if c not in "\r\n\t" else " ")
-                   for c in text[: limit + 1])
-    if len(text) > limit:
-        return f"{flat[:limit]}… ({len(text) - limit} more characters)"
-    return flat
+    if len(text) <= limit:
+        return _printable(text)
+    out = f"{_printable(text[:limit])}… ({len(text) - limit} more characters)"
+    title = _TITLE.search(text, limit)
+    if title is not None:
+        out += f" [page title: {_printable(title.group(1).strip())[:120]}]"
+    return out
