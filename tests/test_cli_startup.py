@@ -18,6 +18,7 @@ import pytest
 
 from comfy_autocloud.cli.main import COMMANDS, cli
 from comfy_autocloud.lazy import lazy_names
+from servers import safetensors_of
 
 HEAVY = ("aiohttp", "pydantic", "rich")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -61,7 +62,7 @@ def test_cache_commands_with_json_import_no_aiohttp_pydantic_or_rich(args: list[
 def test_fetch_of_a_cached_file_imports_no_aiohttp_pydantic_or_rich(tmp_path: Path) -> None:
     model = tmp_path / "origin" / "tiny.safetensors"
     model.parent.mkdir()
-    model.write_bytes(b"\0" * 4096)
+    model.write_bytes(safetensors_of(b"\0", 4096))  # the store checks a model file's format on commit
     args = ["fetch", model.as_uri(), "--folder", "checkpoints", "--json"]
     rc, first, out = _run(args, tmp_path)
     assert rc == 0 and json.loads(out)["cached"] is False and "pydantic" in first  # a miss builds a ModelSpec
