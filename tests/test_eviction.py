@@ -296,11 +296,11 @@ def _run_requests(store: Store, trace: list[tuple[float, str, int]]) -> None:
         if store.lookup(key) is not None:
             store.touch(key)
             continue
-        data = hashlib.sha256(key.encode()).digest() * (size // 32 + 1)
+        data = safetensors_of(hashlib.sha256(key.encode()).digest(), size)  # model files are checked on commit
         with store.reserve(key, size):
             part = store.partial_path(key)
-            part.write_bytes(data[:size])
-            store.commit(key, part, size=size, sha256=hashlib.sha256(data[:size]).hexdigest(), source="t")
+            part.write_bytes(data)
+            store.commit(key, part, size=size, sha256=hashlib.sha256(data).hexdigest(), source="t")
 
 
 def _scaled_trace(requests: int) -> tuple[list[tuple[float, str, int]], int]:
