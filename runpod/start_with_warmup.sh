@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Warm up, then run ComfyUI with health checks and automatic restarts (seed 001's start_with_warmup.sh).
+# Warm up, then run ComfyUI with health checks and automatic restarts.
 #   ./start_with_warmup.sh [--skip-warmup|--warmup-only] [--highvram|--lowvram] [-- extra ComfyUI args]
 # Environment: COMFYUI_PATH, CACHE_PATH, WARMUP_CONFIG, SKIP_WARMUP (1 = skip),
 #              COMFYUI_ARGS (default "--listen --disable-metadata").

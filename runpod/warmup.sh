@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copy the models in warmup_models.conf from the network volume to local NVMe (seed 001's warmup.sh).
+# Copy the models in warmup_models.conf from the network volume to local NVMe.
 #   ./warmup.sh [CONF] [--status|--clean|--list|--setup-only] [--background] [--json]
 # Environment: COMFYUI_PATH (/workspace/ComfyUI), CACHE_PATH (/root/fast_cache), WARMUP_CONFIG (warmup_models.conf).
 # Everything is done by `autocloud warmup`; this file only finds it.

@@ -36,7 +36,7 @@ def write(path: Path, obj) -> Path:
     return path
 
 
-# --- seed 004 JSON ------------------------------------------------------------------------------
+# --- model list JSON ------------------------------------------------------------------------------
 
 def test_seed_004_example_is_read_as_is():
     specs = load_manifest(VALID / "seed004_models.json")
@@ -136,7 +136,7 @@ def test_names_only_entries_take_sources_from_another_file():
     assert lora.defined_in == f"{VALID / 'warmup_models.conf'}:9"
 
 
-# --- versions index (seed 004 §2.2) -------------------------------------------------------------
+# --- versions index -------------------------------------------------------------
 
 def test_versions_index_and_stale_lists(tmp_path):
     index = parse_versions_index(VALID / "model_versions.json")
@@ -173,7 +173,7 @@ def test_versions_index_is_detected_and_refused_as_a_model_list():
         load_manifests([path])  # named explicitly: an error, not skipped
 
 
-# --- warmup_models.conf (seed 001) --------------------------------------------------------------
+# --- warmup_models.conf --------------------------------------------------------------
 
 def test_warmup_conf_seed_example():
     entries = parse_warmup_conf(VALID / "warmup_models.conf")
@@ -210,7 +210,7 @@ def test_conf_without_extension_is_sniffed(tmp_path):
     assert [s.key for s in load_manifest(path)] == ["vae/x.safetensors"]
 
 
-# --- preload_config.json (seed 000) -------------------------------------------------------------
+# --- preload_config.json -------------------------------------------------------------
 
 def test_preload_config_seed_example():
     cfg = parse_preload_config(VALID / "preload_config.json")
@@ -331,7 +331,7 @@ def test_loader_table_uses_valid_folders():
 
 
 @pytest.mark.parametrize("name,fmt", [
-    ("seed004_models.json", "seed_json"), ("seed_objects.json", "seed_json"),
+    ("seed004_models.json", "model_list"), ("seed_objects.json", "model_list"),
     ("model_versions.json", "versions_index"), ("warmup_models.conf", "warmup_conf"),
     ("preload_config.json", "preload_config"), ("workflow_ui.json", "workflow_ui"),
     ("workflow_api.json", "workflow_api"),

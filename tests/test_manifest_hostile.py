@@ -117,7 +117,7 @@ def test_invalid_json_names_the_line(tmp_path):
     ('{"loras": {"CON.safetensors": "https://a.example.com/x"}}', "loras.CON.safetensors", "reserved device"),
     ('{"loras": {".autocloud/x.pt": "https://a.example.com/x"}}', "loras..autocloud/x.pt", "reserved name"),
 ])
-def test_hostile_seed_json(tmp_path, text, where, reason):
+def test_hostile_model_list(tmp_path, text, where, reason):
     path = tmp_path / "m.json"
     path.write_text(text, encoding="utf-8")
     e = err(load_manifest, path)

@@ -177,7 +177,7 @@ def test_writer_refuses_broken_or_foreign_files(tmp_path: Path) -> None:
     assert broken.read_text() == '{"loras": {"a.safetensors": "https://x/a",'
     listy = tmp_path / "list.json"
     listy.write_text("[1, 2]")
-    with pytest.raises(ManifestError, match="not a seed-004 model list"):
+    with pytest.raises(ManifestError, match="not a model list"):
         add_entries(listy, [_spec("b.safetensors", "https://x/b")])
     os.chmod(listy, 0o600)
     listy.write_text("{}")

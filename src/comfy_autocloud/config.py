@@ -175,7 +175,7 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between background prefetch passes", old_name="preload_interval"),
     Setting("prefetch_top", "AUTOCLOUD_PREFETCH_TOP", 10, int,
             "how many of the most-used models the background prefetcher keeps on disk", old_name="preload_top"),
-    # memory preload (seed 000): models held in RAM/VRAM by the preload registry
+    # memory preload: models held in RAM/VRAM by the preload registry
     Setting("preload_config", "AUTOCLOUD_PRELOAD_CONFIG", None, _optional(lambda v: str(Path(v).expanduser())),
             "preload_config.json to load at ComfyUI start-up (default: ComfyUI's user dir, then the pack dir)"),
     Setting("preload_blocking", "AUTOCLOUD_PRELOAD_BLOCKING", False, _bool,
@@ -193,7 +193,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(context model over the session)"),
     Setting("predict_top", "AUTOCLOUD_PREDICT_TOP", 2, int,
             "how many predicted models the background prefetcher fetches after each load"),
-    # fleet (seed 004 §5): nodes share files through Redis and each other's peer servers
+    # fleet: nodes share files through Redis and each other's peer servers
     Setting("redis_url", "AUTOCLOUD_REDIS_URL", None, _optional(_redis_url),
             "Redis of the fleet; unset: this node works alone"),
     Setting("peer_token", "AUTOCLOUD_PEER_TOKEN", None, _optional(_token),

@@ -48,7 +48,7 @@ COMMANDS: dict[str, CommandRef] = {
     "fleet": CommandRef(_CLI + "fleet_cmd", "fleet_group", "Inspect the fleet (nodes, who holds a file, leases)."),
     "list": CommandRef(_CLI + "store_cmds", "list_cmd", "Every cached file with size, hits, last use, pinned/in-use."),
     "manifest": CommandRef(_CLI + "manifest_cmd", "manifest_cmd",
-                           "Model lists: seed JSON, split lists, warmup_models.conf, preload_config.json, workflows."),
+                           "Model lists: JSON lists, split lists, warmup_models.conf, preload_config.json, workflows."),
     "pin": CommandRef(_CLI + "store_cmds", "pin_cmd",
                       "Never evict these files (keys like checkpoints/model.safetensors)."),
     "predict": CommandRef(_CLI + "predict_cmd", "predict_cmd",

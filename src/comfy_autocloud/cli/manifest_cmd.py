@@ -54,7 +54,7 @@ def spec_record(spec: ModelSpec) -> dict[str, Any]:
 
 @click.group("manifest")
 def manifest_cmd() -> None:
-    """Model lists: seed JSON, split lists, warmup_models.conf, preload_config.json, workflows."""
+    """Model lists: JSON lists, split lists, warmup_models.conf, preload_config.json, workflows."""
 
 
 @manifest_cmd.command("check")
@@ -222,7 +222,7 @@ def add_cmd(app: AppContext, urls: tuple[str, ...], folder: str, name: str | Non
 @click.argument("prefix", metavar="s3://BUCKET/PREFIX")
 @click.option("--folder", "-f", required=True, metavar="FOLDER", help="Model folder the objects belong to.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Add the entries to this seed-004 file (created if missing); default: print the document.")
+              help="Add the entries to this model-list file (created if missing); default: print the document.")
 @click.option("--glob", "patterns", multiple=True, metavar="PATTERN",
               help="Only keys whose file name matches (repeatable), e.g. '*.safetensors'.")
 @click.option("--no-checksums", is_flag=True, help="Skip the per-object HEAD that reads sha256 checksums/metadata.")

@@ -1,4 +1,4 @@
-"""`autocloud start`: seed 001's start_with_warmup.sh — warmup, then ComfyUI under a restarting supervisor.
+"""`autocloud start`: RunPod's start_with_warmup.sh in one command: warmup, then ComfyUI under a restarting supervisor.
 
 Also runnable as `python -m comfy_autocloud.cli.start_cmd …` (what `runpod/start_with_warmup.sh` execs).
 """

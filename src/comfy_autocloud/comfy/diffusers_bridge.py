@@ -1,6 +1,6 @@
 """Build a diffusers ``FluxPipeline`` from what ComfyUI already loaded, as zero-copy views.
 
-Seed 002's point: ComfyUI has the transformer, VAE and text encoders in memory, so a diffusers /
+Why: ComfyUI has the transformer, VAE and text encoders in memory, so a diffusers /
 xDiT pipeline must not download or load them again. Each component is created on the meta device
 and filled with ``load_state_dict(..., assign=True)`` from views of ComfyUI's tensors: the fused
 ``qkv`` / ``linear1`` weights become row slices (views) for diffusers' separate ``to_q/to_k/to_v``;

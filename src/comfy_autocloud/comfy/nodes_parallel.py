@@ -1,4 +1,4 @@
-"""ComfyUI nodes for multi-device sampling (seed 002's XDiT dispatcher and KSampler), category ``AutoCloud/parallel``.
+"""ComfyUI nodes for multi-device sampling (XDiT dispatcher, parallel KSampler), category ``AutoCloud/parallel``.
 
 The dispatcher node only describes the devices and strategy; the Parallel KSampler is the stock
 KSampler (same inputs, same LATENT output, same sampler code) whose MODEL clone sends each

@@ -1,4 +1,6 @@
-"""ComfyUI nodes for the step cache (seed 003's CacheDit nodes), category ``AutoCloud/stepcache``.
+"""ComfyUI nodes for the step cache, category ``AutoCloud/stepcache``.
+
+The CacheDit nodes: Accelerate, Advanced Config, Cache Control, Detailed Stats.
 
 Every node returns a new MODEL (a clone); the loaded model is never changed. The stats node takes
 optional LATENT/IMAGE inputs only to run after the sampler it reports on.

@@ -76,7 +76,7 @@ def _start_prefetcher(adapter: Adapter) -> None:
 
 
 def _start_memory_preload(adapter: Adapter, user_dir: str | None) -> None:
-    """Seed 000: preload_config.json into the preload registry (background, or blocking for snapshots)."""
+    """Memory preload: preload_config.json into the preload registry (background, or blocking for snapshots)."""
     from comfy_autocloud.comfy import nodes_preload
 
     nodes_preload.start(adapter.settings.values, user_dir, adapter.resolve_missing)

@@ -80,7 +80,7 @@ def _generate(origin_dir: Path, console: Console) -> dict[str, tuple[str, int]]:
 
 
 def _write_manifest(path: Path, origin: DemoOrigin, hashes: dict[str, tuple[str, int]]) -> None:
-    """Seed 004 format: {folder: {filename: {url, sha256, size}}}."""
+    """Model-list format: {folder: {filename: {url, sha256, size}}}."""
     manifest: dict[str, dict[str, object]] = {}
     for m in (*LIBRARY, LATE):
         sha, size = hashes[m.rel]

@@ -1,4 +1,4 @@
-"""Zip bundles (seed 004 §6): several models in one download, e.g. the five LoRAs of one style.
+"""Zip bundles: several models in one download, e.g. the five LoRAs of one style.
 
 Asking for any member downloads the zip once (single-flight on the bundle's name; the fetch service's
 engine, resumable, into the store's partial area), checks the zip's sha256 when given, then checks the

@@ -1,6 +1,6 @@
 """`autocloud manifest sync URL`: bring a directory of model lists up to a published versions index.
 
-Seed 004 §2.2: every node compares its lists with `{list: {url, md5|sha256, version}}` and downloads
+Every node compares its lists with `{list: {url, md5|sha256, version}}` and downloads
 only the changed ones. Here that is made safe to run on a live node:
 
 1. the index and every changed list are downloaded through the fetch service into a staging folder

@@ -1,4 +1,4 @@
-"""Fleet (seed 004 §5): many nodes share one model library through Redis and each other.
+"""Fleet: many nodes share one model library through Redis and each other.
 
 `client.Fleet` is what the fetch service talks to; `peer_server` serves a node's verified files;
 `registry`, `lease` and `ratelimit` hold the Redis side. Needs the `fleet` extra (redis-py); nothing

@@ -1,4 +1,4 @@
-"""Every model-list format (seed lists, versions index, warmup list, preload config, workflows) as ModelSpecs.
+"""Every model-list format (model lists, versions index, warmup list, preload config, workflows) as ModelSpecs.
 
 Pure data: reads only the files it is given, imports neither torch nor ComfyUI. Each name is imported
 from its module on first use (`comfy_autocloud.lazy`).

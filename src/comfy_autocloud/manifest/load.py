@@ -1,6 +1,6 @@
 """One entry point for every model-list format: detect it, parse it, merge across files.
 
-Users point the CLI and the fetch service at whatever they have (seed lists, warmup lists, preload
+Users point the CLI and the fetch service at whatever they have (model lists, warmup lists, preload
 configs, workflows); guessing the format from content means they never have to say which it is.
 """
 
@@ -12,14 +12,14 @@ from typing import Any
 
 from comfy_autocloud.manifest.common import at, decode_utf8, fail, parse_json_text, read_bytes
 from comfy_autocloud.manifest.merge import merge_specs
+from comfy_autocloud.manifest.model_list import parse_model_list
 from comfy_autocloud.manifest.preload_config import is_preload_config, preload_from_data, preload_specs
-from comfy_autocloud.manifest.seed_json import parse_seed_json
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.manifest.versions import is_versions_index
 from comfy_autocloud.manifest.warmup_conf import parse_warmup_text, warmup_specs
 from comfy_autocloud.manifest.workflow import is_api_workflow, is_ui_workflow, workflow_model_refs
 
-FORMATS = ("seed_json", "versions_index", "warmup_conf", "preload_config", "workflow_ui", "workflow_api")
+FORMATS = ("model_list", "versions_index", "warmup_conf", "preload_config", "workflow_ui", "workflow_api")
 CONF_SUFFIXES = (".conf", ".txt", ".list", ".lst")
 YAML_SUFFIXES = (".yaml", ".yml")
 DIR_SUFFIXES = (".json", ".conf")  # what a directory of split lists contributes
@@ -48,7 +48,7 @@ def _json_format(data: Any) -> str:
         return "preload_config"
     if is_versions_index(data):
         return "versions_index"
-    return "seed_json"
+    return "model_list"
 
 
 def detect_format(path: Path) -> str:
@@ -73,7 +73,7 @@ def _specs(path: Path, fmt: str, content: Any) -> list[ModelSpec]:
         return preload_specs(preload_from_data(content, where), where)
     if fmt in ("workflow_ui", "workflow_api"):
         return workflow_model_refs(content, where)
-    return parse_seed_json(content, where)
+    return parse_model_list(content, where)
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:

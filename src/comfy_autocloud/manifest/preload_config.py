@@ -1,4 +1,4 @@
-"""Seed 000 `preload_config.json`: which models ComfyUI loads into memory at start-up.
+"""`preload_config.json` (the memory-preload config): which models ComfyUI loads into memory at start-up.
 
 The values are validated against the options of ComfyUI's own loaders (UNETLoader weight_dtype,
 CLIPLoader / DualCLIPLoader type, device) so a typo fails at start-up with the key that is wrong,
@@ -127,7 +127,7 @@ class PreloadConfig(_Strict):
 
 
 def is_preload_config(data: Any) -> bool:
-    """Content sniffing: a 'models' object whose values are lists of entries (seed 000 layout)."""
+    """Content sniffing: a 'models' object whose values are lists of entries (the preload config's layout)."""
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         return False
     models = data["models"]

@@ -1,4 +1,4 @@
-"""ModelSpec: the one record every input format (seed JSON, warmup, preload config, workflows) becomes."""
+"""ModelSpec: the one record every input format (model lists, warmup lists, preload config, workflows) becomes."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class BundleMember(BaseModel):
 
 
 class Bundle(BaseModel):
-    """Seed 004 §6: several models in one zip download (e.g. five LoRAs of one style).
+    """A zip bundle: several models in one zip download (e.g. five LoRAs of one style).
 
     `name` ('loras/style-pack.zip') names the download for locking and progress; the zip itself is not
     kept. Members are verified by their own sha256, else by the zip's, so one of the two must be given.
@@ -75,7 +75,7 @@ class ModelSpec(BaseModel):
     sha256: Sha256 | None = None
     size: int | None = Field(default=None, ge=0)
     pin: bool = False
-    preload: dict[str, Any] | None = None  # seed 000 loader options (kind, clip type, dtype...)
+    preload: dict[str, Any] | None = None  # memory-preload loader options (kind, clip type, dtype...)
     tags: tuple[str, ...] = ()
     defined_in: str = ""  # 'file:line' or 'file:key' where this entry came from, for error messages
     bundle: Bundle | None = None  # set when this file arrives inside a zip (sources are the zip's)

@@ -1,8 +1,10 @@
-"""Seed 004 §2.2 versions index: `{list_name: {"url": ..., "md5" or "sha256": ..., "version": ...}}`.
+"""Versions index: `{list_name: {"url": ..., "md5" or "sha256": ..., "version": ...}}`.
+
+Published next to split model lists so nodes can bring theirs up to date.
 
 Nodes compare the hash of their local `<config_dir>/<name>.json` with the index and re-download only
 stale lists (`fetch.sync` downloads through the fetch service; this module only decides what is stale).
-The seed uses md5 as a change detector; an index may give sha256 instead (or both: both must match).
+Published indexes use md5 as a change detector; an index may give sha256 instead (or both: both must match).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class VersionedList:
 def is_versions_index(data: Any) -> bool:
     """Content sniffing: a non-empty object whose values are objects carrying 'url' and an 'md5'/'sha256'.
 
-    A seed-004 list's entries are {filename: ...} objects, never {url, md5|sha256, version} ones.
+    A model list's entries are {filename: ...} objects, never {url, md5|sha256, version} ones.
     """
     return (isinstance(data, dict) and bool(data)
             and any(isinstance(v, dict) and ("md5" in v or _index_sha(v)) for v in data.values()))
@@ -92,7 +94,7 @@ def versions_from_data(data: Any, where: str) -> list[VersionedList]:
 
 def file_md5(path: Path) -> str | None:
     """md5 of a local list, or None when it is missing (missing counts as stale)."""
-    return _file_hash(path, hashlib.md5(usedforsecurity=False))  # the seed's change detector, not security
+    return _file_hash(path, hashlib.md5(usedforsecurity=False))  # a change detector, not security
 
 
 def file_sha256(path: Path) -> str | None:

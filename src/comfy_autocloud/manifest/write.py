@@ -1,4 +1,4 @@
-"""Writing seed-004 model lists: add verified entries without ever leaving a half-written file.
+"""Writing model lists: add verified entries without ever leaving a half-written file.
 
 `autocloud manifest add` and `manifest from-s3` end here. The file is read with the same strict
 parser as every manifest (so a broken file is reported, not overwritten), changed in memory, then
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from comfy_autocloud.fsutil import write_atomic
 from comfy_autocloud.manifest.common import at, fail, key_path, load_json
-from comfy_autocloud.manifest.seed_json import parse_seed_json
+from comfy_autocloud.manifest.model_list import parse_model_list
 from comfy_autocloud.manifest.spec import ModelSpec
 
 Action = Literal["added", "unchanged", "merged"]
@@ -33,7 +33,7 @@ class WriteOutcome:
 
 
 def entry_value(spec: ModelSpec) -> str | dict[str, Any]:
-    """The seed-004 form of one spec: the short URL string when nothing else is known, else an object."""
+    """The model-list form of one spec: the short URL string when nothing else is known, else an object."""
     if len(spec.sources) == 1 and spec.sha256 is None and spec.size is None and not spec.pin and not spec.tags:
         return spec.sources[0]
     out: dict[str, Any] = {}
@@ -57,7 +57,7 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def document(specs: Sequence[ModelSpec]) -> dict[str, Any]:
-    """A fresh seed-004 document holding `specs` (the entries must not repeat a key)."""
+    """A fresh model-list document holding `specs` (the entries must not repeat a key)."""
     doc: dict[str, Any] = {}
     _apply(doc, specs, "<new manifest>")
     return doc
@@ -86,7 +86,7 @@ def _merge(old: ModelSpec, new: ModelSpec, where: str) -> ModelSpec | None:
 
 
 def _apply(doc: dict[str, Any], specs: Sequence[ModelSpec], where: str) -> list[WriteOutcome]:
-    existing = {s.key: s for s in parse_seed_json(doc, where)} if doc else {}
+    existing = {s.key: s for s in parse_model_list(doc, where)} if doc else {}
     outcomes: list[WriteOutcome] = []
     for spec in specs:
         old = existing.get(spec.key)
@@ -109,7 +109,7 @@ def _apply(doc: dict[str, Any], specs: Sequence[ModelSpec], where: str) -> list[
         doc[spec.folder][spec.filename] = value
         existing[spec.key] = merged
         outcomes.append(WriteOutcome(spec.key, "merged"))
-    parse_seed_json(doc, where)  # what is written must read back
+    parse_model_list(doc, where)  # what is written must read back
     return outcomes
 
 
@@ -125,14 +125,14 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def add_entries(path: Path, specs: Sequence[ModelSpec]) -> list[WriteOutcome]:
-    """Add `specs` to the seed-004 file at `path` (created if missing): all of them, or none on a conflict."""
+    """Add `specs` to the model-list file at `path` (created if missing): all of them, or none on a conflict."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     where = str(path)
     with _locked(path):
         doc: Any = load_json(path) if path.exists() else {}
         if not isinstance(doc, dict):
-            fail(at(where, ""), "is not a seed-004 model list ({folder: {filename: url}}); refusing to change it")
+            fail(at(where, ""), "is not a model list ({folder: {filename: url}}); refusing to change it")
         doc = json.loads(json.dumps(doc))  # plain dicts (the strict reader's subclass) in the same order
         outcomes = _apply(doc, specs, where)
         if any(o.action != "unchanged" for o in outcomes) or not path.exists():

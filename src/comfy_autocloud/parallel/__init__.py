@@ -1,4 +1,4 @@
-"""Multi-device sampling (seed 002): sequence/CFG parallel DiT calls on a persistent worker group.
+"""Multi-device sampling: sequence/CFG parallel DiT calls on a persistent worker group.
 
 Importing this package does not import torch; the submodules do (``pip install comfyui-autocloud[torch]``).
 Public names resolve lazily so ComfyUI nodes and the CLI can import it for free.

@@ -1,4 +1,4 @@
-"""Popular-model disk prefetch plan (seed 004 §4.2): which pinned and most-used models to keep on disk.
+"""Popular-model disk prefetch plan: which pinned and most-used models to keep on disk.
 
 Popularity outlives eviction: hit counts from the store index are folded into a small JSON history
 next to the index, so a model that was evicted last night is fetched back before this morning's

@@ -1,4 +1,4 @@
-"""Memory preload (seed 000): a process-wide registry of loaded MODEL / CLIP / VAE objects.
+"""Memory preload: a process-wide registry of loaded MODEL / CLIP / VAE objects.
 
 Nothing here imports ComfyUI or torch: `held_models` is the registry (what is held, loads, clones,
 budget), `load_requests` turns preload_config.json into load requests, `gate` keeps preloading out of a

@@ -1,6 +1,6 @@
-"""Step cache (seed 003): skip transformer work on sampling steps whose result barely changes.
+"""Step cache: skip transformer work on sampling steps whose result barely changes.
 
-Drop-in for code written against the seed's CacheDiT API::
+Drop-in for code written against the CacheDiT plugin's API::
 
     import comfy_autocloud.stepcache as cache_dit
     model = cache_dit.enable_cache(model)                   # quality target: preset "balanced", 35 dB PSNR
@@ -104,7 +104,7 @@ def enable_cache(
     most ``max_reuse`` in a row, extrapolated). ``warmup_steps`` first steps always compute. Unset arguments take
     ``set_global_config``'s defaults.
 
-    ``noise_scale`` adds ``noise_scale * std`` Gaussian noise to reused results (the seed's anti-artifact noise;
+    ``noise_scale`` adds ``noise_scale * std`` Gaussian noise to reused results (CacheDiT's anti-artifact noise;
     it lowers PSNR, keep it 0 unless you see banding). ``level``: ``"output"`` (default) reuses the whole model
     output; ``"block"`` runs the first block on every step and reuses the rest (strategies only).
     """

@@ -44,7 +44,7 @@ Tensors = dict[str, torch.Tensor]
 @dataclass
 class CacheConfig:
     """Everything ``enable_cache`` accepts. ``extrapolate=None`` means first-order Taylor extrapolation of
-    reused residuals for ``adaptive`` and plain copies (the seed's behaviour) for ``fixed``/``dynamic``."""
+    reused residuals for ``adaptive`` and plain copies (the CacheDiT plugin's behaviour) for ``fixed``/``dynamic``."""
 
     strategy: str = "fixed"
     skip_interval: int = 2
@@ -337,7 +337,7 @@ class StepCacheState:
         return res
 
     def _noise(self, v: torch.Tensor) -> torch.Tensor:
-        """The seed's small noise on reused results: ``noise_scale * std(residual) * N(0, 1)``, seeded per run."""
+        """CacheDiT's small noise on reused results: ``noise_scale * std(residual) * N(0, 1)``, seeded per run."""
         if self._gen is None or self._gen.device != v.device:
             self._gen = torch.Generator(device=v.device)
             self._gen.manual_seed(self.config.seed)

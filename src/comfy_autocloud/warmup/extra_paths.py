@@ -26,7 +26,7 @@ SECTION = "autocloud_warmup"
 BEGIN = "# >>> autocloud warmup: managed by `autocloud warmup --setup-only`; this block is rewritten on every run"
 END = "# <<< autocloud warmup"
 
-# Folders ComfyUI knows (seed 001's list plus today's names), so the section is stable from the first run.
+# Folders ComfyUI knows (the classic names plus today's), so the section is stable from the first run.
 DEFAULT_FOLDERS = ("checkpoints", "loras", "vae", "controlnet", "upscale_models", "embeddings", "clip", "unet",
                    "diffusion_models", "text_encoders", "clip_vision", "style_models", "hypernetworks")
 

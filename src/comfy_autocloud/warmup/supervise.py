@@ -1,4 +1,4 @@
-"""`autocloud start`: run ComfyUI's main.py under a small supervisor (seed 001's start_with_warmup.sh).
+"""`autocloud start`: run ComfyUI's main.py under a small supervisor (what RunPod's start_with_warmup.sh does).
 
 Why a supervisor and not `exec`: on a pod nobody is watching, a crashed or wedged ComfyUI must come
 back by itself. A crash (non-zero exit) or a hang (`GET /system_stats` failing for `health_timeout`

@@ -1,6 +1,6 @@
-"""Seed 004 model lists: `{folder: {filename: url}}`, one file or split into several.
+"""Model lists (the JSON format every node reads): `{folder: {filename: url}}`, one file or split into several.
 
-The short form (a URL string) is what the seed's users already have; the object form adds what a
+The short form (a URL string) is what users of these lists already have; the object form adds what a
 verified cache needs (mirrors, sha256, size, pin, tags) without inventing a second file format.
 """
 
@@ -27,8 +27,8 @@ ENTRY_KEYS = ("url", "urls", "sha256", "size", "pin", "tags", "bundle")
 MEMBER_KEYS = ("to", "sha256", "size")
 
 
-def parse_seed_json(data: Any, where: str) -> list[ModelSpec]:
-    """Turn a parsed seed-004 document into specs; `where` is the file name used in errors."""
+def parse_model_list(data: Any, where: str) -> list[ModelSpec]:
+    """Turn a parsed model-list document into specs; `where` is the file name used in errors."""
     if not isinstance(data, dict):
         fail(at(where, ""), f"expected a JSON object {{folder: {{filename: url}}}}, got {_kind(data)}")
     specs: list[ModelSpec] = []
