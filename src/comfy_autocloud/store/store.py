@@ -437,10 +437,14 @@ class Store:
         last_modified: str | None = None,
         pin: bool = False,
         timings: dict[str, float] | None = None,
+        durable: bool = True,
     ) -> Entry:
         """Move a complete, verified partial file to its final path atomically and index it.
 
         `timings`, when given, gets the seconds spent on fsync, rename and index (see `phases.Laps`).
+        `durable=False` skips the fsyncs before and after the rename: a kill still never shows a partial
+        file (the rename is atomic and the page cache outlives the process), only a power cut could. For
+        caches that do not outlive the machine (warmup's ephemeral mode, which ends with one syncfs).
         """
         laps = Laps(timings)
         final = self.path_for(key)
@@ -470,8 +474,9 @@ class Store:
                 os.unlink(part_path)
             laps.lap("rename")
         else:
-            self._move_into_place(key, part_path, final, laps)
-        fsync_dir(final.parent)
+            self._move_into_place(key, part_path, final, laps, durable=durable)
+        if durable:
+            fsync_dir(final.parent)
         fst = os.stat(final)
         laps.lap("fsync")
 
@@ -509,8 +514,9 @@ class Store:
                 os.unlink(tmp)
             return False
 
-    def _move_into_place(self, key: str, part: Path, final: Path, laps: Laps) -> None:
-        fsync_file(part)
+    def _move_into_place(self, key: str, part: Path, final: Path, laps: Laps, *, durable: bool = True) -> None:
+        if durable:
+            fsync_file(part)
         laps.lap("fsync")
         try:
             os.replace(part, final)
