@@ -85,7 +85,9 @@ def _print_report(report: wr.WarmupReport, paths: wr.WarmupPaths) -> None:
     rate = f" ({human_rate(s['rate'])})" if s["bytes_copied"] else ""
     console.print(f"warmup: {s['files']} files ({', '.join(parts) or 'nothing to do'}), "
                   f"{human_size(s['bytes_copied'])} copied in {report.seconds:.2f} s{rate}; "
-                  f"page cache warmed: {human_size(report.warmed_bytes)}")
+                  f"page cache warmed: {human_size(report.warmed_bytes)}"
+                  + (f" ({human_size(report.warming_bytes)} still being read in the background)"
+                     if report.warming_bytes else ""))
     if report.setup is not None:
         _print_setup(report.setup, paths)
 

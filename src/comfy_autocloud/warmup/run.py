@@ -124,6 +124,7 @@ class WarmupReport:
     outcomes: list[FileOutcome] = field(default_factory=list)
     seconds: float = 0.0
     warmed_bytes: int = 0
+    warming_bytes: int = 0  # of warmed_bytes, what a detached reader is still reading into the page cache
     setup: MergeResult | None = None
 
     @property
@@ -146,7 +147,7 @@ class WarmupReport:
                 "bytes_total": sum(o.size for o in self.outcomes if o.status not in ("failed", "missing")),
                 "seconds": round(self.seconds, 4),
                 "rate": round(self.bytes_copied / self.seconds) if self.seconds > 0 else 0,
-                "page_cache_bytes": self.warmed_bytes,
+                "page_cache_bytes": self.warmed_bytes, "page_cache_background_bytes": self.warming_bytes,
                 "setup": self.setup.as_dict() if self.setup else None}
 
 
@@ -202,8 +203,9 @@ def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: Progres
     report.outcomes = [by_key[i.key] for i in plan.items]
     report.outcomes += [FileOutcome(m.key, "missing", error=m.reason, line=m.line) for m in plan.missing]
     if warm_page_cache:
-        report.warmed_bytes = pagecache.warm(store.path_for(o.key) for o in report.outcomes
-                                             if o.status in ("copied", "recopied", "cached"))
+        warmed = pagecache.warm((store.path_for(o.key) for o in report.outcomes
+                                 if o.status in ("copied", "recopied", "cached")), background=True)
+        report.warmed_bytes, report.warming_bytes = warmed.bytes, warmed.background_bytes
     report.seconds = time.perf_counter() - t0
     return report
 
