@@ -75,10 +75,14 @@ def make_volume(models: Path, files: int, size: int) -> list[Path]:
     return out
 
 
-def autocloud_argv() -> list[str]:
-    """The `autocloud` a user runs: the console script beside this interpreter (else the module)."""
+def warmup_argv(command: str) -> list[str]:
+    """`autocloud warmup` as a user runs it: the console script beside this interpreter (else the module),
+    or (`module`) what runpod/warmup.sh runs: `python -m comfy_autocloud.cli.warmup_cmd`."""
+    if command == "module":
+        return [sys.executable, "-m", "comfy_autocloud.cli.warmup_cmd"]
     script = Path(sys.executable).with_name("autocloud")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "comfy_autocloud.cli.main"]
+    return [str(script), "warmup"] if script.is_file() else [sys.executable, "-m", "comfy_autocloud.cli.main",
+                                                             "warmup"]
 
 
 def main() -> None:
@@ -88,6 +92,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=4, help="files ours copies at once (the CLI's default)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir; removed afterwards)")
+    ap.add_argument("--command", choices=("autocloud", "module"), default="autocloud",
+                    help="time `autocloud warmup` (default) or runpod/warmup.sh's `python -m "
+                         "comfy_autocloud.cli.warmup_cmd`")
     args = ap.parse_args()
     total = parse_size(args.size)
     each = total // args.files
@@ -104,7 +111,8 @@ def main() -> None:
         env = {**os.environ, "COMFYUI_PATH": str(comfy), "CACHE_PATH": str(cache),
                "AUTOCLOUD_CONFIG": str(work / "none.yaml"), "AUTOCLOUD_CACHE": str(work / "autocloud")}
         env.pop("AUTOCLOUD_WARMUP_DURABILITY", None)
-        cli = [*autocloud_argv(), "warmup", str(conf), "--parallel", str(args.parallel)]
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its .pyc files; so does this run
+        cli = [*warmup_argv(args.command), str(conf), "--parallel", str(args.parallel)]
 
         def run(argv: list[str]) -> None:
             subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -159,8 +167,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     gib = each * args.files / 2**30
     print("  ".join(f"{k}={'/'.join(f'{x:.2f}' for x in v)}s" for k, v in times.items()))
-    print(f"warmup cli files={args.files} size={gib:.1f}GiB cold={'yes' if cold else 'no'} rounds={args.rounds} "
-          f"cp={med['cp']:.2f}s cp_sync={med['cp+sync']:.2f}s ours={med['ours']:.2f}s "
+    print(f"warmup {args.command} files={args.files} size={gib:.1f}GiB cold={'yes' if cold else 'no'} "
+          f"rounds={args.rounds} cp={med['cp']:.2f}s cp_sync={med['cp+sync']:.2f}s ours={med['ours']:.2f}s "
           f"ours_ephemeral={med['ours_eph']:.2f}s first={med['first']:.2f}s rerun={med['rerun']:.3f}s "
           f"rerun_warm={med['rerun_warm']:.3f}s first_ratio_vs_cp={med['cp'] / med['first']:.2f} "
           f"ephemeral_ratio_vs_cp={med['cp'] / med['ours_eph']:.2f} "
