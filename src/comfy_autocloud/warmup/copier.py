@@ -76,6 +76,11 @@ def copy_items(store: Store, items: list[WarmupItem], book: HashBook, *, paralle
     """
     if not items:
         return []
+    # Imported here, once, before the threads: a rerun with nothing to copy never imports them, and
+    # worker threads never wait on each other's import locks.
+    from comfy_autocloud.fetch import singleflight  # noqa: F401
+    from comfy_autocloud.transfer import localcopy  # noqa: F401
+
     token = cancel or CancelToken()
     pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(items))), thread_name_prefix="autocloud-warmup")
     try:
