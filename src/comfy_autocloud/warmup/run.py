@@ -31,12 +31,10 @@ from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEven
 from comfy_autocloud.store import Entry, Store
 from comfy_autocloud.store.index import proc_alive
 from comfy_autocloud.warmup import pagecache
-from comfy_autocloud.warmup.copier import FileOutcome, Status, copy_items, current
+from comfy_autocloud.warmup.copier import FileOutcome, copy_items, current
 from comfy_autocloud.warmup.extra_paths import MergeResult, merge_extra_paths, search_order, section_folders
 from comfy_autocloud.warmup.hashes import HashBook
 from comfy_autocloud.warmup.plan import Plan, WarmupItem, build_plan, volume_identity
-
-__all__ = ["FileOutcome", "Status"]
 
 DEFAULT_COMFYUI = "/workspace/ComfyUI"
 DEFAULT_CACHE = "/root/fast_cache"
