@@ -10,8 +10,8 @@ Fresh servers of two kinds: stock ones, and ones with a preload_config.json in t
 first prompt is queued once the preload reports `phase: ready`, as after a Modal memory-snapshot restore.
 The page cache is dropped before each server starts when /proc/sys/vm/drop_caches is writable (a cold start
 reads its models and libraries from disk; said so when not; `--warm` keeps it).
-Case 1, first prompt: seconds from queueing the first prompt of a fresh server to its end (ComfyUI's
-execution_success timestamp: what its user waits), median over --fresh servers of each kind:
+Case 1, first prompt: seconds from queueing the first prompt of a fresh server to its end reaching the
+client (the websocket's final `executing` message: what its user waits), median over --fresh servers of each kind:
 CheckpointLoaderSimple vs the Cached Checkpoint Loader, same workflow otherwise, with each node's share
 (websocket 'executing' times). `--first load` (default): a load-only prompt (the loader plus PreviewAny),
 target >= 10x; `--first txt2img`: a 64x64 one-step txt2img (a size the start-up warm-up never ran).
@@ -151,7 +151,12 @@ class NodeClock(WsCollector):
 
 
 def first_prompt(srv: ComfyServer, loader: str, ckpt: str, kind: str) -> tuple[float, dict[str, float]]:
-    """(seconds from queueing to the end of the first prompt, seconds per node + 'queued' before the first)."""
+    """(seconds from queueing the first prompt to its end reaching the client, seconds per node + 'queued'
+    before the first node + 'executed' (ComfyUI's own execution_start -> execution_success)).
+
+    The end is the arrival of the websocket's final `executing` message (node None), what the page waits
+    for: ComfyUI may hold its event loop after a prompt (its prompt worker's `gc.collect()`), and a user
+    waits for that too."""
     if kind == "load":
         p = loader_only(ckpt, loader)
     else:
@@ -160,12 +165,18 @@ def first_prompt(srv: ComfyServer, loader: str, ckpt: str, kind: str) -> tuple[f
     with NodeClock(srv.url, "bench") as clock:
         t0 = time.time()
         done = srv.wait(srv.queue(p, {"client_id": "bench"}), timeout=600)
+        deadline = time.monotonic() + 30
+        while not any(n is None for _t, n in clock.events) and time.monotonic() < deadline:
+            time.sleep(0.01)
     if done.status != "success":
         raise RuntimeError(f"first prompt failed: {done.error()}")
-    end = next((d["timestamp"] for n, d in done.messages if n == "execution_success"), None)
+    arrived = [t for t, n in clock.events if n is None]
+    if not arrived:
+        raise RuntimeError("the first prompt's end never reached the websocket")
     nodes = {n: clock.took(n) or 0.0 for n in (NODES if kind == "txt2img" else LOAD_NODES)}
     nodes["queued"] = clock.events[0][0] - t0 if clock.events else float("nan")
-    return ((end / 1000.0 - t0) if end is not None else done.seconds), nodes
+    nodes["executed"] = prompt_seconds(done)
+    return arrived[0] - t0, nodes
 
 
 def second_prompt(srv: ComfyServer, loader: str, ckpt: str) -> float:
