@@ -12,7 +12,7 @@ for its own writes. Cases:
 - `cp+sync`: `cp -r models DST && sync` (on disk when it returns);
 - `ours`: `autocloud warmup CONF` into an empty cache, as on every new pod after the first: the hash
   sidecar on the volume already knows the files (durable: each file fsynced before its rename);
-- `ours_eph`: the same with `--durability ephemeral` (no fsync per file, one syncfs at the end);
+- `ours_eph`: the same with `--durability ephemeral` (nothing waits for the disk, as with `cp`);
 - `first`: the very first warmup of these files (no sidecar: sha256 computed while copying);
 - `rerun`: `autocloud warmup CONF` again with nothing to copy (page cache dropped first, like the others);
   `rerun_warm` the same with the page cache as the previous run left it.

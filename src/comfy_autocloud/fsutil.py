@@ -81,20 +81,10 @@ def start_writeback(fd: int, offset: int, count: int) -> None:
     """Ask the kernel to start writing these dirty pages to disk now, without waiting for it.
 
     A copy that kicks writeback block by block overlaps the disk writes with the reads still to come,
-    so the fsync (or syncfs) at the end finds little left to do. Best effort: a no-op where
+    so the fsync at the end finds little left to do. Best effort: a no-op where
     `sync_file_range` does not exist.
     """
     fn = _libc_fn("sync_file_range")
     if fn is not None:
         fn(fd, offset, count, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
 
-
-def syncfs(path: Path) -> None:
-    """Write back every dirty page of the file system holding `path` (one call instead of one fsync per file)."""
-    fn = _libc_fn("syncfs")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if fn is None or fn(fd) != 0:  # type: ignore[operator]
-            os.sync()
-    finally:
-        os.close(fd)

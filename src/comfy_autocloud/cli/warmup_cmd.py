@@ -199,7 +199,7 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
 @click.option("--no-page-cache", is_flag=True, help="Do not warm the page cache after copying.")
 @click.option("--durability", type=click.Choice(wr.DURABILITIES), default=None,
               help="durable: fsync each file before it appears; ephemeral (a cache that dies with the machine): "
-                   f"no fsync per file, one syncfs at the end [env {wr.DURABILITY_ENV}; default durable].")
+                   f"wait for no disk write, as cp does [env {wr.DURABILITY_ENV}; default durable].")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.option("--record-pid", is_flag=True, hidden=True)
 @pass_app

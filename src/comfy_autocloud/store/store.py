@@ -444,7 +444,7 @@ class Store:
         `timings`, when given, gets the seconds spent on fsync, rename and index (see `phases.Laps`).
         `durable=False` skips the fsyncs before and after the rename: a kill still never shows a partial
         file (the rename is atomic and the page cache outlives the process), only a power cut could. For
-        caches that do not outlive the machine (warmup's ephemeral mode, which ends with one syncfs).
+        caches that do not outlive the machine (warmup's ephemeral mode).
         """
         laps = Laps(timings)
         final = self.path_for(key)

@@ -4,8 +4,8 @@ It uses the same parts as the fetch service (the per-key single-flight lock, `St
 `transfer.copy_file`, `Store.commit`), not the service itself, because a warmup differs in three ways
 that decide its speed: a cached copy is current when the volume file's size + mtime match (no
 hashing, no network stack imported), the sha256 usually comes from the volume's hash sidecar (so the
-bytes are never read back), and the cache may be declared ephemeral (no fsync per file, one syncfs
-at the end). What does not change: the partial file lives in the store's partial dir and reaches its
+bytes are never read back), and the cache may be declared ephemeral (no fsync: nothing waits for the
+disk, as with `cp`). What does not change: the partial file lives in the store's partial dir and reaches its
 final path only by the store's atomic rename once complete, so a killed warmup never shows a half
 file; room is reserved before the first byte; another process copying the same key is waited for.
 """
@@ -146,7 +146,7 @@ def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durable: bool, 
 
     with store.reserve(item.key, item.size):
         result = copy_file(item.source, part, progress=on_bytes, cancel=cancel, hash=known is None,
-                           writeback=True)
+                           writeback=durable)  # durable: the fsync before the rename finds the writes done
         identity = result.etag or ""
         sha = result.sha256
         if identity != item.identity:  # the volume file changed after the plan: what was copied is the truth

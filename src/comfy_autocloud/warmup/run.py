@@ -9,8 +9,12 @@ from the volume's hash sidecar (hashes.py) when an earlier warmup hashed the fil
 computed while copying and added to the sidecar.
 
 Durability: by default every file is fsynced before its rename (a power cut never leaves a wrong
-file at a final path). `durable=False` (`--durability ephemeral`, for a cache that does not outlive
-the machine, such as a RunPod pod's container disk) skips those fsyncs and ends with one syncfs.
+file at a final path), with writeback started block by block during the copy so the disk writes
+overlap the reads. `durable=False` (`--durability ephemeral`, for a cache that does not outlive the
+machine, such as a RunPod pod's container disk) waits for no disk write at all, as `cp` does: the
+files are complete in the page cache and at their final paths when it returns, and the kernel writes
+them back afterwards. A flush at the end (one syncfs) was the other way weighed: it waits for the same
+writes as the fsyncs do, so it would save nothing where the cache dies with the machine anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from comfy_autocloud.errors import ManifestError, StoreError
-from comfy_autocloud.fsutil import syncfs
 from comfy_autocloud.manifest.warmup_conf import WarmupEntry, parse_warmup_conf
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.store import Entry, Store
@@ -195,8 +198,6 @@ def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: Progres
                                   cancel=cancel):
             by_key[outcome.key] = outcome
         book.save()
-        if not durable and any(o.bytes_copied for o in by_key.values()):
-            syncfs(store.root)  # one flush for every file instead of one fsync each
 
     report.outcomes = [by_key[i.key] for i in plan.items]
     report.outcomes += [FileOutcome(m.key, "missing", error=m.reason, line=m.line) for m in plan.missing]
