@@ -56,25 +56,22 @@ def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_libc_fns: dict[str, object] = {}
+_sync_file_range: list[object] = []  # [function or None] once looked up
 
 
-def _libc_fn(name: str) -> object | None:
-    """A libc function through ctypes (None where there is none): the calls `os` does not wrap."""
-    if name not in _libc_fns:
+def _sync_file_range_fn() -> object | None:
+    """libc's sync_file_range through ctypes (`os` does not wrap it); None where there is none."""
+    if not _sync_file_range:
         import ctypes
-        import ctypes.util
 
-        fn = None
-        lib_name = ctypes.util.find_library("c")
-        if lib_name is not None:
-            fn = getattr(ctypes.CDLL(lib_name, use_errno=True), name, None)
-            if fn is not None and name == "sync_file_range":
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            elif fn is not None:
-                fn.argtypes = [ctypes.c_int]
-        _libc_fns[name] = fn
-    return _libc_fns[name]
+        try:  # the symbols already in this process (libc among them): no ldconfig run to find it
+            fn = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+        except OSError:
+            fn = None
+        if fn is not None:
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        _sync_file_range.append(fn)
+    return _sync_file_range[0]
 
 
 def start_writeback(fd: int, offset: int, count: int) -> None:
@@ -84,7 +81,7 @@ def start_writeback(fd: int, offset: int, count: int) -> None:
     so the fsync at the end finds little left to do. Best effort: a no-op where
     `sync_file_range` does not exist.
     """
-    fn = _libc_fn("sync_file_range")
+    fn = _sync_file_range_fn()
     if fn is not None:
         fn(fd, offset, count, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import mmap
 import os
 from collections.abc import Iterable
@@ -117,10 +116,11 @@ _libc: ctypes.CDLL | None = None
 def _load_libc() -> ctypes.CDLL | None:
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c")
-        if name is None:
+        try:  # the symbols already in this process (libc among them): no ldconfig run to find it
+            lib = ctypes.CDLL(None, use_errno=True)
+            lib.mincore  # noqa: B018 - raises AttributeError where there is no mincore
+        except (OSError, AttributeError):
             return None
-        lib = ctypes.CDLL(name, use_errno=True)
         lib.mmap.restype = ctypes.c_void_p
         lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                              ctypes.c_long]
