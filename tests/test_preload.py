@@ -396,3 +396,31 @@ def test_startup_phases_warm_up_inside_the_gate(models: Path) -> None:
     reg.warm_up = False
     reg.to_device("gpu")
     assert len(seen) == 2
+
+
+def test_startup_warms_the_executor_last_and_reports_it(models: Path) -> None:
+    """The adapter's executor warm-up (`then`) runs after the loads and the device step, in phase 'executor';
+    what it returns is in the status; 'ready' only comes after it."""
+    reg = PreloadRegistry(ModuleBackend(models))
+    reg.queue([req("a.safetensors")])
+    phases: list[tuple[str, int]] = []
+
+    def then() -> dict[str, Any]:
+        phases.append((reg.phase, reg.status()["counts"]["ready"]))
+        return {"seconds": 0.01, "error": None}
+
+    reg.startup(auto_gpu_load=True, then=then)
+    assert phases == [("executor", 1)]
+    st = reg.status()
+    assert st["phase"] == "ready" and st["executor_warmup"] == {"seconds": 0.01, "error": None}
+    assert PreloadRegistry(ModuleBackend(models)).status()["executor_warmup"] is None
+
+
+def test_executor_warmup_outside_comfyui_reports_why_and_never_raises() -> None:
+    from comfy_autocloud.comfy.executor_warmup import warm_executor
+    from comfy_autocloud.preload.gate import WorkGate
+
+    gate = WorkGate()
+    result = warm_executor(gate)
+    assert result.error is not None and "execution" in result.error and result.execute_seconds == 0
+    assert gate.wait_quiet(1), "the gate was left held"

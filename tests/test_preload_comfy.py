@@ -178,6 +178,12 @@ def test_preloaded_at_start_broken_entry_reported_missing_file_fetched(env: Env)
     assert names[f"text_encoder:{CLIP}[type=stable_diffusion]"]["warmed"] == ["clip"]
     assert names[f"diffusion_model:{UNET}"]["warmed"] == ["model"]
     assert names[f"vae:{TAESD}"]["warmed"] == ["vae"]
+    # ... and ComfyUI's own prompt path ran once on an internal no-op prompt, seen by no queue or history
+    warm = st["executor_warmup"]
+    assert warm is not None and warm["error"] is None and warm["execute_seconds"] > 0, warm
+    assert warm["frozen_objects"] > 1000, warm  # start-up's heap is out of the prompt worker's gc.collect()
+    assert env.server.get("/queue") == {"queue_running": [], "queue_pending": []}
+    assert env.server.get("/history") == {}, "the warm-up prompt is visible in the history"
 
 
 def test_object_info_names_category_and_tooltips(env: Env) -> None:

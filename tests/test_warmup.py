@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,14 +24,17 @@ from click.testing import CliRunner
 from comfy_autocloud.cli.context import AppContext
 from comfy_autocloud.cli.warmup_cmd import warmup_cmd
 from comfy_autocloud.config import load_settings
+from comfy_autocloud.errors import IntegrityError, ManifestError
 from comfy_autocloud.fetch import FetchService
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.manifest.warmup_conf import parse_warmup_text
 from comfy_autocloud.store import Store
 from comfy_autocloud.store.space import sha256_file
 from comfy_autocloud.store.store import PRIVATE_DIR
+from comfy_autocloud.transfer.localcopy import copy_file
 from comfy_autocloud.warmup import pagecache
 from comfy_autocloud.warmup.extra_paths import BEGIN, SECTION, search_order
+from comfy_autocloud.warmup.hashes import SIDECAR
 from comfy_autocloud.warmup.plan import build_plan
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
 from servers import safetensors_of
@@ -194,6 +198,89 @@ def test_changed_volume_file_is_copied_again(wenv: Env) -> None:
     assert sha256_file(wenv.cache / "checkpoints/a.safetensors") == new
 
 
+def sidecar(wenv: Env) -> dict:
+    return json.loads((wenv.models / SIDECAR).read_text())["files"]
+
+
+def test_hash_sidecar_on_the_volume_replaces_hashing(wenv: Env) -> None:
+    a = wenv.model("checkpoints/a.safetensors", 3 * MiB, 1)
+    b = wenv.model("checkpoints/b.safetensors", 2 * MiB, 2)
+    wenv.list("checkpoints/*.safetensors")
+    assert wenv.cli("--no-setup").exit_code == 0
+    # The first warmup hashed while copying and wrote what it found beside the models, keyed by size + mtime.
+    st = os.stat(wenv.models / "checkpoints/a.safetensors")
+    assert sidecar(wenv)["checkpoints/a.safetensors"] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                          "sha256": a}
+    assert Store(wenv.cache).lookup("checkpoints/b.safetensors").sha256 == b
+
+    # A new machine (empty cache): the recorded hash is what the store gets, so the bytes were not hashed.
+    # Proven by a record that lies (same size + mtime): it is taken as is, as documented.
+    doc = json.loads((wenv.models / SIDECAR).read_text())
+    doc["files"]["checkpoints/a.safetensors"]["sha256"] = "0" * 64
+    (wenv.models / SIDECAR).write_text(json.dumps(doc))
+    shutil.rmtree(wenv.cache)
+    code, out = wenv.json_lines("--no-setup")
+    assert code == 0 and {o["key"]: o["status"] for o in out if "key" in o} == dict.fromkeys(
+        ("checkpoints/a.safetensors", "checkpoints/b.safetensors"), "copied")
+    assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == "0" * 64
+    assert sha256_file(wenv.cache / "checkpoints/a.safetensors") == a  # the bytes themselves are the volume's
+
+    # A record whose mtime no longer matches is not used: the file is hashed again and the record replaced.
+    os.utime(wenv.models / "checkpoints/a.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    code, out = wenv.json_lines("--no-setup")
+    assert code == 0 and {o["key"]: o["status"] for o in out if "key" in o}["checkpoints/a.safetensors"] == "recopied"
+    assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
+    assert sidecar(wenv)["checkpoints/a.safetensors"]["sha256"] == a
+
+
+def test_bad_or_unwritable_sidecar_costs_a_rehash_never_a_failure(wenv: Env) -> None:
+    a = wenv.model("checkpoints/a.safetensors", MiB, 1)
+    wenv.list("checkpoints/a.safetensors")
+    (wenv.models / SIDECAR).parent.mkdir(parents=True)
+    (wenv.models / SIDECAR).write_text("{not json")
+    assert wenv.cli("--no-setup").exit_code == 0
+    assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
+    assert sidecar(wenv)["checkpoints/a.safetensors"]["sha256"] == a  # rewritten whole
+    # A volume where it cannot be written (here: a file where its folder should be): copied and hashed anyway.
+    shutil.rmtree(wenv.models / SIDECAR.parent)
+    (wenv.models / SIDECAR.parent).write_text("in the way")
+    shutil.rmtree(wenv.cache)
+    code, out = wenv.json_lines("--no-setup")
+    assert code == 0 and out[0]["status"] == "copied"
+    assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
+
+
+def test_ephemeral_durability_and_its_setting(wenv: Env) -> None:
+    want = {f"checkpoints/e{i}.safetensors": wenv.model(f"checkpoints/e{i}.safetensors", 2 * MiB + i, i)
+            for i in range(3)}
+    wenv.list("checkpoints/e*.safetensors")
+    code, out = wenv.json_lines("--no-setup", "--durability", "ephemeral")
+    assert code == 0 and out[-1]["summary"]["copied"] == 3
+    for key, digest in want.items():
+        assert sha256_file(wenv.cache / key) == digest
+        assert Store(wenv.cache).lookup(key).sha256 == digest
+    wenv.env["AUTOCLOUD_WARMUP_DURABILITY"] = "fast"
+    with pytest.raises(ManifestError, match=r"AUTOCLOUD_WARMUP_DURABILITY.*unknown durability 'fast'"):
+        wenv.cli("--no-setup")
+    r = wenv.cli("--no-setup", "--durability", "sometimes")
+    assert r.exit_code == 2 and "sometimes" in r.stderr
+
+
+def test_a_source_that_changes_while_copied_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "volume.safetensors"
+    write(src, 40 * MiB, 1)
+    part = tmp_path / "x.part"
+
+    def touch_source(done: int, total: int | None) -> None:
+        if done < (total or 0):
+            st = os.stat(src)
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+
+    for hashed in (True, False):
+        with pytest.raises(IntegrityError, match="changed while it was being copied"):
+            copy_file(src, part, progress=touch_source, hash=hashed)
+
+
 def test_missing_files_are_reported_and_the_rest_copied(wenv: Env) -> None:
     wenv.model("vae/v.safetensors", MiB, 1)
     wenv.list("checkpoints/gone.safetensors", "vae/v.safetensors", "loras/x_*.safetensors")
@@ -218,7 +305,8 @@ def test_page_cache_is_warmed(wenv: Env) -> None:
         os.close(fd)
     before = pagecache.resident_bytes(cached)
     assert before is not None and before < 16 * MiB
-    assert wenv.cli().exit_code == 0  # a rerun (nothing to copy) still warms RAM
+    code, out = wenv.json_lines()  # a rerun (nothing to copy) still warms RAM, in the background
+    assert code == 0 and out[-1]["summary"]["page_cache_background_bytes"] == 16 * MiB
     deadline = time.monotonic() + 5
     while pagecache.resident_bytes(cached) != 16 * MiB and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -235,12 +323,14 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
     interrupted = mid_copy = 0
     # Kill at a few moments: after the first byte lands in a partial file (parallel and one at a time),
     # and right after the first file is committed (one at a time), so some kills land mid-copy for sure.
-    for parallel, wait_for, delay in ((4, "part", 0.0), (4, "part", 0.03), (1, "part", 0.0), (1, "commit", 0.0),
-                                      (1, "commit", 0.02), (1, "part", 0.2)):
+    # Every other round in the ephemeral mode (no fsync before the rename): a kill must not tell them apart.
+    for parallel, wait_for, delay, durability in ((4, "part", 0.0, "durable"), (4, "part", 0.03, "ephemeral"),
+                                                  (1, "part", 0.0, "durable"), (1, "commit", 0.0, "ephemeral"),
+                                                  (1, "commit", 0.02, "durable"), (1, "part", 0.2, "ephemeral")):
         for p in final_files(wenv.cache):
             p.unlink()
         argv = [sys.executable, "-m", "comfy_autocloud.cli.warmup_cmd", "--no-setup", "--no-page-cache",
-                "--parallel", str(parallel)]
+                "--parallel", str(parallel), "--durability", durability]
         proc = subprocess.Popen(argv, env=wenv.subprocess_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20

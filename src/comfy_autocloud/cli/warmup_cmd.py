@@ -44,7 +44,7 @@ def _print_setup(res: MergeResult, paths: wr.WarmupPaths) -> None:
 
 
 def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel: int, as_json: bool,
-                 setup: bool, page_cache: bool) -> int:
+                 setup: bool, page_cache: bool, durable: bool = True) -> int:
     """Foreground warmup: yaml first (so ComfyUI can start meanwhile), then copy; 1 if any file failed."""
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
     store = open_store(app, paths)
@@ -55,7 +55,7 @@ def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel
     try:
         with view:
             report = wr.run_warmup(store, plan, parallel=parallel, progress=progress, cancel=cancel,
-                                   warm_page_cache=page_cache)
+                                   warm_page_cache=page_cache, durable=durable)
     except KeyboardInterrupt:
         cancel.cancel()
         raise
@@ -85,7 +85,9 @@ def _print_report(report: wr.WarmupReport, paths: wr.WarmupPaths) -> None:
     rate = f" ({human_rate(s['rate'])})" if s["bytes_copied"] else ""
     console.print(f"warmup: {s['files']} files ({', '.join(parts) or 'nothing to do'}), "
                   f"{human_size(s['bytes_copied'])} copied in {report.seconds:.2f} s{rate}; "
-                  f"page cache warmed: {human_size(report.warmed_bytes)}")
+                  f"page cache warmed: {human_size(report.warmed_bytes)}"
+                  + (f" ({human_size(report.warming_bytes)} still being read in the background)"
+                     if report.warming_bytes else ""))
     if report.setup is not None:
         _print_setup(report.setup, paths)
 
@@ -156,10 +158,11 @@ def _clean(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
 
 
 def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel: int, setup: bool,
-                page_cache: bool, plan: Plan, as_json: bool) -> int:
+                page_cache: bool, plan: Plan, as_json: bool, durable: bool) -> int:
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
     argv = [sys.executable, "-m", "comfy_autocloud.cli.warmup_cmd", str(conf), "--comfyui-path", str(paths.comfyui),
-            "--cache-path", str(paths.cache), "--parallel", str(parallel), "--no-setup", "--record-pid"]
+            "--cache-path", str(paths.cache), "--parallel", str(parallel), "--no-setup", "--record-pid",
+            "--durability", wr.DURABILITIES[0 if durable else 1]]
     if not page_cache:
         argv.append("--no-page-cache")
     s = app.settings
@@ -194,12 +197,15 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
               help="Files copied at the same time.")
 @click.option("--no-setup", is_flag=True, help="Copy only; leave extra_model_paths.yaml alone.")
 @click.option("--no-page-cache", is_flag=True, help="Do not warm the page cache after copying.")
+@click.option("--durability", type=click.Choice(wr.DURABILITIES), default=None,
+              help="durable: fsync each file before it appears; ephemeral (a cache that dies with the machine): "
+                   f"wait for no disk write, as cp does [env {wr.DURABILITY_ENV}; default durable].")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.option("--record-pid", is_flag=True, hidden=True)
 @pass_app
 def warmup_cmd(app: AppContext, conf: str | None, do_status: bool, do_clean: bool, do_list: bool, setup_only: bool,
                background: bool, comfyui_path: str | None, cache_path: str | None, parallel: int, no_setup: bool,
-               no_page_cache: bool, as_json: bool, record_pid: bool) -> None:
+               no_page_cache: bool, durability: str | None, as_json: bool, record_pid: bool) -> None:
     """Copy the models in CONF (default $WARMUP_CONFIG or warmup_models.conf) from the volume to the fast cache.
 
     CONF lines are `<folder>/<file or glob>` relative to <COMFYUI_PATH>/models. A rerun copies only
@@ -216,14 +222,15 @@ def warmup_cmd(app: AppContext, conf: str | None, do_status: bool, do_clean: boo
     if record_pid:
         wr.record_pid(paths)
     code = run_mode(app, paths, conf, mode=modes[0] if modes else None, background=background, parallel=parallel,
-                    setup=not no_setup, page_cache=not no_page_cache, as_json=as_json)
+                    setup=not no_setup, page_cache=not no_page_cache, as_json=as_json,
+                    durable=wr.durable_from(durability))
     if code:
         raise SystemExit(code)
 
 
 def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: str | None = None,
              background: bool = False, parallel: int = 4, setup: bool = True, page_cache: bool = True,
-             as_json: bool = False) -> int:
+             as_json: bool = False, durable: bool | None = None) -> int:
     """One warmup invocation (also what `autocloud start` runs before ComfyUI); returns the exit code."""
     if mode == "--status":
         return _status(app, paths, as_json)
@@ -242,14 +249,16 @@ def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: 
         else:
             _print_setup(res, paths)
         return 0
+    durable = wr.durable_from(None) if durable is None else durable
     conf_path = wr.resolve_conf(conf, paths)
     plan = wr.load_plan(conf_path, paths)
     if mode == "--list":
         return _list(app, paths, plan, as_json)
     if background:
         return _background(app, paths, conf_path, parallel=parallel, setup=setup, page_cache=page_cache, plan=plan,
-                           as_json=as_json)
-    return perform_copy(app, paths, plan, parallel=parallel, as_json=as_json, setup=setup, page_cache=page_cache)
+                           as_json=as_json, durable=durable)
+    return perform_copy(app, paths, plan, parallel=parallel, as_json=as_json, setup=setup, page_cache=page_cache,
+                        durable=durable)
 
 
 def run_standalone(cmd: click.Command, argv: list[str] | None = None) -> int:

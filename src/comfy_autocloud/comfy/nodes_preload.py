@@ -64,8 +64,13 @@ def start(settings: dict[str, Any], user_dir: str | None, resolve_missing: Resol
     log.info("autocloud preload: %d models from %s (%s)", len(plan.requests), path,
              "blocking" if settings.get("preload_blocking") else "in the background")
 
+    def warm_executor() -> dict[str, Any]:
+        from comfy_autocloud.comfy.executor_warmup import warm_executor
+
+        return warm_executor(reg.gate).as_dict()
+
     def run() -> None:
-        reg.startup(plan.settings.auto_gpu_load)
+        reg.startup(plan.settings.auto_gpu_load, then=warm_executor if reg.warm_up else None)
 
     if settings.get("preload_blocking"):
         run()

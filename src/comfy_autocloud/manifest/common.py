@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NoReturn
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.keys import check_sha256, check_source
-from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.redact import redact_text
+
+if TYPE_CHECKING:  # pydantic is imported where a spec is built: the warmup list's parser needs none of it
+    from comfy_autocloud.manifest.spec import ModelSpec
 
 # A model list is kilobytes; anything this big is a mistake or an attack.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -184,6 +184,10 @@ def check_sources(values: list[Any], subject: str) -> tuple[str, ...]:
 
 def build_spec(subject: str, **fields: Any) -> ModelSpec:
     """ModelSpec(**fields), with pydantic's errors turned into 'subject: what is wrong' (no input echo)."""
+    from pydantic import ValidationError
+
+    from comfy_autocloud.manifest.spec import ModelSpec
+
     try:
         return ModelSpec(defined_in=subject, **fields)
     except ValidationError as exc:

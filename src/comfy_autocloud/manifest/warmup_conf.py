@@ -9,10 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from comfy_autocloud.keys import check_folder, check_relpath
 from comfy_autocloud.manifest.common import build_spec, decode_utf8, fail, read_bytes
-from comfy_autocloud.manifest.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from comfy_autocloud.manifest.spec import ModelSpec
 
 _GLOB_CHARS = "*?["
 _COMMENT = re.compile(r"(^|\s)#.*$")  # '#' starts a comment at line start or after whitespace

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -220,7 +220,8 @@ class PreloadRegistry:
         self.config_path: str | None = None
         self.auto_gpu_load = False
         self.warm_up = True  # to_device also runs each object once (Backend.warm_up) when the backend can
-        self.phase = "idle"  # start-up: "preloading" -> "device" (auto_gpu_load) -> "ready"
+        self.phase = "idle"  # start-up: "preloading" -> "device" (auto_gpu_load) -> "executor" -> "ready"
+        self.executor_warmup: dict[str, Any] | None = None  # what the start-up's executor warm-up took
         self.loads_total = 0
         self.hits_total = 0
         self.misses_total = 0
@@ -278,15 +279,19 @@ class PreloadRegistry:
                 _local.preload = False
         return todo
 
-    def startup(self, auto_gpu_load: bool = False) -> None:
+    def startup(self, auto_gpu_load: bool = False, then: Callable[[], dict[str, Any]] | None = None) -> None:
         """ComfyUI start-up: preload every queued entry, then (auto_gpu_load) put each on the device and warm it
-        up; `phase` in the status says how far it got ("ready": a first prompt pays none of it)."""
+        up, then run `then` (the adapter's executor warm-up; its result goes in the status); `phase` in the
+        status says how far it got ("ready": a first prompt pays none of it)."""
         self.phase = "preloading"
         try:
             self.preload()
             if auto_gpu_load:
                 self.phase = "device"
                 self.to_device("gpu")
+            if then is not None:
+                self.phase = "executor"
+                self.executor_warmup = then()
         finally:
             self.phase = "ready"
 
@@ -537,6 +542,7 @@ class PreloadRegistry:
             entries = [e.info() for e in self._entries.values()]
             held = sum(e.nbytes for e in self._entries.values() if e.state == HeldState.READY)
             return {"config": self.config_path, "auto_gpu_load": self.auto_gpu_load, "phase": self.phase,
+                    "executor_warmup": self.executor_warmup,
                     "entries": entries, "bytes_held": held, "ram_budget": self.ram_budget,
                     "loads": self.loads_total, "hits": self.hits_total, "misses": self.misses_total,
                     "config_errors": list(self.config_errors), "gate": self.gate.state(),

@@ -461,12 +461,16 @@ class Store:
         pin: bool = False,
         timings: dict[str, float] | None = None,
         content_type: str | None = None,
+        durable: bool = True,
     ) -> Entry:
         """Move a complete, verified partial file to its final path atomically and index it.
 
         `timings`, when given, gets the seconds spent on fsync, rename and index (see `phases.Laps`). Its
         content must be what the file name says (store.content_check; `content_type` is what the origin said
-        it sent): else BadContent, and the partial is deleted.
+        it sent): else BadContent, and the partial is deleted. `durable=False` skips the fsyncs before and
+        after the rename: a kill still never shows a partial file (the rename is atomic and the page cache
+        outlives the process), only a power cut could. For caches that do not outlive the machine (warmup's
+        ephemeral mode).
         """
         laps = Laps(timings)
         final = self.path_for(key)
@@ -497,8 +501,9 @@ class Store:
                 os.unlink(part_path)
             laps.lap("rename")
         else:
-            self._move_into_place(key, part_path, final, laps)
-        fsync_dir(final.parent)
+            self._move_into_place(key, part_path, final, laps, durable=durable)
+        if durable:
+            fsync_dir(final.parent)
         fst = os.stat(final)
         laps.lap("fsync")
 
@@ -536,8 +541,9 @@ class Store:
                 os.unlink(tmp)
             return False
 
-    def _move_into_place(self, key: str, part: Path, final: Path, laps: Laps) -> None:
-        fsync_file(part)
+    def _move_into_place(self, key: str, part: Path, final: Path, laps: Laps, *, durable: bool = True) -> None:
+        if durable:
+            fsync_file(part)
         laps.lap("fsync")
         try:
             os.replace(part, final)

@@ -1,8 +1,10 @@
-"""Copy a local file (file:// sources, warmup from a network volume) into a `.part`, hashing it.
+"""Copy a local file (file:// sources, warmup from a network volume) into a `.part`, hashing it or not.
 
 The copy itself stays in the kernel (`copy_file_range`, falling back to `sendfile`, then to plain
 reads and writes); a hasher thread reads the copied blocks back from the page cache and hashes them
-while the next block copies, so the sha256 costs little extra wall time.
+while the next block copies. Warmup copies without hashing when it already knows the file's sha256
+(its sidecar on the volume), and kicks writeback block by block so the final flush finds little to do.
+A source that changes size or mtime while it is copied is an error, never a mixed copy.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import Cancelled, IntegrityError, NotEnoughSpace, TransferError
+from ..fsutil import start_writeback
 from ..progress import CancelToken
 from .options import TransferResult
 
@@ -44,8 +47,12 @@ def _copy_block(src: int, dst: int, offset: int, count: int, mode: list[str]) ->
 
 
 def copy_file(src: Path, part_path: Path, *, progress: Callable[[int, int | None], None] | None = None,
-              cancel: CancelToken | None = None) -> TransferResult:
-    """Copy `src` to `part_path` (truncating it), return size and sha256. Cancelled keeps the part."""
+              cancel: CancelToken | None = None, hash: bool = True, writeback: bool = False) -> TransferResult:
+    """Copy `src` to `part_path` (truncating it), return size and sha256 ('' with `hash=False`).
+
+    `writeback` starts writing each copied block to disk at once (see fsutil.start_writeback).
+    Cancelled keeps the part.
+    """
     t0 = time.monotonic()
     src = Path(src)
     part_path = Path(part_path)
@@ -65,8 +72,14 @@ def copy_file(src: Path, part_path: Path, *, progress: Callable[[int, int | None
                 except OSError as e:
                     if e.errno == 28:
                         raise NotEnoughSpace(str(part_path), f"no space for {size} bytes") from None
-            digest = _copy_and_hash(sfd, dfd, size, str(src), str(part_path), progress, cancel)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(sfd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead on the volume
+            copy = _copy_and_hash if hash else _copy_only
+            digest = copy(sfd, dfd, size, str(src), str(part_path), progress, cancel, writeback)
             os.ftruncate(dfd, size)
+            now = os.fstat(sfd)
+            if (now.st_size, now.st_mtime_ns) != (size, st.st_mtime_ns):
+                raise IntegrityError(str(src), "changed while it was being copied (size or mtime); copy it again")
         finally:
             os.close(dfd)
     finally:
@@ -81,8 +94,42 @@ def copy_file(src: Path, part_path: Path, *, progress: Callable[[int, int | None
                           resumed_bytes=0, seconds=time.monotonic() - t0, connections=1 if size else 0)
 
 
+def _copy_step(sfd: int, dfd: int, copied: int, size: int, src_name: str, dst_name: str, mode: list[str],
+               cancel: CancelToken | None, writeback: bool) -> int:
+    """Copy the next block; returns its length (errors name the file and the reason)."""
+    if cancel is not None and cancel.cancelled:
+        raise Cancelled(src_name, "copy cancelled; the partial file is kept")
+    try:
+        n = _copy_block(sfd, dfd, copied, min(BLOCK, size - copied), mode)
+    except OSError as e:
+        if e.errno == 28:
+            raise NotEnoughSpace(dst_name, "disk full while copying") from None
+        raise TransferError(src_name, f"copy failed: {e.strerror or e}") from None
+    if n == 0:
+        raise IntegrityError(src_name, f"file shrank while copying ({copied} of {size} bytes)")
+    if writeback:
+        start_writeback(dfd, copied, n)
+    return n
+
+
+def _copy_only(sfd: int, dfd: int, size: int, src_name: str, dst_name: str,
+               progress: Callable[[int, int | None], None] | None, cancel: CancelToken | None,
+               writeback: bool) -> str:
+    mode = ["copy_file_range"]
+    copied = 0
+    last = 0.0
+    while copied < size:
+        copied += _copy_step(sfd, dfd, copied, size, src_name, dst_name, mode, cancel, writeback)
+        now = time.monotonic()
+        if progress is not None and now - last >= PROGRESS_INTERVAL:
+            last = now
+            progress(copied, size)
+    return ""
+
+
 def _copy_and_hash(sfd: int, dfd: int, size: int, src_name: str, dst_name: str,
-                   progress: Callable[[int, int | None], None] | None, cancel: CancelToken | None) -> str:
+                   progress: Callable[[int, int | None], None] | None, cancel: CancelToken | None,
+                   writeback: bool) -> str:
     digest = hashlib.sha256()
     copied = 0
     hashed = 0
@@ -117,18 +164,9 @@ def _copy_and_hash(sfd: int, dfd: int, size: int, src_name: str, dst_name: str,
     last = 0.0
     try:
         while copied < size:
-            if cancel is not None and cancel.cancelled:
-                raise Cancelled(src_name, "copy cancelled; the partial file is kept")
             if error:
                 break
-            try:
-                n = _copy_block(sfd, dfd, copied, min(BLOCK, size - copied), mode)
-            except OSError as e:
-                if e.errno == 28:
-                    raise NotEnoughSpace(dst_name, "disk full while copying") from None
-                raise TransferError(src_name, f"copy failed: {e.strerror or e}") from None
-            if n == 0:
-                raise IntegrityError(src_name, f"file shrank while copying ({copied} of {size} bytes)")
+            n = _copy_step(sfd, dfd, copied, size, src_name, dst_name, mode, cancel, writeback)
             with wake:
                 copied += n
                 wake.notify()

@@ -1,14 +1,15 @@
 """Warmup (seed 001): hot models from the slow network volume to local NVMe, ComfyUI set to read them first.
 
-`plan` expands the warmup list against `<COMFYUI_PATH>/models`, `run` copies through the fetch service
-into a Store at CACHE_PATH, `extra_paths` merges ComfyUI's `extra_model_paths.yaml`, `pagecache` warms
-RAM, `supervise` runs ComfyUI under a health-checking, restarting supervisor (`autocloud start`).
+`plan` expands the warmup list against `<COMFYUI_PATH>/models`, `run` copies (`copier`; the sha256 from
+the volume's sidecar, `hashes`, when known) into a Store at CACHE_PATH, `extra_paths` merges ComfyUI's
+`extra_model_paths.yaml`, `pagecache` warms RAM, `supervise` runs ComfyUI under a health-checking,
+restarting supervisor (`autocloud start`).
 """
 
+from comfy_autocloud.warmup.copier import FileOutcome
 from comfy_autocloud.warmup.extra_paths import MergeResult, merge_extra_paths, search_order
 from comfy_autocloud.warmup.plan import Missing, Plan, WarmupItem, build_plan
 from comfy_autocloud.warmup.run import (
-    FileOutcome,
     WarmupPaths,
     WarmupReport,
     clean,

@@ -4,15 +4,20 @@
 that is not fully resident (mincore) is read through once; right after a copy the pages are already
 resident and nothing is read. A budget (half of MemAvailable by default) keeps a long list from pushing
 its own first files back out. `resident_bytes` also feeds `--list`'s "in RAM" column.
+
+With `background=True` the files that must be read are read by a detached child (forked, so nothing
+is imported again), and warmup returns at once: its files are complete at their final paths either
+way, and a rerun after a reboot no longer waits for gigabytes to be read before ComfyUI may start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
 import mmap
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 READ_BLOCK = 8 << 20
@@ -43,15 +48,23 @@ def read_through(path: Path) -> int:
     return total
 
 
-def warm(paths: Iterable[Path], *, budget: int | None = None) -> int:
-    """Make files resident in order until `budget` bytes (default: half of MemAvailable); returns bytes warm.
+@dataclass(frozen=True)
+class Warmed:
+    bytes: int  # resident now, or (background) being read
+    background_bytes: int = 0  # of those, what a detached reader is still reading
 
-    Files already resident (the usual case right after a copy) are only checked (mincore), not read.
+
+def warm(paths: Iterable[Path], *, budget: int | None = None, background: bool = False) -> Warmed:
+    """Make files resident in order until `budget` bytes (default: half of MemAvailable).
+
+    Files already resident (the usual case right after a copy) are only checked (mincore), not read;
+    the others are read here, or with `background` by a detached child while this returns.
     """
     if budget is None:
         avail = mem_available()
         budget = avail // 2 if avail is not None else 2**62
     done = 0
+    to_read: list[tuple[Path, int]] = []
     for p in paths:
         try:
             size = os.stat(p).st_size
@@ -59,11 +72,42 @@ def warm(paths: Iterable[Path], *, budget: int | None = None) -> int:
                 break
             resident = resident_bytes(p)
             if resident is None or resident < size:
-                read_through(p)
+                to_read.append((Path(p), size))
         except OSError:
             continue
         done += size
-    return done
+    if to_read and background and _read_detached([p for p, _ in to_read]):
+        return Warmed(done, sum(n for _, n in to_read))
+    for p, size in to_read:
+        try:
+            read_through(p)
+        except OSError:
+            done -= size
+    return Warmed(done)
+
+
+def _read_detached(paths: list[Path]) -> bool:
+    """Fork a child in its own session that reads `paths` and exits; False where fork is not available."""
+    if not hasattr(os, "fork"):
+        return False
+    try:
+        pid = os.fork()
+    except OSError:
+        return False
+    if pid:
+        return True
+    try:  # the child: nothing of the parent's (pipes, locks, atexit) is touched, only these reads
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        with contextlib.suppress(OSError):
+            os.nice(10)
+        for p in paths:
+            with contextlib.suppress(OSError):
+                read_through(p)
+    finally:
+        os._exit(0)
 
 
 _libc: ctypes.CDLL | None = None
@@ -72,10 +116,11 @@ _libc: ctypes.CDLL | None = None
 def _load_libc() -> ctypes.CDLL | None:
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c")
-        if name is None:
+        try:  # the symbols already in this process (libc among them): no ldconfig run to find it
+            lib = ctypes.CDLL(None, use_errno=True)
+            lib.mincore  # noqa: B018 - raises AttributeError where there is no mincore
+        except (OSError, AttributeError):
             return None
-        lib = ctypes.CDLL(name, use_errno=True)
         lib.mmap.restype = ctypes.c_void_p
         lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                              ctypes.c_long]

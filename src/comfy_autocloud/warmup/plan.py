@@ -11,11 +11,13 @@ import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.keys import make_key
 from comfy_autocloud.manifest.warmup_conf import WarmupEntry
+
+if TYPE_CHECKING:
+    from comfy_autocloud.manifest.spec import ModelSpec
 
 
 def volume_identity(size: int, mtime_ns: int) -> str:
@@ -44,6 +46,8 @@ class WarmupItem:
 
     def spec(self) -> ModelSpec:
         """A spec whose only source is the volume file, so the fetch service copies it (never downloads)."""
+        from comfy_autocloud.manifest.spec import ModelSpec
+
         return ModelSpec(folder=self.folder, filename=self.filename, sources=(self.source.as_uri(),),
                          size=self.size, tags=("warmup",), defined_in=self.line)
 
@@ -88,9 +92,9 @@ def _item(entry: WarmupEntry, folder_dir: Path, rel: str) -> WarmupItem | Missin
     if not path.is_file():
         return Missing(entry.key, entry.defined_in, f"not a regular file: {path}")
     try:
-        ModelSpec(folder=entry.folder, filename=rel)
-    except ValidationError as exc:
-        reason = "; ".join(e["msg"] for e in exc.errors())
+        make_key(entry.folder, rel)  # the rules every cache key follows (keys.py), as a ModelSpec checks them
+    except ValueError as exc:
+        reason = str(exc)
         return Missing(f"{entry.folder}/{rel}", entry.defined_in, f"cannot be cached under this name: {reason}")
     return WarmupItem(entry.folder, rel, path.absolute(), st.st_size, st.st_mtime_ns, entry.defined_in)
 

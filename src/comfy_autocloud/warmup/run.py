@@ -1,10 +1,20 @@
 """Warmup (seed 001): copy hot models from the slow volume into a Store on local NVMe, then warm RAM.
 
-Every copy goes through the fetch service with a file:// source, so the store's guarantees hold here
-too: single-flight across processes, room reserved before the first byte, sha256 while copying,
-atomic rename (a killed warmup never leaves a half file at a final path). "Already identical" is the
-volume file's size + mtime recorded as the entry's etag when it was copied (rsync's quick check), so
-a rerun stats 2 files per entry and copies nothing; a changed volume file is copied again.
+"Already identical" is the volume file's size + mtime recorded as the entry's etag when it was copied
+(rsync's quick check), so a rerun stats 2 files per entry, copies nothing and imports no network or
+validation stack; a changed volume file is copied again. The copies themselves (copier.py) keep the
+store's guarantees: single-flight across processes, room reserved before the first byte, atomic
+rename (a killed warmup never leaves a half file at a final path). The sha256 the store records comes
+from the volume's hash sidecar (hashes.py) when an earlier warmup hashed the file, else it is
+computed while copying and added to the sidecar.
+
+Durability: by default every file is fsynced before its rename (a power cut never leaves a wrong
+file at a final path), with writeback started block by block during the copy so the disk writes
+overlap the reads. `durable=False` (`--durability ephemeral`, for a cache that does not outlive the
+machine, such as a RunPod pod's container disk) waits for no disk write at all, as `cp` does: the
+files are complete in the page cache and at their final paths when it returns, and the kernel writes
+them back afterwards. A flush at the end (one syncfs) was the other way weighed: it waits for the same
+writes as the fsyncs do, so it would save nothing where the cache dies with the machine anyway.
 """
 
 from __future__ import annotations
@@ -18,22 +28,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from comfy_autocloud.errors import AutoCloudError, ManifestError, StoreError
-from comfy_autocloud.fetch import FetchResult, FetchService
+from comfy_autocloud.errors import ManifestError, StoreError
 from comfy_autocloud.manifest.warmup_conf import WarmupEntry, parse_warmup_conf
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
 from comfy_autocloud.store import Entry, Store
 from comfy_autocloud.store.index import proc_alive
 from comfy_autocloud.warmup import pagecache
+from comfy_autocloud.warmup.copier import FileOutcome, copy_items, current
 from comfy_autocloud.warmup.extra_paths import MergeResult, merge_extra_paths, search_order, section_folders
+from comfy_autocloud.warmup.hashes import HashBook
 from comfy_autocloud.warmup.plan import Plan, WarmupItem, build_plan, volume_identity
 
 DEFAULT_COMFYUI = "/workspace/ComfyUI"
 DEFAULT_CACHE = "/root/fast_cache"
 DEFAULT_CONF = "warmup_models.conf"
 STATE_DIR = "warmup"  # inside the store's private dir: never a model key, skipped by `verify`
+DURABILITY_ENV = "AUTOCLOUD_WARMUP_DURABILITY"
+DURABILITIES = ("durable", "ephemeral")
 
-Status = Literal["copied", "recopied", "cached", "failed", "missing"]
+
+def durable_from(value: str | None, env: Mapping[str, str] | None = None) -> bool:
+    """`durable` (the default) or `ephemeral`, from the option or $AUTOCLOUD_WARMUP_DURABILITY."""
+    env = os.environ if env is None else env
+    raw = (value or env.get(DURABILITY_ENV) or "durable").strip().lower()
+    if raw not in DURABILITIES:
+        raise ManifestError(DURABILITY_ENV if not value else "--durability",
+                            f"unknown durability {raw!r} (known: {', '.join(DURABILITIES)})")
+    return raw == "durable"
 
 
 @dataclass(frozen=True)
@@ -100,32 +121,11 @@ def load_plan(conf: Path, paths: WarmupPaths) -> Plan:
 # ------------------------------------------------------------------------------------------------- copy
 
 @dataclass
-class FileOutcome:
-    key: str
-    status: Status
-    size: int = 0
-    bytes_copied: int = 0
-    seconds: float = 0.0
-    source: str = ""
-    error: str = ""
-    line: str = ""
-
-    @property
-    def rate(self) -> float:
-        return self.bytes_copied / self.seconds if self.seconds > 0 and self.bytes_copied else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["seconds"] = round(self.seconds, 4)
-        d["rate"] = round(self.rate)
-        return d
-
-
-@dataclass
 class WarmupReport:
     outcomes: list[FileOutcome] = field(default_factory=list)
     seconds: float = 0.0
     warmed_bytes: int = 0
+    warming_bytes: int = 0  # of warmed_bytes, what a detached reader is still reading into the page cache
     setup: MergeResult | None = None
 
     @property
@@ -148,7 +148,7 @@ class WarmupReport:
                 "bytes_total": sum(o.size for o in self.outcomes if o.status not in ("failed", "missing")),
                 "seconds": round(self.seconds, 4),
                 "rate": round(self.bytes_copied / self.seconds) if self.seconds > 0 else 0,
-                "page_cache_bytes": self.warmed_bytes,
+                "page_cache_bytes": self.warmed_bytes, "page_cache_background_bytes": self.warming_bytes,
                 "setup": self.setup.as_dict() if self.setup else None}
 
 
@@ -174,67 +174,39 @@ class TotalProgress:
         self.inner(ProgressEvent(self.label, "download", min(done, self.total), self.total))
 
 
-def _stale(store: Store, item: WarmupItem) -> Entry | None:
-    """The cached entry for `item` if it is not a copy of the volume file as it is now."""
-    entry = store.lookup(item.key)
-    if entry is None or entry.etag == item.identity:
-        return None
-    return entry
-
-
 def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: ProgressCallback | None = None,
-               cancel: CancelToken | None = None, warm_page_cache: bool = True,
-               service: FetchService | None = None) -> WarmupReport:
+               cancel: CancelToken | None = None, warm_page_cache: bool = True, durable: bool = True) -> WarmupReport:
     """Copy every planned file not already cached as it is on the volume; report each file.
 
     A cached entry whose recorded identity differs (the volume file changed, or the entry came from
-    another source such as a download) is evicted and copied again: the list names the volume file.
+    another source such as a download) is replaced: the list names the volume file. Files already
+    current cost a lookup each; the hash sidecar is read only when something must be copied.
     """
     t0 = time.perf_counter()
-    service = service or FetchService(store)
     report = WarmupReport()
     by_key: dict[str, FileOutcome] = {}
-    replaced: set[str] = set()
     todo: list[WarmupItem] = []
     for item in plan.items:
-        try:
-            old = _stale(store, item)
-            if old is not None:
-                store.evict(item.key)  # pinned/in-use copies raise: reported, the old copy stays
-                replaced.add(item.key)
+        done = current(store, item, progress)
+        if done is not None:
+            by_key[item.key] = done
+        else:
             todo.append(item)
-        except AutoCloudError as exc:
-            by_key[item.key] = FileOutcome(item.key, "failed", item.size, error=f"cached copy differs from the "
-                                           f"volume file and cannot be replaced: {exc.reason}", line=item.line)
-
-    results = service.fetch_many([i.spec() for i in todo], parallel=parallel, progress=progress, cancel=cancel)
-    for item, res in zip(todo, results, strict=True):
-        if isinstance(res, FetchResult) and res.cached and _stale(store, item) is not None:
-            # A file found at the final path that nobody indexed (adopted) or a hit of another version.
-            try:
-                store.evict(item.key)
-                replaced.add(item.key)
-                res = service.fetch(item.spec(), progress=progress, cancel=cancel)
-            except AutoCloudError as exc:
-                res = exc
-        by_key[item.key] = _outcome(item, res, item.key in replaced)
+    if todo:
+        book = HashBook(plan.models_dir)
+        for outcome in copy_items(store, todo, book, parallel=parallel, durable=durable, progress=progress,
+                                  cancel=cancel):
+            by_key[outcome.key] = outcome
+        book.save()
 
     report.outcomes = [by_key[i.key] for i in plan.items]
     report.outcomes += [FileOutcome(m.key, "missing", error=m.reason, line=m.line) for m in plan.missing]
     if warm_page_cache:
-        report.warmed_bytes = pagecache.warm(store.path_for(o.key) for o in report.outcomes
-                                             if o.status in ("copied", "recopied", "cached"))
+        warmed = pagecache.warm((store.path_for(o.key) for o in report.outcomes
+                                 if o.status in ("copied", "recopied", "cached")), background=True)
+        report.warmed_bytes, report.warming_bytes = warmed.bytes, warmed.background_bytes
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _outcome(item: WarmupItem, res: FetchResult | AutoCloudError, replaced: bool) -> FileOutcome:
-    if isinstance(res, AutoCloudError):
-        return FileOutcome(item.key, "failed", item.size, error=f"{res.subject}: {res.reason}", line=item.line)
-    if res.cached:
-        return FileOutcome(item.key, "cached", res.size, 0, res.seconds, res.source, line=item.line)
-    return FileOutcome(item.key, "recopied" if replaced else "copied", res.size, res.bytes_downloaded, res.seconds,
-                       res.source, line=item.line)
 
 
 def setup_extra_paths(paths: WarmupPaths, plan: Plan | None = None) -> MergeResult:
