@@ -48,7 +48,7 @@ def test_check_table_and_summary(run, tmp_path):
 
 
 def test_check_json_lines(run):
-    res = run("--json", str(DATA / "valid" / "seed_objects.json"))
+    res = run("--json", str(DATA / "valid" / "model_list_objects.json"))
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in res.output.splitlines()]
     assert [r["key"] for r in rows] == [

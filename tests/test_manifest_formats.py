@@ -39,7 +39,7 @@ def write(path: Path, obj) -> Path:
 # --- model list JSON ------------------------------------------------------------------------------
 
 def test_seed_004_example_is_read_as_is():
-    specs = load_manifest(VALID / "seed004_models.json")
+    specs = load_manifest(VALID / "model_list.json")
     assert [s.key for s in specs] == [
         "checkpoints/realisticVisionV51.safetensors",
         "checkpoints/juggernautXL.safetensors",
@@ -48,11 +48,11 @@ def test_seed_004_example_is_read_as_is():
     lora = specs[2]
     assert lora.sources == ("https://cdn.example.com/loras/detailEnhancer_v2.safetensors",)
     assert lora.sha256 is None and lora.size is None and not lora.pin
-    assert lora.defined_in == f"{VALID / 'seed004_models.json'}:loras.detailEnhancer.safetensors"
+    assert lora.defined_in == f"{VALID / 'model_list.json'}:loras.detailEnhancer.safetensors"
 
 
 def test_seed_object_form_carries_mirrors_hash_size_pin_tags():
-    specs = by_key(load_manifest(VALID / "seed_objects.json"))
+    specs = by_key(load_manifest(VALID / "model_list_objects.json"))
     jug = specs["checkpoints/SDXL/juggernautXL.safetensors"]
     assert jug.sources == ("https://cdn.example.com/models/xl/juggernautXL.safetensors",
                            "hf://RunDiffusion/Juggernaut-XL/juggernautXL.safetensors@main")
@@ -331,7 +331,7 @@ def test_loader_table_uses_valid_folders():
 
 
 @pytest.mark.parametrize("name,fmt", [
-    ("seed004_models.json", "model_list"), ("seed_objects.json", "model_list"),
+    ("model_list.json", "model_list"), ("model_list_objects.json", "model_list"),
     ("model_versions.json", "versions_index"), ("warmup_models.conf", "warmup_conf"),
     ("preload_config.json", "preload_config"), ("workflow_ui.json", "workflow_ui"),
     ("workflow_api.json", "workflow_api"),

@@ -1,4 +1,4 @@
-"""Warmup (seed 001): plan/globs, copies, rerun no-op, changed files, kill -9, yaml merge, clean, list, status.
+"""Warmup: plan/globs, copies, rerun no-op, changed files, kill -9, yaml merge, clean, list, status.
 
 Real files on a real "volume" directory, the real CLI (in-process through click, or as a subprocess
 where a process must die), the real store underneath.

@@ -1,4 +1,4 @@
-"""`autocloud warmup`: seed 001's warmup.sh (copy hot models from the volume to local NVMe, set ComfyUI up).
+"""`autocloud warmup`: RunPod's warmup.sh in one command (hot models from the volume to NVMe, ComfyUI set up).
 
 Also runnable as `python -m comfy_autocloud.cli.warmup_cmd …`: the runpod wrappers and the detached
 `--background` child use that, so they work from a cloned checkout as well as a pip install.

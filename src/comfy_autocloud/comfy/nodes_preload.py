@@ -1,4 +1,4 @@
-"""ComfyUI nodes for the memory preload (seed 000), category ``AutoCloud/preload``, and its start-up.
+"""ComfyUI nodes for the memory preload, category ``AutoCloud/preload``, and its start-up.
 
 Cached loaders take the stock loaders' inputs and return the stock loaders' objects, from the preload
 registry: a preloaded model comes back as a clone in milliseconds, one still preloading is waited for,

@@ -1,4 +1,4 @@
-"""Seed 001 `warmup_models.conf`: one `<folder>/<name-or-glob>` per line, relative to `models/`.
+"""The warmup list `warmup_models.conf`: one `<folder>/<name-or-glob>` per line, relative to `models/`.
 
 Glob lines only mean something to warmup (it expands them against the volume), so they are kept as
 WarmupEntry; plain names also become ModelSpecs for everything else.

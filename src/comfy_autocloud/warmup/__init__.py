@@ -1,4 +1,4 @@
-"""Warmup (seed 001): hot models from the slow network volume to local NVMe, ComfyUI set to read them first.
+"""Warmup: hot models from the slow network volume to local NVMe, ComfyUI set to read them first.
 
 `plan` expands the warmup list against `<COMFYUI_PATH>/models`, `run` copies (`copier`; the sha256 from
 the volume's sidecar, `hashes`, when known) into a Store at CACHE_PATH, `extra_paths` merges ComfyUI's

@@ -1,4 +1,4 @@
-"""Warmup (seed 001): copy hot models from the slow volume into a Store on local NVMe, then warm RAM.
+"""Warmup: copy hot models from the slow volume into a Store on local NVMe, then warm RAM.
 
 "Already identical" is the volume file's size + mtime recorded as the entry's etag when it was copied
 (rsync's quick check), so a rerun stats 2 files per entry, copies nothing and imports no network or
