@@ -146,20 +146,28 @@ class CachedCheckpointLoader:
         return tuple(registry().get(load_requests.checkpoint_request(ckpt_name)))
 
 
-class PreloadedCheckpointSelector:
-    """🎯 A checkpoint entry of preload_config.json by name."""
+class _PreloadedSelector:
+    """One entry of preload_config.json by name; subclasses say which kind (`KIND`) and what it outputs."""
 
+    KIND = ""
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "select"
-    DESCRIPTION = "Selects one of the checkpoints preloaded from preload_config.json."
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"preloaded": (_names("checkpoint"), {"tooltip": "cache_key or name of the entry"})}}
+        return {"required": {"preloaded": (_names(cls.KIND), {"tooltip": "cache_key or name of the entry"})}}
 
     def select(self, preloaded: str) -> tuple[Any, ...]:
-        return tuple(_select(preloaded))
+        held = _select(preloaded)
+        return tuple(held) if len(self.RETURN_TYPES) > 1 else (held,)
+
+
+class PreloadedCheckpointSelector(_PreloadedSelector):
+    """🎯 A checkpoint entry of preload_config.json by name."""
+
+    KIND = "checkpoint"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    DESCRIPTION = "Selects one of the checkpoints preloaded from preload_config.json."
 
 
 class CachedTextEncoderLoader:
@@ -187,20 +195,12 @@ class CachedTextEncoderLoader:
         return (registry().get(load_requests.text_encoder_request(names, type, device)),)
 
 
-class PreloadedTextEncoderSelector:
+class PreloadedTextEncoderSelector(_PreloadedSelector):
     """📝 A text_encoders entry of preload_config.json by name."""
 
-    CATEGORY = CATEGORY
+    KIND = "text_encoder"
     RETURN_TYPES = ("CLIP",)
-    FUNCTION = "select"
     DESCRIPTION = "Selects one of the text encoders preloaded from preload_config.json."
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"preloaded": (_names("text_encoder"), {"tooltip": "cache_key or name of the entry"})}}
-
-    def select(self, preloaded: str) -> tuple[Any]:
-        return (_select(preloaded),)
 
 
 class CachedDiffusionModelLoader:
@@ -222,21 +222,12 @@ class CachedDiffusionModelLoader:
         return (registry().get(load_requests.diffusion_request(unet_name, weight_dtype)),)
 
 
-class PreloadedDiffusionModelSelector:
+class PreloadedDiffusionModelSelector(_PreloadedSelector):
     """🎨 A diffusion_models entry of preload_config.json by name."""
 
-    CATEGORY = CATEGORY
+    KIND = "diffusion_model"
     RETURN_TYPES = ("MODEL",)
-    FUNCTION = "select"
     DESCRIPTION = "Selects one of the diffusion models preloaded from preload_config.json."
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"preloaded": (_names("diffusion_model"),
-                                           {"tooltip": "cache_key or name of the entry"})}}
-
-    def select(self, preloaded: str) -> tuple[Any]:
-        return (_select(preloaded),)
 
 
 class CachedVAELoader:
@@ -255,20 +246,12 @@ class CachedVAELoader:
         return (registry().get(load_requests.vae_request(vae_name)),)
 
 
-class PreloadedVAESelector:
+class PreloadedVAESelector(_PreloadedSelector):
     """🖼️ A vaes entry of preload_config.json by name."""
 
-    CATEGORY = CATEGORY
+    KIND = "vae"
     RETURN_TYPES = ("VAE",)
-    FUNCTION = "select"
     DESCRIPTION = "Selects one of the VAEs preloaded from preload_config.json."
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"preloaded": (_names("vae"), {"tooltip": "cache_key or name of the entry"})}}
-
-    def select(self, preloaded: str) -> tuple[Any]:
-        return (_select(preloaded),)
 
 
 KIND_CHOICES = ["all", "checkpoint", "text_encoder", "diffusion_model", "vae"]
