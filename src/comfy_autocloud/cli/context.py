@@ -31,7 +31,18 @@ class AppContext:
         """Fetch service, fleet and limiter on this invocation's store; flags over settings."""
         from comfy_autocloud.services import build
 
-        return build(self.settings, store=self.store(), connections=connections, rate_limit=rate_limit)
+        built = build(self.settings, store=self.store(), connections=connections, rate_limit=rate_limit)
+        self._cache.setdefault("services", []).append(built)
+        return built
+
+    def close(self) -> None:
+        """Release what the command opened (fleet connections, the index) when it ends, not at interpreter
+        teardown: the process may then end at once (`main`)."""
+        for built in self._cache.pop("services", []):
+            built.close()
+        store = self._cache.pop("store", None)
+        if store is not None:
+            store.close()
 
 
 pass_app = click.make_pass_decorator(AppContext)

@@ -125,6 +125,7 @@ def cli(ctx: click.Context, cache_dir: str | None, max_size: str | None, policy:
     _setup_logging(verbose)
     ctx.obj = AppContext(load_settings({"cache_dir": cache_dir, "max_size": max_size, "policy": policy,
                                         "temp_dir": temp_dir, "redis_url": redis_url}))
+    ctx.call_on_close(ctx.obj.close)
 
 
 class _DeferredRichHandler(logging.Handler):
@@ -151,8 +152,36 @@ def _setup_logging(verbose: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return exit_code_of(lambda: cli.main(args=argv, prog_name="autocloud", standalone_mode=False),
-                        "partial downloads are kept and resume next time")
+    """Run one command; `argv` None means this process's own command line (the `autocloud` script), and
+    the process then ends as soon as the command is over (`end_process`)."""
+    rc = exit_code_of(lambda: cli.main(args=argv, prog_name="autocloud", standalone_mode=False),
+                      "partial downloads are kept and resume next time")
+    if argv is None:
+        end_process(rc)
+    return rc
+
+
+def end_process(rc: int) -> None:
+    """End the process now, without tearing the interpreter down (0.15-0.5 s after a fetch, measured:
+    finalizing some 500 modules and collecting their objects, which the kernel frees at once anyway).
+
+    Only when nothing is left to finish: the command has closed what it opened (the index, fleet
+    connections: `AppContext.close`), no other non-daemon thread runs, and the exit handlers (logging,
+    temporary directories) have run; stdout and stderr are flushed. Otherwise returns (a normal exit).
+    """
+    import atexit
+    import os
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()  # what a normal exit runs before finalizing, in the same order
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: let the normal exit report it
+        return
+    os._exit(rc)
 
 
 if __name__ == "__main__":
