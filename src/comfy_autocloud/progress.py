@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 Phase = Literal["hit", "wait", "start", "download", "verify", "commit", "done", "error"]
 
@@ -20,6 +20,8 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class CancelToken:
@@ -34,3 +36,20 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+
+def map_cancellable(work: Callable[[T], R], items: Sequence[T], *, parallel: int, token: CancelToken,
+                    thread_name: str) -> list[R]:
+    """`work` over `items` on up to `parallel` threads, results in order. Ctrl-C (or any exception in the
+    caller's thread) cancels `token`, so every running job stops promptly instead of finishing its file."""
+    from concurrent.futures import ThreadPoolExecutor  # here: every command imports this module, few run jobs
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(items) or 1)), thread_name_prefix=thread_name)
+    try:
+        futures = [pool.submit(work, item) for item in items]
+        return [f.result() for f in futures]
+    except BaseException:
+        token.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

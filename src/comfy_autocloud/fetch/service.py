@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +34,7 @@ from comfy_autocloud.fetch.request import FetchRequest, FetchResult
 from comfy_autocloud.fetch.singleflight import single_flight
 from comfy_autocloud.keys import check_sha256, check_source, make_key
 from comfy_autocloud.phases import Laps
-from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
+from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent, map_cancellable
 from comfy_autocloud.redact import excerpt, redact_text, redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
 from comfy_autocloud.store import Entry, Store
@@ -137,16 +136,7 @@ class FetchService:
                 self.notify(progress, ProgressEvent(spec.key, "error", message=err.reason))
                 return err
 
-        pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(specs) or 1)),
-                                  thread_name_prefix="autocloud-fetch")
-        try:
-            futures = [pool.submit(one, spec) for spec in specs]
-            return [f.result() for f in futures]
-        except BaseException:
-            token.cancel()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        return map_cancellable(one, specs, parallel=parallel, token=token, thread_name="autocloud-fetch")
 
     def download_to(self, source: str, part: Path, *, sha256: str | None = None, key: str = "",
                     progress: ProgressCallback | None = None, cancel: CancelToken | None = None,

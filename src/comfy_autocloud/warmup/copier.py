@@ -15,12 +15,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from comfy_autocloud.errors import AutoCloudError
-from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
+from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent, map_cancellable
 from comfy_autocloud.store import Store
 from comfy_autocloud.store.space import sha256_file
 from comfy_autocloud.warmup.hashes import HashBook
@@ -82,15 +81,8 @@ def copy_items(store: Store, items: list[WarmupItem], book: HashBook, *, paralle
     from comfy_autocloud.transfer import localcopy  # noqa: F401
 
     token = cancel or CancelToken()
-    pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(items))), thread_name_prefix="autocloud-warmup")
-    try:
-        futures = [pool.submit(_copy_one, store, item, book, durable, progress, token) for item in items]
-        return [f.result() for f in futures]
-    except BaseException:
-        token.cancel()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return map_cancellable(lambda item: _copy_one(store, item, book, durable, progress, token), items,
+                           parallel=parallel, token=token, thread_name="autocloud-warmup")
 
 
 @contextlib.contextmanager
