@@ -347,7 +347,8 @@ def test_next_process_resumes_from_the_saved_state(tmp_path: Path, monkeypatch: 
     second.close()
 
     # Ignored, with the reason: a file that does not parse, one built up to a row the log no longer
-    # holds as saved, one for another cap. The store then replays the newest POLICY_REPLAY rows.
+    # holds as saved (warnings), one for another cap (a user's change: info). The store then replays the
+    # newest POLICY_REPLAY rows.
     good = state.read_text()
     bad_row = json.loads(good)
     bad_row["built_to_key"] = "checkpoints/other.safetensors"
@@ -355,10 +356,12 @@ def test_next_process_resumes_from_the_saved_state(tmp_path: Path, monkeypatch: 
                          (good, "capacity")):
         state.write_text(text)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="comfy_autocloud.store.policy_state"):
+        with caplog.at_level(logging.INFO, logger="comfy_autocloud.store.policy_state"):
             other = Store(tmp_path / "c", **{**kw, "max_size": cap + 1 if reason == "capacity" else cap})
             assert other.would_evict(cap) is not None
         assert reason in caplog.text and str(state) in caplog.text, caplog.text
+        levels = {r.levelno for r in caplog.records if str(state) in r.getMessage()}
+        assert levels == ({logging.INFO} if reason == "capacity" else {logging.WARNING}), caplog.text
         assert other.policy.state() != _fed(cap, other).state()  # it relearned from 40 rows only
         other.close()
 

@@ -253,6 +253,10 @@ ADAPT_EPOCH = 100  # requests between decisions
 HYSTERESIS = 0.03  # another shadow must be this much better (relative decayed byte hits) to take over
 
 
+class SettingsChanged(ValueError):
+    """A saved policy state from before the cap or the candidate policies changed: normal, relearn quietly."""
+
+
 class AdaptivePolicy:
     """Shadow caches of the candidates on the same request stream; the best recent one decides."""
 
@@ -304,13 +308,13 @@ class AdaptivePolicy:
         return out
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from `state()`; ValueError if it was saved by a policy of another capacity or candidates
-        (then nothing changes)."""
+        """Continue from `state()`; SettingsChanged (a ValueError) if it was saved by a policy of another
+        capacity or candidates (then nothing changes)."""
         from comfy_autocloud.store.simulate import Simulator
 
         if (state.get("policy"), state.get("capacity"), state.get("candidates")) != \
                 (self.name, self.capacity, list(self.score)):
-            raise ValueError(f"saved for policy {state.get('policy')!r} with capacity {state.get('capacity')} and "
+            raise SettingsChanged(f"saved for policy {state.get('policy')!r} with capacity {state.get('capacity')} and "
                              f"candidates {state.get('candidates')}, not {self.name!r} with {self.capacity} and "
                              f"{list(self.score)}")
         keys = [str(k) for k in state["keys"]]

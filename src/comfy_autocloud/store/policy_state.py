@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from comfy_autocloud.fsutil import write_atomic
-from comfy_autocloud.store.eviction import AdaptivePolicy
+from comfy_autocloud.store.eviction import AdaptivePolicy, SettingsChanged
 from comfy_autocloud.store.index import Index
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ class PolicyStateFile:
                 raise ValueError(f"built up to access-log row {built_to}, which the log no longer holds "
                                  "as saved (index rebuilt or log trimmed)")
             policy.load_state(doc["state"])
+        except SettingsChanged as exc:  # the user changed the cap: expected, not worth a warning
+            log.info("eviction policy state %s is for other settings; relearning from the access log: %s",
+                     self.path, exc)
+            return None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             log.warning("eviction policy state %s ignored (relearning from the access log): %s", self.path, exc)
             return None
