@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -436,3 +437,41 @@ def cached_nodes(done: Finished) -> set[str]:
         if name == "execution_cached":
             cached.update(data.get("nodes", []))
     return cached
+
+
+def limited_origin(tmp_path_factory: Any, name: str, limit_rate: str = "1m") -> Iterator[TimedNginx]:
+    """Body of a module-scoped `origin` fixture: nginx throttled per connection, or a skip saying why."""
+    import pytest
+
+    if not TimedNginx.available():
+        pytest.skip("nginx is not on PATH (apt-get install -y nginx-light)")
+    base = tmp_path_factory.mktemp(name)
+    o = TimedNginx(base / "data", base / "run", limit_rate=limit_rate)
+    o.start()
+    try:
+        yield o
+    finally:
+        o.stop()
+
+
+def serve_adapter_routes(adapter: Any, body: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run `body(http)` against the adapter's /autocloud routes on a real aiohttp server (loopback)."""
+    import aiohttp
+    from aiohttp import web
+
+    from comfy_autocloud.comfy.routes import route_defs
+
+    async def main() -> Any:
+        app = web.Application()
+        app.add_routes(route_defs(adapter))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as http:
+                return await body(http)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())

@@ -14,12 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from comfy_autocloud.comfy.catalog import Catalog, comfy_folder, merge_names
 from comfy_autocloud.comfy.metrics import render_metrics
 from comfy_autocloud.comfy.prompt_prefetch import host_allowed, plan_prefetch, workflow_hints
-from comfy_autocloud.comfy.routes import route_defs
 from comfy_autocloud.comfy.runtime import MANIFEST_FOLDER, Adapter, ModelUnavailable
 from comfy_autocloud.comfy.settings import load_comfy_settings
 from comfy_autocloud.config import load_settings
@@ -27,22 +25,14 @@ from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.prefetch.popularity import Popularity, plan_popular
 from comfy_autocloud.store import Store
 from comfy_autocloud.transfer.ranges import PartState, state_path
-from comfy_env import TimedNginx
+from comfy_env import TimedNginx, limited_origin, serve_adapter_routes
 
 MiB = 2**20
 
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TimedNginx]:
-    if not TimedNginx.available():
-        pytest.skip("nginx is not on PATH (apt-get install -y nginx-light)")
-    base = tmp_path_factory.mktemp("adapter-origin")
-    o = TimedNginx(base / "data", base / "run", limit_rate="1m")
-    o.start()
-    try:
-        yield o
-    finally:
-        o.stop()
+    yield from limited_origin(tmp_path_factory, "adapter-origin")
 
 
 def _settings(tmp_path: Path, **values: Any):
@@ -286,24 +276,6 @@ def test_url_manifest_is_fetched_into_the_cache_and_survives_an_outage(tmp_path:
 
 # ------------------------------------------------------------------ routes on a real aiohttp server
 
-def _serve(a: Adapter, body) -> Any:
-    async def main() -> Any:
-        app = web.Application()
-        app.add_routes(route_defs(a))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
-                return await body(http)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
-
-
 def test_routes_status_fetch_pin_evict_metrics(origin: TimedNginx, tmp_path: Path, random_file) -> None:
     random_file(origin.data_dir / "r.safetensors", 2 * MiB, seed=11)
     random_file(origin.data_dir / "u.safetensors", 1 * MiB, seed=12)
@@ -349,7 +321,7 @@ def test_routes_status_fetch_pin_evict_metrics(origin: TimedNginx, tmp_path: Pat
         assert "autocloud_cache_cap_bytes 1073741824" in text
 
     try:
-        _serve(a, body)
+        serve_adapter_routes(a, body)
     finally:
         a.close()
 
@@ -382,7 +354,7 @@ def test_cancel_route_stops_a_download_and_keeps_its_partial(origin: TimedNginx,
         assert not (await call("GET", "/autocloud/status"))[1]["downloads"]
 
     try:
-        _serve(a, body)
+        serve_adapter_routes(a, body)
         assert not (tmp_path / "cache" / "checkpoints" / "c.safetensors").exists()
         state = PartState.load(state_path(a.store.partial_path(spec.key)))
         kept = state.done_bytes() if state else 0

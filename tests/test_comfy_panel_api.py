@@ -14,30 +14,19 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from comfy_autocloud.comfy.catalog import Catalog
-from comfy_autocloud.comfy.routes import route_defs
 from comfy_autocloud.comfy.runtime import Adapter, ModelUnavailable
 from comfy_autocloud.config import load_settings
 from comfy_autocloud.manifest.spec import ModelSpec
-from comfy_env import TimedNginx
-from servers import free_port
+from comfy_env import TimedNginx, limited_origin, serve_adapter_routes
 
 MiB = 2**20
 
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TimedNginx]:
-    if not TimedNginx.available():
-        pytest.skip("nginx is not on PATH (apt-get install -y nginx-light)")
-    base = tmp_path_factory.mktemp("panel-origin")
-    o = TimedNginx(base / "data", base / "run", limit_rate="1m")
-    o.start()
-    try:
-        yield o
-    finally:
-        o.stop()
+    yield from limited_origin(tmp_path_factory, "panel-origin")
 
 
 def _spec(folder: str, name: str, url: str) -> ModelSpec:
@@ -51,23 +40,6 @@ def _adapter(tmp_path: Path, specs: list[ModelSpec] = (), present: set[tuple[str
     a = Adapter.create(settings, is_present=lambda f, n: (f, n) in present)
     a.catalog.add(list(specs))
     return a
-
-
-def _serve(adapter: Adapter, body: Any) -> Any:
-    async def main() -> Any:
-        app = web.Application()
-        app.add_routes(route_defs(adapter))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as http:
-                return await body(http)
-        finally:
-            await runner.cleanup()
-
-    return asyncio.run(main())
 
 
 async def _call(http: aiohttp.ClientSession, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
@@ -125,7 +97,7 @@ def test_workflow_check_reports_each_model_and_takes_allowed_hints(origin: Timed
             bad = await _call(http, "POST", "/autocloud/workflow", {"workflow": {"nodes": "no"}})
             return ok, bad
 
-        (status, out), (bad_status, bad) = _serve(a, body)
+        (status, out), (bad_status, bad) = serve_adapter_routes(a, body)
         assert status == 200
         rows = {m["key"]: m for m in out["models"]}
         assert {k: m["status"] for k, m in rows.items()} == {
@@ -163,7 +135,7 @@ def test_failed_url_or_hint_leaves_the_lists_but_a_manifest_entry_stays(origin: 
                 await asyncio.sleep(0.05)
             return (await _call(http, "GET", "/autocloud/status"))[1]
 
-        st = _serve(a, body)
+        st = serve_adapter_routes(a, body)
         failed = {r["key"]: r for r in st["recent"]}["loras/u404.safetensors"]
         assert "HTTP 404" in failed["error"] and failed["phase"] == "error" and failed["cancelled"] is False
         assert failed["origin"] is None  # no longer offered: the panel shows no retry for it
@@ -178,7 +150,7 @@ def test_failed_url_or_hint_leaves_the_lists_but_a_manifest_entry_stays(origin: 
             again = await _call(http, "POST", "/autocloud/dismiss", {"key": "loras/u404.safetensors"})
             return out, again, (await _call(http, "GET", "/autocloud/status"))[1]
 
-        out, again, st = _serve(a, dismiss)
+        out, again, st = serve_adapter_routes(a, dismiss)
         assert out == (200, {"key": "loras/u404.safetensors", "dismissed": True})
         assert again[1]["dismissed"] is False
         assert [r["key"] for r in st["recent"]] == ["loras/m404.safetensors"]
@@ -217,7 +189,7 @@ def test_cancel_is_reported_as_cancelled_with_kept_bytes_and_one_row_per_model(o
                 await asyncio.sleep(0.05)
             return during, st
 
-        during, after = _serve(a, body)
+        during, after = serve_adapter_routes(a, body)
         assert [d["key"] for d in during["downloads"]] == [spec.key] and during["downloads"][0]["origin"] == "manifest"
         assert during["available"] == []  # downloading: listed once, under Downloads
         row = after["recent"][0]
@@ -238,7 +210,7 @@ def test_doctor_route_reports_checks(tmp_path: Path) -> None:
     bad.write_text("[")
     a = _adapter(tmp_path, AUTOCLOUD_MANIFEST=str(bad))
     try:
-        status, out = _serve(a, lambda http: _call(http, "GET", "/autocloud/doctor"))
+        status, out = serve_adapter_routes(a, lambda http: _call(http, "GET", "/autocloud/doctor"))
         assert status == 200 and out["ok"] is False
         by = {c["name"]: c for c in out["checks"]}
         assert by["ComfyUI"]["status"] == "fail"  # no layout provider: not inside ComfyUI
