@@ -256,6 +256,17 @@ def test_download_limit_gcra_measured(redis: RedisServer) -> None:
     assert lims[1].try_acquire() == 0.0
 
 
+def test_banked_bytes_wait_for_the_reservation_that_took_them(redis: RedisServer) -> None:
+    """A second connection on the node must not spend bytes another one reserved for later."""
+    rate = 20 * MiB
+    lim = FleetByteLimiter(RedisGate(redis.url), "origin", rate)
+    lim.reserve(int(lim.burst))                    # spends the fleet burst: the next grant has to wait
+    first = lim.reserve(64 * 1024)                 # reserves a whole grant, waits for it
+    assert first > 0.02
+    second = lim.reserve(64 * 1024)                # served from the bank: still not before that wait
+    assert second >= first - 0.01, (first, second)
+
+
 def test_fleet_byte_rate_measured(redis: RedisServer) -> None:
     rate = 24 * MiB
     limiters = [FleetByteLimiter(RedisGate(redis.url), "origin", rate) for _ in range(3)]  # three nodes

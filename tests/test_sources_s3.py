@@ -134,7 +134,8 @@ def test_resolve_reads_size_and_sha256(s3: Any, caplog: pytest.LogCaptureFixture
     sha_c = put(s3, "ckpt/with-checksum.bin", BIG[:5000], checksum=True)
     sha_m = put(s3, "ckpt/with-meta.bin", BIG[:6000], meta_sha=True)
     put(s3, "ckpt/plain.bin", BIG[:7000])
-    caplog.set_level(logging.DEBUG)  # from here on: only what resolving logs (the puts above log their own auth)
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # from here on: only what resolving logs (the puts above log their own auth)
     r = resolve("s3://models/ckpt/with-checksum.bin")
     assert (r.expected_sha256, r.expected_size, r.display, r.filename) == (sha_c, 5000, "s3://models/ckpt/with-checksum.bin",
                                                                           "with-checksum.bin")

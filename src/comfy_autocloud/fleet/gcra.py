@@ -139,13 +139,16 @@ class FleetByteLimiter(RateLimiter):
         self.grant = int(min(4 << 20, max(1 << 20, self.rate / 20)))
         self._script = gate.script(GCRA_RESERVE)
         self._bank = 0
+        self._bank_ready = 0.0     # monotonic time from which the banked bytes may be used
         self._bank_lock = threading.Lock()
 
     def reserve(self, nbytes: int) -> float:
         with self._bank_lock:
+            now = time.monotonic()
             if self._bank >= nbytes:
+                # Banked bytes were reserved with a wait: a second connection must not use them before it.
                 self._bank -= nbytes
-                return 0.0
+                return max(0.0, self._bank_ready - now)
             need = nbytes - self._bank
             take = max(need, self.grant)
             try:
@@ -154,8 +157,10 @@ class FleetByteLimiter(RateLimiter):
             except FleetUnavailable:
                 self._bank = 0
                 return super().reserve(nbytes)
+            wait = float(wait_us) / 1e6
             self._bank = take - need
-            return float(wait_us) / 1e6
+            self._bank_ready = now + wait
+            return wait
 
     def __repr__(self) -> str:
         return f"FleetByteLimiter({self.key!r}, rate={self.rate:.0f} B/s)"

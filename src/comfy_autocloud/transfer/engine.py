@@ -455,6 +455,8 @@ class _Download:
                     if end > pos:
                         _write_all(fd, memoryview(chunk)[: end - pos], pos, where)
                     pos = seg.pos = end
+                    for limiter in limiters:   # the segment's last chunk counts against the limit too
+                        await limiter.acquire(n)
                     return
                 _write_all(fd, chunk, pos, where)
                 pos += n
