@@ -250,12 +250,37 @@ def test_bad_or_unwritable_sidecar_costs_a_rehash_never_a_failure(wenv: Env) -> 
     assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
 
 
+def test_default_durability_is_deferred_and_settles_in_the_background(wenv: Env) -> None:
+    """Nothing waits for the disk by default; the entries are settled by a detached flush afterwards."""
+    wenv.model("checkpoints/d.safetensors", 2 * MiB, 1)
+    wenv.model("checkpoints/f.safetensors", 2 * MiB, 2)
+    wenv.list("checkpoints/d.safetensors")
+    wenv.env["AUTOCLOUD_SETTLE_DELAY"] = "3600"  # not during this test
+    assert wenv.cli("--no-setup").exit_code == 0
+    with Store(wenv.cache) as store:
+        assert [k for k, _, _ in store.unsettled()] == ["checkpoints/d.safetensors"]
+    wenv.list("checkpoints/f.safetensors")
+    assert wenv.cli("--no-setup", "--durability", "durable").exit_code == 0
+    with Store(wenv.cache) as store:
+        assert [k for k, _, _ in store.unsettled()] == ["checkpoints/d.safetensors"]  # durable: no mark
+    wenv.list("checkpoints/d.safetensors", "checkpoints/f.safetensors")
+    (wenv.models / "checkpoints/d.safetensors").touch()  # copied again, now settled at once
+    wenv.env["AUTOCLOUD_SETTLE_DELAY"] = "0"
+    assert wenv.cli("--no-setup").exit_code == 0
+    deadline = time.monotonic() + 30
+    with Store(wenv.cache) as store:
+        while store.unsettled() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.unsettled() == []
+
+
 def test_ephemeral_durability_and_its_setting(wenv: Env) -> None:
     want = {f"checkpoints/e{i}.safetensors": wenv.model(f"checkpoints/e{i}.safetensors", 2 * MiB + i, i)
             for i in range(3)}
     wenv.list("checkpoints/e*.safetensors")
     code, out = wenv.json_lines("--no-setup", "--durability", "ephemeral")
     assert code == 0 and out[-1]["summary"]["copied"] == 3
+    assert Store(wenv.cache).unsettled() == []  # a cache that dies with the machine needs no check
     for key, digest in want.items():
         assert sha256_file(wenv.cache / key) == digest
         assert Store(wenv.cache).lookup(key).sha256 == digest
@@ -300,6 +325,7 @@ def test_page_cache_is_warmed(wenv: Env) -> None:
     cached = wenv.cache / "checkpoints/a.safetensors"
     fd = os.open(cached, os.O_RDONLY)
     try:
+        os.fsync(fd)  # written back first (the default durability leaves that to later): dirty pages stay cached
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop just this file's pages
     finally:
         os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -85,3 +86,66 @@ def start_writeback(fd: int, offset: int, count: int) -> None:
     if fn is not None:
         fn(fd, offset, count, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
 
+
+
+_boot: list[str] = []
+
+
+def boot_id() -> str:
+    """This boot of the machine (Linux: /proc/sys/kernel/random/boot_id), so data written without an fsync
+    can be told apart from data a crash or power cut may have lost; '' where the kernel does not say."""
+    if not _boot:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+                _boot.append(fh.read().strip())
+        except OSError:
+            _boot.append("")
+    return _boot[0]
+
+
+def syncfs(path: Path) -> None:
+    """Write back every dirty page of the file system holding `path` and wait for it (one call for a
+    whole cache instead of one fsync per file); `os.sync()` where libc has no syncfs."""
+    import ctypes
+
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        fn = None
+    if fn is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fn(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def run_detached(work: Callable[[], object]) -> bool:
+    """Run `work` in a forked child in its own session at low priority, and return at once; False where
+    fork is not available (the caller then does the work itself or goes without).
+
+    The child touches nothing of the parent's (pipes, locks, atexit handlers): its standard streams are
+    /dev/null and it leaves by `os._exit`, so a command returns while the child reads or syncs on.
+    """
+    if not hasattr(os, "fork"):
+        return False
+    try:
+        pid = os.fork()
+    except OSError:
+        return False
+    if pid:
+        return True
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        with contextlib.suppress(OSError):
+            os.nice(10)
+        with contextlib.suppress(BaseException):
+            work()
+    finally:
+        os._exit(0)

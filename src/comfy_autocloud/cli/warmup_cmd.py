@@ -20,7 +20,7 @@ from comfy_autocloud.cli.output import console, emit_json, err_console, exit_cod
 from comfy_autocloud.cli.progress_view import FetchProgress
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.progress import CancelToken
-from comfy_autocloud.store import Store
+from comfy_autocloud.store import DURABILITIES, Durability, Store
 from comfy_autocloud.units import human_rate, human_size
 from comfy_autocloud.warmup import run as wr
 from comfy_autocloud.warmup.extra_paths import MergeResult
@@ -44,7 +44,7 @@ def _print_setup(res: MergeResult, paths: wr.WarmupPaths) -> None:
 
 
 def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel: int, as_json: bool,
-                 setup: bool, page_cache: bool, durable: bool = True) -> int:
+                 setup: bool, page_cache: bool, durability: Durability = wr.DEFAULT_DURABILITY) -> int:
     """Foreground warmup: yaml first (so ComfyUI can start meanwhile), then copy; 1 if any file failed."""
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
     store = open_store(app, paths)
@@ -55,7 +55,7 @@ def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel
     try:
         with view:
             report = wr.run_warmup(store, plan, parallel=parallel, progress=progress, cancel=cancel,
-                                   warm_page_cache=page_cache, durable=durable)
+                                   warm_page_cache=page_cache, durability=durability)
     except KeyboardInterrupt:
         cancel.cancel()
         raise
@@ -158,11 +158,11 @@ def _clean(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
 
 
 def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel: int, setup: bool,
-                page_cache: bool, plan: Plan, as_json: bool, durable: bool) -> int:
+                page_cache: bool, plan: Plan, as_json: bool, durability: Durability) -> int:
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
     argv = [sys.executable, "-m", "comfy_autocloud.cli.warmup_cmd", str(conf), "--comfyui-path", str(paths.comfyui),
             "--cache-path", str(paths.cache), "--parallel", str(parallel), "--no-setup", "--record-pid",
-            "--durability", wr.DURABILITIES[0 if durable else 1]]
+            "--durability", durability]
     if not page_cache:
         argv.append("--no-page-cache")
     s = app.settings
@@ -197,9 +197,11 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
               help="Files copied at the same time.")
 @click.option("--no-setup", is_flag=True, help="Copy only; leave extra_model_paths.yaml alone.")
 @click.option("--no-page-cache", is_flag=True, help="Do not warm the page cache after copying.")
-@click.option("--durability", type=click.Choice(wr.DURABILITIES), default=None,
-              help="durable: fsync each file before it appears; ephemeral (a cache that dies with the machine): "
-                   f"wait for no disk write, as cp does [env {wr.DURABILITY_ENV}; default durable].")
+@click.option("--durability", type=click.Choice(DURABILITIES), default=None,
+              help="deferred: wait for no disk write, as cp does; a detached child flushes afterwards, and a file "
+                   "written just before the machine went down is checked against its sha256 before use. durable: "
+                   "fsync each file before it appears. ephemeral: no flush, no check (a cache that dies with the "
+                   f"machine) [env {wr.DURABILITY_ENV}; default {wr.DEFAULT_DURABILITY}].")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.option("--record-pid", is_flag=True, hidden=True)
 @pass_app
@@ -223,14 +225,14 @@ def warmup_cmd(app: AppContext, conf: str | None, do_status: bool, do_clean: boo
         wr.record_pid(paths)
     code = run_mode(app, paths, conf, mode=modes[0] if modes else None, background=background, parallel=parallel,
                     setup=not no_setup, page_cache=not no_page_cache, as_json=as_json,
-                    durable=wr.durable_from(durability))
+                    durability=wr.durability_from(durability))
     if code:
         raise SystemExit(code)
 
 
 def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: str | None = None,
              background: bool = False, parallel: int = 4, setup: bool = True, page_cache: bool = True,
-             as_json: bool = False, durable: bool | None = None) -> int:
+             as_json: bool = False, durability: Durability | None = None) -> int:
     """One warmup invocation (also what `autocloud start` runs before ComfyUI); returns the exit code."""
     if mode == "--status":
         return _status(app, paths, as_json)
@@ -249,16 +251,16 @@ def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: 
         else:
             _print_setup(res, paths)
         return 0
-    durable = wr.durable_from(None) if durable is None else durable
+    durability = wr.durability_from(None) if durability is None else durability
     conf_path = wr.resolve_conf(conf, paths)
     plan = wr.load_plan(conf_path, paths)
     if mode == "--list":
         return _list(app, paths, plan, as_json)
     if background:
         return _background(app, paths, conf_path, parallel=parallel, setup=setup, page_cache=page_cache, plan=plan,
-                           as_json=as_json, durable=durable)
+                           as_json=as_json, durability=durability)
     return perform_copy(app, paths, plan, parallel=parallel, as_json=as_json, setup=setup, page_cache=page_cache,
-                        durable=durable)
+                        durability=durability)
 
 
 def run_standalone(cmd: click.Command, argv: list[str] | None = None) -> int:

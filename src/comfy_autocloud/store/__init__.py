@@ -22,7 +22,7 @@ from comfy_autocloud.store.eviction import (
     select_victims,
 )
 from comfy_autocloud.store.simulate import SimResult, Simulator, read_trace, simulate, write_trace
-from comfy_autocloud.store.store import Entry, Reservation, Store, Usage
+from comfy_autocloud.store.store import DURABILITIES, Durability, Entry, Reservation, Store, Usage
 
 if TYPE_CHECKING:
     from comfy_autocloud.store.verify import Finding, VerifyReport
@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 __getattr__ = lazy_names(__name__, {"Finding": "verify", "VerifyReport": "verify"})
 
 __all__ = [
+    "DURABILITIES",
     "POLICY_NAMES",
     "AdaptivePolicy",
     "DecayedFrequencyPolicy",
+    "Durability",
     "Entry",
     "Finding",
     "GreedyDualPolicy",

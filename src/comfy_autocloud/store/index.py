@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS leases (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_key ON leases(key);
+CREATE TABLE IF NOT EXISTS unsettled (
+    key TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    boot TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS access_log (
     id INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -244,15 +249,17 @@ class Index:
     def entry_row(self, key: str, c: sqlite3.Connection | None = None) -> tuple[Any, ...] | None:
         return self._c(c).execute(f"SELECT {COLUMNS} FROM entries WHERE key=?", (key,)).fetchone()
 
-    def entry_row_with_leases(self, key: str) -> tuple[tuple[Any, ...], list[tuple[int, str]]] | None:
-        """One read: the row and the (pid, start) of every lease on it."""
+    def entry_row_with_leases(self, key: str) -> tuple[tuple[Any, ...], list[tuple[int, str]], str | None] | None:
+        """One read: the row, the (pid, start) of every lease on it, and the boot it was written in when its
+        bytes were not yet known to be on disk (None: settled)."""
         r = self.conn().execute(
             f"SELECT {COLUMNS}, (SELECT group_concat(pid || ':' || pstart, ',') FROM leases l "
-            f"WHERE l.key = e.key) FROM entries e WHERE key=?", (key,)).fetchone()
+            f"WHERE l.key = e.key), (SELECT boot FROM unsettled u WHERE u.key = e.key AND u.created = e.created) "
+            f"FROM entries e WHERE key=?", (key,)).fetchone()
         if r is None:
             return None
         leases = [(int(pid), ps) for pid, _, ps in (t.partition(":") for t in r[15].split(","))] if r[15] else []
-        return tuple(r[:15]), leases
+        return tuple(r[:15]), leases, r[16]
 
     def rows_with_sha(self, sha: str) -> list[tuple[Any, ...]]:
         return self.conn().execute(f"SELECT {COLUMNS} FROM entries WHERE sha256=? ORDER BY created",
@@ -277,6 +284,19 @@ class Index:
             c.execute(sql, params)
         else:
             self.execute(sql, params)
+
+    # ----------------------------------------------------------------- unsettled (written without fsync)
+    def mark_unsettled(self, c: sqlite3.Connection, key: str, created: float, boot: str) -> None:
+        c.execute("INSERT OR REPLACE INTO unsettled(key, created, boot) VALUES(?,?,?)", (key, created, boot))
+
+    def settle(self, key: str | None = None, *, boot: str | None = None, before: float | None = None) -> int:
+        """Forget the unsettled mark of `key`, or of every entry written in `boot` before `before`."""
+        if key is not None:
+            return self.execute("DELETE FROM unsettled WHERE key=?", (key,)).rowcount
+        return self.execute("DELETE FROM unsettled WHERE boot=? AND created<=?", (boot, before)).rowcount
+
+    def unsettled(self) -> list[tuple[str, float, str]]:
+        return self.conn().execute("SELECT key, created, boot FROM unsettled ORDER BY key").fetchall()
 
     def set_identity(self, key: str, created: float, dev: int, ino: int) -> None:
         self.execute("UPDATE entries SET dev=?, ino=? WHERE key=? AND created=?", (dev, ino, key, created))

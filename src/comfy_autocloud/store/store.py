@@ -20,10 +20,10 @@ import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
-from comfy_autocloud.fsutil import fsync_dir, fsync_file
+from comfy_autocloud.fsutil import boot_id, fsync_dir, fsync_file
 from comfy_autocloud.keys import check_sha256, split_key
 from comfy_autocloud.phases import Laps
 from comfy_autocloud.store.content_check import check_before_commit
@@ -50,6 +50,27 @@ from comfy_autocloud.store.verify import VerifyReport, run_verify
 from comfy_autocloud.units import human_size
 
 log = logging.getLogger(__name__)
+
+# How a commit reaches the disk (Store.commit): fsync first, fsync later with a check after a crash, never.
+Durability = Literal["durable", "deferred", "ephemeral"]
+DURABILITIES: tuple[Durability, ...] = ("durable", "deferred", "ephemeral")
+SETTLE_DELAY_ENV = "AUTOCLOUD_SETTLE_DELAY"
+
+
+def settle_delay() -> float:
+    """Seconds a background settle waits before flushing (Store.settle_in_background)."""
+    raw = os.environ.get(SETTLE_DELAY_ENV)
+    if raw:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            log.warning("%s=%r is not a number of seconds; using the kernel's writeback window", SETTLE_DELAY_ENV,
+                        raw)
+    try:
+        with open("/proc/sys/vm/dirty_expire_centisecs", encoding="ascii") as fh:
+            return min(120.0, int(fh.read()) / 100 + 5)
+    except (OSError, ValueError):
+        return 35.0
 POLICY_REPLAY = 5_000  # access-log rows (weeks of a node's loads) a stateful policy replays at most at first use
 
 
@@ -277,7 +298,7 @@ class Store:
         found = self._index.entry_row_with_leases(key)
         if found is None:
             return None
-        r, leases = found
+        r, leases, unsettled_in = found
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -285,7 +306,59 @@ class Store:
             return None
         if st.st_size != r[3]:
             return None
+        if unsettled_in is not None and unsettled_in != boot_id() and not self._check_unsettled(key, path, r):
+            return None
         return self._row(r, any(proc_alive(pid, ps) for pid, ps in leases)).entry
+
+    def _check_unsettled(self, key: str, path: Path, r: tuple[Any, ...]) -> bool:
+        """An entry committed without fsync in a boot that has ended: the machine went down before its
+        bytes were known to be on disk, so they are read back once against the recorded sha256. A file
+        that lost bytes is removed (it is fetched or copied again); a good one is trusted from now on."""
+        log.info("%s: written just before the machine went down; checking its sha256 once", key)
+        if sha256_file(path) == r[4]:
+            self._index.settle(key)
+            return True
+        log.warning("%s: lost bytes when the machine went down (sha256 differs); removed, it will be "
+                    "fetched again", key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._index.drop_entry(key, r[8])
+        self._index.settle(key)
+        return False
+
+    def settle(self) -> int:
+        """Wait until everything written to the cache's file system is on disk (one syncfs), then trust the
+        entries committed unsettled in this boot before that moment; returns how many were settled."""
+        from comfy_autocloud.store.settle import settle_cache
+
+        return settle_cache(self.root)
+
+    def settle_in_background(self, delay: float | None = None) -> bool:
+        """`settle` in a detached process (`python -m comfy_autocloud.store.settle`), so the command that
+        committed returns without waiting for the disk; False when it cannot be started (the marks then
+        stay until the next settle, or until a lookup in another boot checks the file).
+
+        It first waits `delay` seconds (default: $AUTOCLOUD_SETTLE_DELAY, else the kernel's own writeback
+        window, dirty_expire_centisecs + 5 s): by then the kernel has written most of it back by itself,
+        so the flush does not compete with ComfyUI reading the same models at start-up. A fresh
+        interpreter, not a fork: it inherits no descriptors, locks or threads of the caller's.
+        """
+        import subprocess
+        import sys
+
+        wait = settle_delay() if delay is None else delay
+        try:
+            subprocess.Popen([sys.executable, "-m", "comfy_autocloud.store.settle", str(self.root), f"{wait:g}"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+        except OSError as exc:
+            log.info("cannot start the background settle (%s); entries stay unsettled until checked", exc)
+            return False
+        return True
+
+    def unsettled(self) -> list[tuple[str, float, str]]:
+        """(key, created, boot) of entries committed without fsync and not yet settled."""
+        return self._index.unsettled()
 
     def touch(self, key: str) -> None:
         """Record one access (last_access, hits, policy priority, a row of the access log); no-op if not cached."""
@@ -461,16 +534,20 @@ class Store:
         pin: bool = False,
         timings: dict[str, float] | None = None,
         content_type: str | None = None,
-        durable: bool = True,
+        durability: Durability = "durable",
     ) -> Entry:
         """Move a complete, verified partial file to its final path atomically and index it.
 
         `timings`, when given, gets the seconds spent on fsync, rename and index (see `phases.Laps`). Its
         content must be what the file name says (store.content_check; `content_type` is what the origin said
-        it sent): else BadContent, and the partial is deleted. `durable=False` skips the fsyncs before and
-        after the rename: a kill still never shows a partial file (the rename is atomic and the page cache
-        outlives the process), only a power cut could. For caches that do not outlive the machine (warmup's
-        ephemeral mode).
+        it sent): else BadContent, and the partial is deleted.
+
+        `durability` (see DURABILITIES): "durable" fsyncs the file before and the folder after the rename.
+        The other two skip both: a kill still never shows a partial file (the rename is atomic and the page
+        cache outlives the process), only a machine going down could. "deferred" records the entry as
+        unsettled in this boot until `settle()` has seen the disk catch up: should the machine go down
+        first, the next lookup (another boot) reads the file back against its sha256 before serving it.
+        "ephemeral" records nothing, for a cache that does not outlive the machine.
         """
         laps = Laps(timings)
         final = self.path_for(key)
@@ -501,8 +578,8 @@ class Store:
                 os.unlink(part_path)
             laps.lap("rename")
         else:
-            self._move_into_place(key, part_path, final, laps, durable=durable)
-        if durable:
+            self._move_into_place(key, part_path, final, laps, durable=durability == "durable")
+        if durability == "durable":
             fsync_dir(final.parent)
         fst = os.stat(final)
         laps.lap("fsync")
@@ -516,6 +593,8 @@ class Store:
             prio = self.policy.priority(size, hits, now, self._index.clock(c))
             self._index.put_entry(c, (key, folder, filename, size, sha, source, etag, last_modified, now, now,
                                       hits, int(pinned), prio, fst.st_dev, fst.st_ino))
+            if durability == "deferred":
+                self._index.mark_unsettled(c, key, now, boot_id())
             self._index.drop_own_reservations(c, key)
             self._index.log_access(c, now, key)  # a download is an access (the request that caused it)
             self._watermark(c, key)
@@ -664,7 +743,12 @@ class Store:
         return removed
 
     def verify(self, *, rehash: bool = False, fix: bool = True, stale_minutes: float = 60.0) -> VerifyReport:
-        """Reconcile disk and index (see store.verify)."""
+        """Reconcile disk and index (see store.verify). Entries left unsettled by a boot that has ended are
+        checked against their sha256 first (as their next lookup would), when fixing."""
+        if fix:
+            for key, _, boot in self.unsettled():
+                if boot != boot_id():
+                    self.lookup(key)
         return run_verify(self, rehash=rehash, fix=fix, stale_minutes=stale_minutes)
 
     def close(self) -> None:

@@ -4,10 +4,10 @@ It uses the same parts as the fetch service (the per-key single-flight lock, `St
 `transfer.copy_file`, `Store.commit`), not the service itself, because a warmup differs in three ways
 that decide its speed: a cached copy is current when the volume file's size + mtime match (no
 hashing, no network stack imported), the sha256 usually comes from the volume's hash sidecar (so the
-bytes are never read back), and the cache may be declared ephemeral (no fsync: nothing waits for the
-disk, as with `cp`). What does not change: the partial file lives in the store's partial dir and reaches its
-final path only by the store's atomic rename once complete, so a killed warmup never shows a half
-file; room is reserved before the first byte; another process copying the same key is waited for.
+bytes are never read back), and by default nothing waits for the disk, as with `cp` (Store.commit's
+"deferred" durability). What does not change: the partial file lives in the store's partial dir and
+reaches its final path only by the store's atomic rename once complete, so a killed warmup never
+shows a half file; room is reserved before the first byte; another process copying the same key is waited for.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from comfy_autocloud.errors import AutoCloudError
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent, map_cancellable
-from comfy_autocloud.store import Store
+from comfy_autocloud.store import Durability, Store
 from comfy_autocloud.store.space import sha256_file
 from comfy_autocloud.warmup.hashes import HashBook
 from comfy_autocloud.warmup.plan import WarmupItem
@@ -66,7 +66,8 @@ def current(store: Store, item: WarmupItem, progress: ProgressCallback | None) -
     return FileOutcome(item.key, "cached", entry.size, 0, 0.0, entry.source, line=item.line)
 
 
-def copy_items(store: Store, items: list[WarmupItem], book: HashBook, *, parallel: int = 4, durable: bool = True,
+def copy_items(store: Store, items: list[WarmupItem], book: HashBook, *, parallel: int = 4,
+               durability: Durability = "durable",
                progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> list[FileOutcome]:
     """Copy every item (none already current, as far as the caller knew); one outcome per item, in order.
 
@@ -81,7 +82,7 @@ def copy_items(store: Store, items: list[WarmupItem], book: HashBook, *, paralle
     from comfy_autocloud.transfer import localcopy  # noqa: F401
 
     token = cancel or CancelToken()
-    return map_cancellable(lambda item: _copy_one(store, item, book, durable, progress, token), items,
+    return map_cancellable(lambda item: _copy_one(store, item, book, durability, progress, token), items,
                            parallel=parallel, token=token, thread_name="autocloud-warmup")
 
 
@@ -98,22 +99,22 @@ def _key_lock(store: Store, item: WarmupItem, cancel: CancelToken,
         yield
 
 
-def _copy_one(store: Store, item: WarmupItem, book: HashBook, durable: bool, progress: ProgressCallback | None,
+def _copy_one(store: Store, item: WarmupItem, book: HashBook, durability: Durability, progress: ProgressCallback | None,
               cancel: CancelToken) -> FileOutcome:
     try:
         with _key_lock(store, item, cancel, progress):
             done = current(store, item, progress)  # whoever held the lock may have copied it
             if done is not None:
                 return done
-            return _copy_locked(store, item, book, durable, progress, cancel)
+            return _copy_locked(store, item, book, durability, progress, cancel)
     except AutoCloudError as exc:
         if progress is not None:
             progress(ProgressEvent(item.key, "error", message=exc.reason))
         return FileOutcome(item.key, "failed", item.size, error=f"{exc.subject}: {exc.reason}", line=item.line)
 
 
-def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durable: bool, progress: ProgressCallback | None,
-                 cancel: CancelToken) -> FileOutcome:
+def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durability: Durability,
+                 progress: ProgressCallback | None, cancel: CancelToken) -> FileOutcome:
     from comfy_autocloud.transfer.localcopy import copy_file
 
     t0 = time.perf_counter()
@@ -138,7 +139,7 @@ def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durable: bool, 
 
     with store.reserve(item.key, item.size):
         result = copy_file(item.source, part, progress=on_bytes, cancel=cancel, hash=known is None,
-                           writeback=durable)  # durable: the fsync before the rename finds the writes done
+                           writeback=durability == "durable")  # the fsync before the rename finds the writes done
         identity = result.etag or ""
         sha = result.sha256
         if identity != item.identity:  # the volume file changed after the plan: what was copied is the truth
@@ -152,7 +153,7 @@ def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durable: bool, 
         if progress is not None:
             progress(ProgressEvent(item.key, "commit", result.size, result.size))
         entry = store.commit(item.key, part, size=result.size, sha256=sha, source=source_of(item), etag=identity,
-                             last_modified=result.last_modified, durable=durable)
+                             last_modified=result.last_modified, durability=durability)
     if progress is not None:
         progress(ProgressEvent(item.key, "done", entry.size, entry.size))
     return FileOutcome(item.key, "recopied" if replaced else "copied", entry.size, result.size,

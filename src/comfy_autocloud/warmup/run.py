@@ -8,13 +8,15 @@ rename (a killed warmup never leaves a half file at a final path). The sha256 th
 from the volume's hash sidecar (hashes.py) when an earlier warmup hashed the file, else it is
 computed while copying and added to the sidecar.
 
-Durability: by default every file is fsynced before its rename (a power cut never leaves a wrong
-file at a final path), with writeback started block by block during the copy so the disk writes
-overlap the reads. `durable=False` (`--durability ephemeral`, for a cache that does not outlive the
-machine, such as a RunPod pod's container disk) waits for no disk write at all, as `cp` does: the
-files are complete in the page cache and at their final paths when it returns, and the kernel writes
-them back afterwards. A flush at the end (one syncfs) was the other way weighed: it waits for the same
-writes as the fsyncs do, so it would save nothing where the cache dies with the machine anyway.
+Durability (`--durability`, Store.commit): by default ("deferred") nothing waits for the disk, as with
+`cp`: the files are complete in the page cache and at their final paths when warmup returns, each
+entry is recorded as unsettled in this boot, and a detached child flushes the cache's file system
+once (syncfs) and then settles them. Should the machine go down before that, the next lookup (in the
+next boot) reads such a file back against its sha256 before ComfyUI may use it, so a power cut costs a
+re-check, never a corrupt model. "durable" fsyncs every file before its rename instead (writeback
+started block by block during the copy so the disk writes overlap the reads): on this disk it cannot
+beat `cp -r && sync`, as the disk's write rate is the floor either way. "ephemeral", for a cache that
+dies with the machine (a RunPod pod's container disk), skips the flush and the marks.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, Literal
 from comfy_autocloud.errors import ManifestError, StoreError
 from comfy_autocloud.manifest.warmup_conf import WarmupEntry, parse_warmup_conf
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
-from comfy_autocloud.store import Entry, Store
+from comfy_autocloud.store import DURABILITIES, Durability, Entry, Store
 from comfy_autocloud.store.index import proc_alive
 from comfy_autocloud.warmup import pagecache
 from comfy_autocloud.warmup.copier import FileOutcome, copy_items, current
@@ -44,17 +46,18 @@ DEFAULT_CACHE = "/root/fast_cache"
 DEFAULT_CONF = "warmup_models.conf"
 STATE_DIR = "warmup"  # inside the store's private dir: never a model key, skipped by `verify`
 DURABILITY_ENV = "AUTOCLOUD_WARMUP_DURABILITY"
-DURABILITIES = ("durable", "ephemeral")
+DEFAULT_DURABILITY: Durability = "deferred"
 
 
-def durable_from(value: str | None, env: Mapping[str, str] | None = None) -> bool:
-    """`durable` (the default) or `ephemeral`, from the option or $AUTOCLOUD_WARMUP_DURABILITY."""
+def durability_from(value: str | None, env: Mapping[str, str] | None = None) -> Durability:
+    """The option, else $AUTOCLOUD_WARMUP_DURABILITY, else "deferred"; an unknown name is an error."""
     env = os.environ if env is None else env
-    raw = (value or env.get(DURABILITY_ENV) or "durable").strip().lower()
-    if raw not in DURABILITIES:
-        raise ManifestError(DURABILITY_ENV if not value else "--durability",
-                            f"unknown durability {raw!r} (known: {', '.join(DURABILITIES)})")
-    return raw == "durable"
+    raw = (value or env.get(DURABILITY_ENV) or DEFAULT_DURABILITY).strip().lower()
+    for known in DURABILITIES:
+        if raw == known:
+            return known
+    raise ManifestError(DURABILITY_ENV if not value else "--durability",
+                        f"unknown durability {raw!r} (known: {', '.join(DURABILITIES)})")
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,8 @@ class TotalProgress:
 
 
 def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: ProgressCallback | None = None,
-               cancel: CancelToken | None = None, warm_page_cache: bool = True, durable: bool = True) -> WarmupReport:
+               cancel: CancelToken | None = None, warm_page_cache: bool = True,
+               durability: Durability = DEFAULT_DURABILITY) -> WarmupReport:
     """Copy every planned file not already cached as it is on the volume; report each file.
 
     A cached entry whose recorded identity differs (the volume file changed, or the entry came from
@@ -194,10 +198,12 @@ def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: Progres
             todo.append(item)
     if todo:
         book = HashBook(plan.models_dir)
-        for outcome in copy_items(store, todo, book, parallel=parallel, durable=durable, progress=progress,
+        for outcome in copy_items(store, todo, book, parallel=parallel, durability=durability, progress=progress,
                                   cancel=cancel):
             by_key[outcome.key] = outcome
         book.save()
+        if durability == "deferred" and any(by_key[i.key].status in ("copied", "recopied") for i in todo):
+            store.settle_in_background()
 
     report.outcomes = [by_key[i.key] for i in plan.items]
     report.outcomes += [FileOutcome(m.key, "missing", error=m.reason, line=m.line) for m in plan.missing]
