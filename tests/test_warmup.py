@@ -255,7 +255,7 @@ def test_default_durability_is_deferred_and_settles_in_the_background(wenv: Env)
     wenv.model("checkpoints/d.safetensors", 2 * MiB, 1)
     wenv.model("checkpoints/f.safetensors", 2 * MiB, 2)
     wenv.list("checkpoints/d.safetensors")
-    wenv.env["AUTOCLOUD_SETTLE_DELAY"] = "3600"  # not during this test
+    wenv.env["AUTOCLOUD_SETTLE_DELAY"] = "600"  # not during this test (stopped when the session ends)
     assert wenv.cli("--no-setup").exit_code == 0
     with Store(wenv.cache) as store:
         assert [k for k, _, _ in store.unsettled()] == ["checkpoints/d.safetensors"]
