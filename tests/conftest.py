@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from comfy_autocloud.store import Store
 from servers import ChaosOrigin, NginxOrigin, write_random_file
 
 RandomFile = Callable[..., str]
@@ -55,6 +56,14 @@ def chaos_origin() -> Iterator[ChaosOrigin]:
         yield origin
     finally:
         origin.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An empty store in this test's temp dir."""
+    s = Store(tmp_path / "cache")
+    yield s
+    s.close()
 
 
 @pytest.fixture

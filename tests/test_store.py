@@ -45,13 +45,6 @@ def dead_pid() -> int:
     return p.pid
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "cache")
-    yield s
-    s.close()
-
-
 def test_commit_lookup_touch_round_trip(store: Store) -> None:
     data = blob("a", 4096)
     e = put(store, "checkpoints/sd/a.safetensors", data, source="https://cdn.test/a")

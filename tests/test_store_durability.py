@@ -19,13 +19,6 @@ from test_store import blob, put
 KEY = "checkpoints/a.safetensors"
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "cache")
-    yield s
-    s.close()
-
-
 def flip_one_byte(path: Path) -> None:
     """Same size, other content: what a machine going down can leave behind an unsynced write."""
     with open(path, "r+b") as fh:
