@@ -36,8 +36,8 @@ def breakdown(res: FetchResult, startup: float | None, total: float | None) -> s
 
 def import_download_path() -> None:
     """Import the HTTP download path (aiohttp: 0.2-0.9 s measured with a cold page cache) on a thread
-    while this one builds the specs (pydantic) and plans the fetch: both mostly wait on reads, so they
-    overlap. A failing import is left for the download itself to report."""
+    while this one builds the specs, opens the store and plans the fetch: both mostly wait on reads, so
+    they overlap. A failing import is left for the download itself to report."""
 
     def load() -> None:
         with contextlib.suppress(ImportError):
@@ -54,8 +54,8 @@ def run_fetch(service: FetchService, build_specs: Callable[[], list[ModelSpec]],
 
     `phases`: also say where the time went (start-up, probe, transfer, hash tail, fsync, rename,
     index), on stderr and in each JSON object. `cached`: the (key, sha256) of the one file asked for,
-    known to be in the cache: its hit is reported without building specs (nor importing pydantic); were
-    it evicted meanwhile, it is fetched as usual.
+    known to be in the cache: its hit is reported without building specs (nor resolving the source);
+    were it evicted meanwhile, it is fetched as usual.
     """
     specs = build_specs() if cached is None else []  # bad input is reported before any bar is drawn
     cancel = CancelToken()

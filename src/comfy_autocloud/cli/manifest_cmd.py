@@ -10,13 +10,12 @@ from __future__ import annotations
 import fnmatch
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import click
-from pydantic import ValidationError
 from rich.table import Table
 
 from comfy_autocloud.cli.context import AppContext, pass_app
@@ -24,7 +23,7 @@ from comfy_autocloud.cli.output import console, emit_json, err_console
 from comfy_autocloud.cli.progress_view import FetchProgress
 from comfy_autocloud.errors import ManifestError, SourceError
 from comfy_autocloud.fetch import FetchService
-from comfy_autocloud.manifest import ModelSpec, load_manifests, manifest_files, parse_warmup_conf
+from comfy_autocloud.manifest import ModelSpec, SpecError, load_manifests, manifest_files, parse_warmup_conf
 from comfy_autocloud.manifest.write import add_entries, document, render
 from comfy_autocloud.progress import ProgressCallback
 from comfy_autocloud.redact import REDACTED, redact_url
@@ -121,10 +120,8 @@ def _refuse_credentials(source: str) -> None:
 def _spec_or_error(subject: str, **fields: Any) -> ModelSpec:
     try:
         return ModelSpec(defined_in="command line", **fields)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        raise ManifestError(subject, msg) from None
+    except SpecError as exc:
+        raise ManifestError(subject, exc.problems[0][1]) from None
 
 
 def build_entry(source: str, mirrors: Sequence[str], folder: str, name: str | None,
@@ -166,7 +163,7 @@ def build_entry(source: str, mirrors: Sequence[str], folder: str, name: str | No
     hash_from = "metadata" if sha else "none"  # "none": --no-download and nothing published
     if download or (download is None and (sha is None or size is None)):
         result = service_factory().fetch(spec, progress=progress)
-        spec = spec.model_copy(update={"sha256": result.sha256, "size": result.size})
+        spec = replace(spec, sha256=result.sha256, size=result.size)
         hash_from = "download" if sha is None else "metadata+download"
     return NewEntry(spec, main.display, hash_from)
 

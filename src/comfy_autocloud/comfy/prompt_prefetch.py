@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,7 +74,7 @@ def allowed_hints(refs: Iterable[ModelSpec], allowed_hosts: Iterable[str]) -> tu
         ok = tuple(s for s in spec.sources if host_allowed(s, hosts))
         refused += [redact_url(s) for s in spec.sources if s not in ok]
         if ok:
-            specs.append(spec.model_copy(update={"sources": ok}))
+            specs.append(replace(spec, sources=ok))
     return specs, refused
 
 

@@ -30,7 +30,7 @@ from comfy_autocloud.fetch import FetchResult, FetchService
 from comfy_autocloud.keys import split_key
 from comfy_autocloud.manifest import load_manifest, load_manifests
 from comfy_autocloud.manifest.locality import check_network_list
-from comfy_autocloud.manifest.spec import ModelSpec
+from comfy_autocloud.manifest.spec import ModelSpec, SpecError
 from comfy_autocloud.manifest.workflow import LEGACY_FOLDERS, workflow_model_refs
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.redact import redact_url
@@ -386,8 +386,8 @@ class Adapter:
         try:
             spec = ModelSpec(folder=folder, filename=str(name), sources=(url,), sha256=body.get("sha256"),
                              defined_in="POST /autocloud/fetch")
-        except ValueError as exc:
-            raise ManifestError("request", str(exc).splitlines()[0] if str(exc) else "invalid") from None
+        except SpecError as exc:  # every bad field, each naming the value it refuses
+            raise ManifestError("request", str(exc)) from None
         return self.catalog.add([spec], "request")[0]
 
     def request_fetch(self, body: Any) -> str:

@@ -32,7 +32,7 @@ from comfy_autocloud.errors import (
 )
 from comfy_autocloud.fetch.request import FetchRequest, FetchResult
 from comfy_autocloud.fetch.singleflight import single_flight
-from comfy_autocloud.keys import check_sha256, check_source, make_key
+from comfy_autocloud.manifest.spec import ModelSpec, SpecError
 from comfy_autocloud.phases import Laps
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent, map_cancellable
 from comfy_autocloud.redact import excerpt, redact_text, redact_url
@@ -53,7 +53,6 @@ from comfy_autocloud.units import human_size
 if TYPE_CHECKING:
     from comfy_autocloud.fetch.fleet_path import FleetPath
     from comfy_autocloud.fleet.client import Fleet
-    from comfy_autocloud.manifest.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -397,62 +396,55 @@ class FetchService:
             raise
 
 
-def _name_from_source(url: str) -> str:
-    """The file name a source stands for: Civitai ids name a version, so ask its API; else the last segment."""
-    from urllib.parse import unquote, urlsplit
-
+def _is_civitai(url: str) -> bool:
+    """Whether the source is a Civitai id or page: only Civitai's API knows the file name it stands for."""
     lower = url.lower()
     if lower.startswith("civitai:"):
-        return resolve(url).filename or ""
+        return True
     if lower.startswith(("http://", "https://")):  # only web URLs can be Civitai pages (its module is not small)
         from comfy_autocloud.sources.civitai import is_civitai_url
 
-        if is_civitai_url(url):
-            return resolve(url).filename or ""
+        return is_civitai_url(url)
+    return False
+
+
+def _last_segment(url: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
     return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
 
 
+def _url_spec(url: str, folder: str, filename: str, sha256: str | None) -> ModelSpec:
+    return ModelSpec(folder=folder, filename=filename, sources=(url,), sha256=sha256, defined_in="command line")
+
+
 def url_key(url: str, folder: str, name: str | None = None, sha256: str | None = None) -> tuple[str, str | None] | None:
-    """(key, sha256) that `autocloud fetch URL --folder F [--name N] [--sha256 H]` asks for, checked as the
-    ModelSpec would check them but without building one (pydantic costs a command's start-up more than a
-    cache hit takes); None when the name needs the network (a Civitai id) or the input is invalid
-    (`specs_from_urls` then reports why)."""
-    if url.lower().startswith("civitai:"):
+    """(key, sha256) that `autocloud fetch URL --folder F [--name N] [--sha256 H]` asks for, known without
+    the network (a cache hit is answered before anything is resolved); None when the name needs the
+    network (a Civitai id or page) or the input is invalid (`specs_from_urls` then reports why)."""
+    if url.lower().startswith("civitai:") or (name is None and _is_civitai(url)):
         return None
     try:
-        from urllib.parse import unquote, urlsplit
-
-        check_source(url)
-        if name is None and url.lower().startswith(("http://", "https://")):
-            from comfy_autocloud.sources.civitai import is_civitai_url
-
-            if is_civitai_url(url):
-                return None
-        filename = name or unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-        return make_key(folder, filename), check_sha256(sha256) if sha256 is not None else None
-    except ValueError:
+        spec = _url_spec(url, folder, name or _last_segment(url), sha256)
+    except ValueError:  # a bad field (SpecError), or a URL urlsplit cannot read
         return None
+    return spec.key, spec.sha256
 
 
 def specs_from_urls(urls: Iterable[str], folder: str, name: str | None = None, sha256: str | None = None
                     ) -> list[ModelSpec]:
-    """`autocloud fetch URL… --folder F [--name N]`: a ModelSpec per URL, named after the URL's last segment."""
-    from pydantic import ValidationError
-
-    from comfy_autocloud.manifest.spec import ModelSpec
-
+    """`autocloud fetch URL… --folder F [--name N]`: a ModelSpec per URL, named after the URL's last segment
+    (a Civitai source: the file name its API gives)."""
     urls = list(urls)
     if name is not None and len(urls) > 1:
         raise SourceError("--name", "only one URL can be given a --name")
     specs = []
     for url in urls:
-        filename = name or _name_from_source(url)
+        filename = name or ((resolve(url).filename or "") if _is_civitai(url) else _last_segment(url))
         if not filename:
             raise SourceError(url, "cannot derive a file name from this URL; pass --name")
         try:
-            specs.append(ModelSpec(folder=folder, filename=filename, sources=(url,), sha256=sha256,
-                                   defined_in="command line"))
-        except ValidationError as exc:
-            reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ManifestError(f"command line {redact_url(url)}", reasons) from None
+            specs.append(_url_spec(url, folder, filename, sha256))
+        except SpecError as exc:  # every bad field at once, each naming the value it refuses
+            raise ManifestError(f"command line {redact_url(url)}", str(exc)) from None
     return specs

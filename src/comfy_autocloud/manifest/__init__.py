@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     )
     from comfy_autocloud.manifest.merge import merge_specs
     from comfy_autocloud.manifest.preload_config import PreloadConfig, parse_preload_config, preload_specs
-    from comfy_autocloud.manifest.spec import ModelSpec
+    from comfy_autocloud.manifest.spec import ModelSpec, SpecError
     from comfy_autocloud.manifest.versions import VersionedList, parse_versions_index, stale_lists
     from comfy_autocloud.manifest.warmup_conf import WarmupEntry, parse_warmup_conf
     from comfy_autocloud.manifest.workflow import LOADER_INPUTS, workflow_model_refs
@@ -34,7 +34,7 @@ _WHERE = {
     "load_manifests": "load", "manifest_files": "load",
     "merge_specs": "merge",
     "PreloadConfig": "preload_config", "parse_preload_config": "preload_config", "preload_specs": "preload_config",
-    "ModelSpec": "spec",
+    "ModelSpec": "spec", "SpecError": "spec",
     "VersionedList": "versions", "parse_versions_index": "versions", "stale_lists": "versions",
     "WarmupEntry": "warmup_conf", "parse_warmup_conf": "warmup_conf",
     "LOADER_INPUTS": "workflow", "workflow_model_refs": "workflow",
@@ -49,6 +49,7 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "ModelSpec",
     "PreloadConfig",
+    "SpecError",
     "VersionedList",
     "WarmupEntry",
     "check_source",

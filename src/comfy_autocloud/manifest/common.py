@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.keys import check_sha256, check_source
+from comfy_autocloud.manifest.spec import ModelSpec, SpecError
 from comfy_autocloud.redact import redact_text
-
-if TYPE_CHECKING:  # pydantic is imported where a spec is built: the warmup list's parser needs none of it
-    from comfy_autocloud.manifest.spec import ModelSpec
 
 # A model list is kilobytes; anything this big is a mistake or an attack.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -183,15 +181,8 @@ def check_sources(values: list[Any], subject: str) -> tuple[str, ...]:
 
 
 def build_spec(subject: str, **fields: Any) -> ModelSpec:
-    """ModelSpec(**fields), with pydantic's errors turned into 'subject: what is wrong' (no input echo)."""
-    from pydantic import ValidationError
-
-    from comfy_autocloud.manifest.spec import ModelSpec
-
+    """ModelSpec(**fields), its first failed check turned into 'subject: what is wrong'."""
     try:
         return ModelSpec(defined_in=subject, **fields)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        field = ".".join(str(p) for p in err.get("loc", ()))
-        fail(subject, f"{field}: {msg}" if field and field not in msg else msg)
+    except SpecError as exc:
+        fail(subject, exc.first)

@@ -7,6 +7,7 @@ fixed by a person; silently picking one would serve the wrong model to someone.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from comfy_autocloud.manifest.common import fail
 from comfy_autocloud.manifest.spec import ModelSpec
@@ -44,15 +45,16 @@ def merge_pair(first: ModelSpec, second: ModelSpec) -> ModelSpec:
         other = " ".join(redact_url(s) for s in second.sources if s not in first.sources)
         _conflict(first, second, "source and no sha256 on both entries to prove they are the same file "
                                  f"(give both the same sha256 to use them as mirrors); new source: {other}")
-    return first.model_copy(update={
-        "sources": _union(first.sources, second.sources),
-        "sha256": sha,
-        "size": first.size if first.size is not None else second.size,
-        "pin": first.pin or second.pin,
-        "tags": _union(first.tags, second.tags),
-        "preload": first.preload if first.preload is not None else second.preload,
-        "bundle": first.bundle or second.bundle,
-    })
+    return replace(
+        first,
+        sources=_union(first.sources, second.sources),
+        sha256=sha,
+        size=first.size if first.size is not None else second.size,
+        pin=first.pin or second.pin,
+        tags=_union(first.tags, second.tags),
+        preload=first.preload if first.preload is not None else second.preload,
+        bundle=first.bundle or second.bundle,
+    )
 
 
 def merge_specs(specs: Iterable[ModelSpec]) -> list[ModelSpec]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-
 from comfy_autocloud.keys import check_folder
 from comfy_autocloud.manifest.common import (
     at,
@@ -21,7 +19,7 @@ from comfy_autocloud.manifest.common import (
     is_int,
     key_path,
 )
-from comfy_autocloud.manifest.spec import Bundle, BundleMember, ModelSpec
+from comfy_autocloud.manifest.spec import Bundle, BundleMember, ModelSpec, SpecError
 
 ENTRY_KEYS = ("url", "urls", "sha256", "size", "pin", "tags", "bundle")
 MEMBER_KEYS = ("to", "sha256", "size")
@@ -115,23 +113,18 @@ def _bundle(folder: str, filename: str, value: dict[str, Any], sub: str) -> list
             fail(msub, 'expected "folder/filename" or {"to": "folder/filename", "sha256": ..., "size": ...}')
         try:
             members.append(BundleMember(**fields))
-        except ValidationError as exc:
-            fail(msub, _first_error(exc))
+        except SpecError as exc:
+            fail(msub, exc.problems[0][1])
     try:
         bundle = Bundle(name=zip_spec.key, sha256=zip_spec.sha256, size=zip_spec.size, members=tuple(members))
-    except ValidationError as exc:
-        fail(bsub, _first_error(exc))
+    except SpecError as exc:
+        fail(bsub, exc.problems[0][1])
     out = []
     for m in bundle.members:
         mfolder, _, mname = m.key.partition("/")
         out.append(build_spec(f"{bsub}.{m.member}", folder=mfolder, filename=mname, sources=zip_spec.sources,
                               sha256=m.sha256, size=m.size, pin=zip_spec.pin, tags=zip_spec.tags, bundle=bundle))
     return out
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False, include_input=False)[0]
-    return str(err.get("msg", "invalid value")).removeprefix("Value error, ")
 
 
 def check_tags(tags: Any, sub: str) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,8 +78,8 @@ def _merge(old: ModelSpec, new: ModelSpec, where: str) -> ModelSpec | None:
         fail(sub, "already listed from other sources, and without a common sha256 the new sources cannot be "
                   "shown to serve the same file; refusing to overwrite it")
     sources = tuple(dict.fromkeys((*old.sources, *new.sources)))
-    merged = old.model_copy(update={"sources": sources, "sha256": old.sha256 or new.sha256,
-                                    "size": old.size if old.size is not None else new.size})
+    merged = replace(old, sources=sources, sha256=old.sha256 or new.sha256,
+                     size=old.size if old.size is not None else new.size)
     if (merged.sources, merged.sha256, merged.size) == (old.sources, old.sha256, old.size):
         return None
     return merged
