@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,68 @@ def test_preload_options_match_comfyui_loader_lists():
     assert get_args(pc.DiffusionModelEntry.model_fields["weight_dtype"].annotation) == pc.WEIGHT_DTYPES
     assert get_args(pc.TextEncoderEntry.model_fields["device"].annotation) == pc.DEVICES
     assert {"stable_diffusion", "sdxl", "sd3", "flux"} <= set(pc.CLIP_TYPES)  # the seed's examples
+
+
+def test_a_model_spec_checks_itself_and_stores_immutable_normalised_fields():
+    """The record every format becomes: lists become tuples, the sha256 is normalised, it is frozen,
+    equal records are equal and hash alike (dict keys, sets), and `replace` checks what it changes."""
+    import dataclasses
+
+    from comfy_autocloud.manifest import ModelSpec, SpecError
+
+    spec = ModelSpec(folder="loras", filename="sd/a.safetensors", sources=["https://h/a", " https://m/a "],
+                     sha256="SHA256:" + "AB" * 32, size=5, tags=["x"])
+    assert spec.sources == ("https://h/a", "https://m/a") and spec.tags == ("x",)
+    assert spec.sha256 == "ab" * 32 and spec.key == "loras/sd/a.safetensors"
+    twin = ModelSpec(folder="loras", filename="sd/a.safetensors", sources=("https://h/a", "https://m/a"),
+                     sha256="ab" * 32, size=5, tags=("x",))
+    assert spec == twin and len({spec, twin}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.size = 6  # type: ignore[misc]
+    assert dataclasses.replace(spec, pin=True).pin is True
+    with pytest.raises(SpecError, match=re.escape("filename '../b' has an empty")):
+        dataclasses.replace(spec, filename="../b")
+    with pytest.raises(TypeError):
+        ModelSpec("loras", "a.safetensors")  # type: ignore[misc]  # keywords only, as every caller writes them
+
+
+@pytest.mark.parametrize("fields, problems", [
+    ({"folder": "a/b", "filename": "/x", "sha256": "z"},
+     [("folder", "folder 'a/b' must be a single name such as 'checkpoints'"),
+      ("filename", "filename '/x' is absolute; it must be relative to the models folder"),
+      ("sha256", "sha256 'z' is not 64 hex digits")]),
+    ({"folder": "vae", "filename": "v.pt", "sources": ("ftp://h/v.pt",)},
+     [("sources", "unsupported source scheme 'ftp' (known: http://, https://, file://, hf://, s3://, civitai:)")]),
+    ({"folder": "vae", "filename": "v.pt", "size": -1, "pin": 1, "tags": "warmup"},
+     [("size", "Input should be greater than or equal to 0"), ("pin", "Input should be a valid boolean"),
+      ("tags", "Input should be a valid tuple")]),
+    ({"folder": "vae", "filename": 7, "sha256": 5, "sources": ("https://h/v", None)},
+     [("filename", "Input should be a valid string"), ("sources", "item 1: Input should be a valid string"),
+      ("sha256", "Input should be a valid string")]),
+])
+def test_a_bad_model_spec_names_every_failed_field(fields, problems):
+    from comfy_autocloud.manifest import ModelSpec, SpecError
+
+    with pytest.raises(SpecError) as err:
+        ModelSpec(**fields)
+    assert list(err.value.problems) == problems
+    field, reason = problems[0]  # what a manifest parser reports: the field named once
+    assert err.value.first == (reason if field in reason else f"{field}: {reason}")
+
+
+def test_a_bundle_checks_its_members():
+    from comfy_autocloud.manifest.spec import Bundle, BundleMember, SpecError
+
+    a = BundleMember(member="s/a.safetensors", key="loras/a.safetensors", sha256="a" * 64)
+    bundle = Bundle(name="loras/p.zip", members=[a])
+    assert bundle.members == (a,)
+    for members, reason in (([], "a bundle needs at least one member"),
+                            ([a, a], "zip member 's/a.safetensors' is listed twice"),
+                            ([BundleMember(member="b", key="loras/b")],
+                             "give the zip's sha256, or a sha256 for every member")):
+        with pytest.raises(SpecError, match=re.escape(reason)):
+            Bundle(name="loras/p.zip", members=members)
+    with pytest.raises(SpecError, match=re.escape("zip member '../a' has an empty")):
+        BundleMember(member="../a", key="loras/a")
+    with pytest.raises(SpecError, match="item 0: Input should be an instance of BundleMember"):
+        Bundle(name="loras/p.zip", sha256="a" * 64, members=[{"member": "a", "key": "loras/a"}])
