@@ -91,6 +91,27 @@ def test_fetch_of_a_url_imports_no_pydantic(tmp_path: Path, nginx_origin: NginxO
     assert rc == 0 and got["cached"] is False and got["sha256"] == hashlib.sha256(data).hexdigest()
     assert "aiohttp" in modules  # it did download over HTTP
     assert "pydantic" not in modules
+    rc, modules, out = _run(args, tmp_path)  # now a hit: the download path is not even imported
+    assert rc == 0 and json.loads(out)["cached"] is True
+    assert not modules & set(HEAVY), f"a cached fetch of a URL imported {sorted(modules & set(HEAVY))}"
+
+
+@pytest.mark.parametrize("urls, manifests, at_final_path, expected", [
+    (("https://h/m.safetensors",), (), False, True),
+    (("https://h/m.safetensors",), (), True, False),  # most likely a hit: the index decides later
+    (("https://h/m.safetensors", "https://h/n.safetensors"), (), True, True),
+    (("file:///v/m.safetensors", "/v/n.safetensors"), (), False, False),  # copies, never downloads
+    ((), (Path("models.json"),), True, True),  # a manifest may name anything
+])
+def test_fetch_starts_importing_the_download_path_only_when_it_may_download(
+        tmp_path: Path, urls: tuple[str, ...], manifests: tuple[Path, ...], at_final_path: bool,
+        expected: bool) -> None:
+    from comfy_autocloud.cli.fetch_cmd import may_download
+
+    if at_final_path:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "m.safetensors").write_bytes(b"x")
+    assert may_download(tmp_path, urls, manifests, "checkpoints", None) is expected
 
 
 @pytest.mark.parametrize("flags, reason", [

@@ -14,14 +14,12 @@ import click
 from comfy_autocloud.cli import output
 from comfy_autocloud.cli.context import AppContext, pass_app
 from comfy_autocloud.cli.output import emit_json
-from comfy_autocloud.errors import AutoCloudError
-from comfy_autocloud.fetch.request import FetchResult
-from comfy_autocloud.fetch.service import FetchService, specs_from_urls, url_key
 from comfy_autocloud.phases import in_order, process_age
-from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.units import human_rate, human_size, parse_rate
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when the command runs, after the download path's imports have started
+    from comfy_autocloud.fetch.request import FetchResult
+    from comfy_autocloud.fetch.service import FetchService
     from comfy_autocloud.manifest.spec import ModelSpec
 
 def breakdown(res: FetchResult, startup: float | None, total: float | None) -> str:
@@ -34,17 +32,42 @@ def breakdown(res: FetchResult, startup: float | None, total: float | None) -> s
     return f"{res.key}: " + " + ".join(parts)
 
 
+_importing: list[threading.Thread] = []
+
+
 def import_download_path() -> None:
-    """Import the HTTP download path (aiohttp: 0.2-0.9 s measured with a cold page cache) on a thread
-    while this one builds the specs, opens the store and plans the fetch: both mostly wait on reads, so
-    they overlap. A failing import is left for the download itself to report."""
+    """Import the HTTP download path (aiohttp, which also loads the system's CA certificates: 0.2-0.9 s
+    measured with a cold page cache) on a thread while this one imports the fetch service, opens the
+    store and plans the fetch: both mostly wait on reads, so they overlap. Once per process; a failing
+    import is left for the download itself to report."""
+    if _importing:
+        return
 
     def load() -> None:
         with contextlib.suppress(ImportError):
             import comfy_autocloud.transfer.engine
             import comfy_autocloud.transfer.remote  # noqa: F401
 
-    threading.Thread(target=load, name="autocloud-imports", daemon=True).start()
+    _importing.append(threading.Thread(target=load, name="autocloud-imports", daemon=True))
+    _importing[0].start()
+
+
+def may_download(cache: Path, urls: tuple[str, ...], manifests: tuple[Path, ...], folder: str | None,
+                 name: str | None) -> bool:
+    """Whether this fetch is likely to download over the network, judged before anything is imported or
+    opened: manifests may name anything; local files never do; one URL whose file is at its final path
+    already is most likely a cache hit (the index decides; a miss then starts the imports itself)."""
+    if manifests:
+        return True
+    if all(u.startswith(("file:", "/")) for u in urls):
+        return False
+    if len(urls) == 1 and folder:
+        from urllib.parse import unquote, urlsplit
+
+        with contextlib.suppress(ValueError, OSError):
+            filename = name or unquote(urlsplit(urls[0]).path.rsplit("/", 1)[-1])
+            return not (filename and (cache / folder / filename).is_file())
+    return True
 
 
 def run_fetch(service: FetchService, build_specs: Callable[[], list[ModelSpec]], *, as_json: bool, parallel: int,
@@ -57,6 +80,10 @@ def run_fetch(service: FetchService, build_specs: Callable[[], list[ModelSpec]],
     known to be in the cache: its hit is reported without building specs (nor resolving the source);
     were it evicted meanwhile, it is fetched as usual.
     """
+    from comfy_autocloud.errors import AutoCloudError
+    from comfy_autocloud.fetch.request import FetchResult
+    from comfy_autocloud.progress import CancelToken
+
     specs = build_specs() if cached is None else []  # bad input is reported before any bar is drawn
     cancel = CancelToken()
     view = None
@@ -123,6 +150,9 @@ def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: 
         raise click.UsageError("give URLs (with --folder) or --manifest FILE")
     if urls and not folder:
         raise click.UsageError("--folder is required with URLs (e.g. --folder checkpoints)")
+    if may_download(app.settings.cache_path, urls, manifests, folder, name):
+        import_download_path()  # first: the rest of this command imports and opens meanwhile
+    from comfy_autocloud.fetch.service import specs_from_urls, url_key
 
     def build_specs() -> list[ModelSpec]:
         specs: list[ModelSpec] = []
@@ -139,7 +169,7 @@ def fetch_cmd(app: AppContext, urls: tuple[str, ...], folder: str | None, name: 
     one = url_key(urls[0], folder or "", name, sha256) if len(urls) == 1 and not manifests else None
     cached = one if one is not None and service.has(*one) else None
     if cached is None and (manifests or not all(u.startswith(("file:", "/")) for u in urls)):
-        import_download_path()  # something may come over HTTP
+        import_download_path()  # something may come over HTTP after all (a file at the final path, not indexed)
     code = run_fetch(service, build_specs, as_json=as_json, parallel=parallel, phases=verbose > 0, startup=startup,
                      cached=cached)
     if code:
