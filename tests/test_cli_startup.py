@@ -31,13 +31,14 @@ def _imported_by(args: list[str], tmp_path: Path) -> tuple[int, set[str]]:
     return rc, modules
 
 
-def _run(args: list[str], tmp_path: Path) -> tuple[int, set[str], str]:
-    """`_imported_by`, and what the command printed on stdout."""
-    rc, modules, out, _ = _run_with_stderr(args, tmp_path)
+def _run(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> tuple[int, set[str], str]:
+    """`_imported_by`, and what the command printed on stdout (`env`: more environment variables)."""
+    rc, modules, out, _ = _run_with_stderr(args, tmp_path, env)
     return rc, modules, out
 
 
-def _run_with_stderr(args: list[str], tmp_path: Path) -> tuple[int, set[str], str, str]:
+def _run_with_stderr(args: list[str], tmp_path: Path,
+                     env: dict[str, str] | None = None) -> tuple[int, set[str], str, str]:
     """`_run`, and what the command printed on stderr (without the module list)."""
     code = ("import json, sys\n"
             "from comfy_autocloud.cli.main import main\n"
@@ -46,7 +47,7 @@ def _run_with_stderr(args: list[str], tmp_path: Path) -> tuple[int, set[str], st
             "sys.stderr.write('\\nMODULES ' + json.dumps(sorted({m.partition('.')[0] for m in sys.modules})))\n"
             "sys.exit(rc)\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": SRC,
-           "AUTOCLOUD_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+           "AUTOCLOUD_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config"), **(env or {})}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     err, _, line = proc.stderr.rpartition("MODULES ")
     return proc.returncode, set(json.loads(line)), proc.stdout, err
@@ -132,6 +133,32 @@ def test_fetch_of_a_url_with_a_bad_option_names_it(tmp_path: Path, flags: list[s
     assert "s3cr3t" not in err
     assert "pydantic" not in modules
     assert not (tmp_path / "cache" / "checkpoints").exists()
+
+
+def test_a_warmup_rerun_printing_to_a_log_imports_neither_rich_nor_yaml(tmp_path: Path) -> None:
+    """A rerun with nothing to copy (`autocloud warmup` before every ComfyUI start) writes plain lines where
+    its output is not a terminal, and finds the yaml as it left it by comparing bytes: neither rich nor the
+    yaml library is imported (together ~100 ms of a 0.2 s target). On a terminal rich still draws."""
+    volume = tmp_path / "volume" / "ComfyUI"
+    (volume / "models" / "checkpoints").mkdir(parents=True)
+    for name in ("a.safetensors", "b.safetensors"):
+        (volume / "models" / "checkpoints" / name).write_bytes(safetensors_of(b"\1", 8192))
+    conf = tmp_path / "warmup_models.conf"
+    conf.write_text("checkpoints/*.safetensors\n")
+    env = {"COMFYUI_PATH": str(volume), "CACHE_PATH": str(tmp_path / "fast"), "AUTOCLOUD_CONFIG": str(tmp_path / "no")}
+    rc, first, out = _run(["warmup", str(conf)], tmp_path, env)
+    assert rc == 0 and "2 copied" in out and "yaml" in first  # the first run writes the yaml
+    rc, modules, out = _run(["warmup", str(conf)], tmp_path, env)
+    assert rc == 0
+    assert not modules & {"rich", "yaml", "aiohttp", "pydantic"}, sorted(modules & {"rich", "yaml"})
+    lines = out.splitlines()
+    assert lines[:2] == ["= checkpoints/a.safetensors  8.0 KiB  already in the cache",
+                         "= checkpoints/b.safetensors  8.0 KiB  already in the cache"]
+    assert lines[2].startswith("warmup: 2 files (2 cached), 0 B copied in ")
+    assert lines[3] == f"✓ {volume / 'extra_model_paths.yaml'} already lists {tmp_path / 'fast'} first"
+    assert len(lines) == 4  # and nothing wrapped at 80 columns, as rich did for a log
+    rc, modules, out = _run(["warmup", str(conf)], tmp_path, {**env, "FORCE_COLOR": "1"})  # rich: "a terminal"
+    assert rc == 0 and "rich" in modules and "\x1b[32m=\x1b[0m checkpoints/a.safetensors" in out
 
 
 def _script(tmp_path: Path, args: list[str], before: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,8 +34,8 @@ from comfy_autocloud.store import Store
 from comfy_autocloud.store.space import sha256_file
 from comfy_autocloud.store.store import PRIVATE_DIR
 from comfy_autocloud.transfer.localcopy import copy_file
-from comfy_autocloud.warmup import pagecache
-from comfy_autocloud.warmup.extra_paths import BEGIN, SECTION, search_order
+from comfy_autocloud.warmup import extra_paths, pagecache
+from comfy_autocloud.warmup.extra_paths import BEGIN, END, SECTION, search_order
 from comfy_autocloud.warmup.hashes import SIDECAR
 from comfy_autocloud.warmup.plan import build_plan
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
@@ -339,6 +341,50 @@ def test_page_cache_is_warmed(wenv: Env) -> None:
     assert pagecache.resident_bytes(cached) == 16 * MiB
 
 
+def test_cachestat_and_mincore_count_the_same_pages(wenv: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`resident_bytes` asks cachestat (Linux >= 6.5) and falls back to mincore; both count the same pages."""
+    path = wenv.tmp / "f.bin"
+    write(path, 16 * MiB + 5, 3)
+    lib = pagecache._load_libc()
+    assert lib is not None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for state in ("written", "dropped", "partly read"):
+            if state == "dropped":
+                os.fsync(fd)  # dirty pages cannot be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if state == "partly read":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around what is read
+                os.pread(fd, 3 * MiB, 4 * MiB)
+            by_kernel = pagecache._cachestat_pages(lib, fd)
+            walked = pagecache._mincore_pages(lib, fd, 16 * MiB + 5)
+            assert walked is not None
+            assert by_kernel in (None, walked), state
+            if state == "dropped":
+                assert walked < 16 * MiB // mmap.PAGESIZE
+            if state == "partly read":
+                assert walked >= 3 * MiB // mmap.PAGESIZE
+    finally:
+        os.close(fd)
+    monkeypatch.setattr(pagecache, "_cachestat_works", False)  # as on a kernel without it
+    assert pagecache.resident_bytes(path) == walked * mmap.PAGESIZE
+
+
+def test_cachestat_is_used_where_the_kernel_has_it(tmp_path: Path) -> None:
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    if sys.platform != "linux" or release < (6, 5):
+        pytest.skip(f"cachestat needs Linux >= 6.5 (this is {sys.platform} {os.uname().release})")
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * (MiB + 1))
+    lib = pagecache._load_libc()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert lib is not None and pagecache._cachestat_pages(lib, fd) == (MiB + 1 + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    finally:
+        os.close(fd)
+    assert pagecache.resident_bytes(path) == MiB + 1
+
+
 # ------------------------------------------------------------------------------------------------- kill -9
 
 def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
@@ -429,6 +475,55 @@ def test_setup_only_merges_keeps_user_sections_and_backs_up_once(wenv: Env) -> N
     text2 = y.read_text()
     assert text2.count(BEGIN) == 1 and yaml.safe_load(text2)[SECTION]["base_path"] == str(wenv.tmp / "other_cache")
     assert text2.startswith(USER_YAML.rstrip()) and Path(f"{y}.bak").read_text() == USER_YAML
+
+
+def test_a_rerun_compares_the_yaml_bytes_and_still_sees_every_edit(wenv: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun finds the yaml current by its bytes (no YAML parsed), yet any edit, another cache or another
+    version of the merging code makes it merge again."""
+    y = wenv.comfy / "extra_model_paths.yaml"
+    y.write_text(USER_YAML)
+    wenv.model("checkpoints/a.safetensors", MiB, 1)
+    wenv.list("checkpoints/a.safetensors")
+    code, out = wenv.json_lines()
+    assert code == 0 and out[-1]["summary"]["setup"]["changed"]
+    memo = wenv.paths().state_dir / "extra_model_paths.current"
+    text = y.read_text()
+    merges: list[str] = []
+    real_merge = extra_paths.merged_text
+    monkeypatch.setattr(extra_paths, "merged_text", lambda old, *a: merges.append(old) or real_merge(old, *a))
+
+    code, out = wenv.json_lines()
+    assert code == 0 and not out[-1]["summary"]["setup"]["changed"] and merges == [] and y.read_text() == text
+
+    # The user adds a section after ours: ours must be last again, theirs kept.
+    y.write_text(text + "late:\n    base_path: /late\n    checkpoints: c/\n")
+    code, out = wenv.json_lines()
+    assert out[-1]["summary"]["setup"]["changed"] and len(merges) == 1
+    now = y.read_text()
+    assert now.rstrip().endswith(END) and yaml.safe_load(now)["late"] == {"base_path": "/late", "checkpoints": "c/"}
+    # A hand edit inside our block is undone.
+    y.write_text(now.replace(f"base_path: {wenv.cache}", "base_path: /elsewhere"))
+    code, out = wenv.json_lines()
+    assert out[-1]["summary"]["setup"]["changed"] and y.read_text() == now and len(merges) == 2
+    # The same bytes for another cache are not current.
+    other = wenv.tmp / "other_cache"
+    shutil.copytree(wenv.cache / PRIVATE_DIR, other / PRIVATE_DIR)  # the same memo there
+    wenv.env["CACHE_PATH"] = str(other)
+    code, out = wenv.json_lines()
+    assert out[-1]["summary"]["setup"]["changed"] and yaml.safe_load(y.read_text())[SECTION]["base_path"] == str(other)
+    wenv.env["CACHE_PATH"] = str(wenv.cache)
+    code, out = wenv.json_lines()
+    assert out[-1]["summary"]["setup"]["changed"] and y.read_text() == now
+    # Another version of the merging code, or a damaged memo: merged (and found current) again, never a failure.
+    merges.clear()
+    monkeypatch.setattr(extra_paths, "__file__", str(wenv.conf))
+    code, out = wenv.json_lines()
+    assert code == 0 and not out[-1]["summary"]["setup"]["changed"] and len(merges) == 1
+    memo.write_bytes(b"\xff not a digest")
+    code, out = wenv.json_lines()
+    assert code == 0 and not out[-1]["summary"]["setup"]["changed"] and len(merges) == 2
+    code, out = wenv.json_lines()
+    assert code == 0 and len(merges) == 2 and y.read_text() == now
 
 
 COMFY_CHECKOUT = os.environ.get("COMFYUI_PATH", "")

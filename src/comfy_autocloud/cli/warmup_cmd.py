@@ -6,18 +6,18 @@ Also runnable as `python -m comfy_autocloud.cli.warmup_cmd …`: the runpod wrap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
 from comfy_autocloud import services
+from comfy_autocloud.cli import output
 from comfy_autocloud.cli.context import AppContext, pass_app
-from comfy_autocloud.cli.output import console, emit_json, err_console, exit_code_of
-from comfy_autocloud.cli.progress_view import FetchProgress
+from comfy_autocloud.cli.output import emit_json, exit_code_of, say, styled
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.store import DURABILITIES, Durability, Store
@@ -25,6 +25,9 @@ from comfy_autocloud.units import human_rate, human_size
 from comfy_autocloud.warmup import run as wr
 from comfy_autocloud.warmup.extra_paths import MergeResult
 from comfy_autocloud.warmup.plan import Plan
+
+if TYPE_CHECKING:
+    from comfy_autocloud.cli.progress_view import FetchProgress
 
 
 def open_store(app: AppContext, paths: wr.WarmupPaths) -> Store:
@@ -37,10 +40,10 @@ def open_store(app: AppContext, paths: wr.WarmupPaths) -> Store:
 def _print_setup(res: MergeResult, paths: wr.WarmupPaths) -> None:
     if res.changed:
         extra = f" (previous version saved as {res.backup})" if res.backup else ""
-        console.print(f"[green]✓[/green] {escape(str(res.path))} updated{escape(extra)}: ComfyUI searches "
-                      f"{escape(str(paths.cache))}/<folder> first, then the volume")
+        say(("✓", "green"), f" {res.path} updated{extra}: ComfyUI searches {paths.cache}/<folder> first, "
+                            "then the volume")
     else:
-        console.print(f"[green]✓[/green] {escape(str(res.path))} already lists {escape(str(paths.cache))} first")
+        say(("✓", "green"), f" {res.path} already lists {paths.cache} first")
 
 
 def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel: int, as_json: bool,
@@ -48,12 +51,17 @@ def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel
     """Foreground warmup: yaml first (so ComfyUI can start meanwhile), then copy; 1 if any file failed."""
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
     store = open_store(app, paths)
-    out = err_console if as_json else console
-    view = FetchProgress(out, enabled=out.is_terminal)  # bars only for people; logs get the summary lines
+    view: FetchProgress | None = None  # bars only for people; logs get the summary lines (and never import rich)
+    progress: wr.TotalProgress | None = None
+    if styled(sys.stderr if as_json else sys.stdout):
+        from comfy_autocloud.cli.progress_view import FetchProgress
+
+        out = output.err_console if as_json else output.console
+        view = FetchProgress(out, enabled=out.is_terminal)
+        progress = wr.TotalProgress(view, plan.total_bytes, f"total ({len(plan.items)} files)")
     cancel = CancelToken()
-    progress = wr.TotalProgress(view, plan.total_bytes, f"total ({len(plan.items)} files)")
     try:
-        with view:
+        with view or contextlib.nullcontext():
             report = wr.run_warmup(store, plan, parallel=parallel, progress=progress, cancel=cancel,
                                    warm_page_cache=page_cache, durability=durability)
     except KeyboardInterrupt:
@@ -73,21 +81,20 @@ def _print_report(report: wr.WarmupReport, paths: wr.WarmupPaths) -> None:
     for o in report.outcomes:
         if o.status in ("copied", "recopied"):
             verb = "copied" if o.status == "copied" else "copied again (the volume file changed)"
-            console.print(f"[green]✓[/green] {escape(o.key)}  {human_size(o.size)}  {verb} in {o.seconds:.2f} s "
-                          f"({human_rate(o.rate)})")
+            say(("✓", "green"), f" {o.key}  {human_size(o.size)}  {verb} in {o.seconds:.2f} s ({human_rate(o.rate)})")
         elif o.status == "cached":
-            console.print(f"[green]=[/green] {escape(o.key)}  {human_size(o.size)}  already in the cache")
+            say(("=", "green"), f" {o.key}  {human_size(o.size)}  already in the cache")
         else:
             where = f" [{o.line}]" if o.line else ""
-            err_console.print(f"[red]✗[/red] {escape(o.key)}{escape(where)}: {escape(o.error)}", soft_wrap=True)
+            say(("✗", "red"), f" {o.key}{where}: {o.error}", err=True, soft_wrap=True)
     s = report.summary()
     parts = [f"{s.get(k, 0)} {k}" for k in ("copied", "recopied", "cached", "missing", "failed") if s.get(k)]
     rate = f" ({human_rate(s['rate'])})" if s["bytes_copied"] else ""
-    console.print(f"warmup: {s['files']} files ({', '.join(parts) or 'nothing to do'}), "
-                  f"{human_size(s['bytes_copied'])} copied in {report.seconds:.2f} s{rate}; "
-                  f"page cache warmed: {human_size(report.warmed_bytes)}"
-                  + (f" ({human_size(report.warming_bytes)} still being read in the background)"
-                     if report.warming_bytes else ""))
+    say(f"warmup: {s['files']} files ({', '.join(parts) or 'nothing to do'}), "
+        f"{human_size(s['bytes_copied'])} copied in {report.seconds:.2f} s{rate}; "
+        f"page cache warmed: {human_size(report.warmed_bytes)}"
+        + (f" ({human_size(report.warming_bytes)} still being read in the background)"
+           if report.warming_bytes else ""))
     if report.setup is not None:
         _print_setup(report.setup, paths)
 
@@ -98,6 +105,10 @@ def _list(app: AppContext, paths: wr.WarmupPaths, plan: Plan, as_json: bool) -> 
         for r in rows:
             emit_json(r.as_dict())
         return 0 if all(r.on_volume for r in rows) else 1
+    from rich.markup import escape
+    from rich.table import Table
+
+    console, err_console = output.console, output.err_console
     table = Table(title=escape(f"warmup list: volume {paths.models} -> cache {paths.cache}"), title_justify="left")
     for col in ("line", "file", "volume", "cache", "size", "in RAM"):
         table.add_column(col, justify="right" if col in ("line", "size", "in RAM") else "left",
@@ -124,6 +135,9 @@ def _status(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
     if as_json:
         emit_json(info)
         return 0
+    from rich.markup import escape
+
+    console = output.console
     c, v, y, bg = info["cache"], info["volume"], info["extra_model_paths"], info["background"]
     console.print(f"cache   {escape(c['path'])}: {human_size(c['disk_free'])} free of {human_size(c['disk_total'])}; "
                   f"warmup files {c['warmup_entries']} ({human_size(c['warmup_bytes'])}), "
@@ -150,10 +164,13 @@ def _clean(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
         emit_json({"removed": [e.key for e in res.removed], "bytes_freed": res.bytes_freed,
                    "kept": [{"key": e.key, "reason": why} for e, why in res.kept]})
     else:
+        from rich.markup import escape
+
+        console = output.console
         console.print(f"removed {len(res.removed)} warmup files ({human_size(res.bytes_freed)}) from "
                       f"{escape(str(paths.cache))}")
         for e, why in res.kept:
-            err_console.print(f"[yellow]kept[/yellow] {escape(e.key)}: {escape(why)}")
+            output.err_console.print(f"[yellow]kept[/yellow] {escape(e.key)}: {escape(why)}")
     return 0
 
 
@@ -173,6 +190,9 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
         return 0
     if setup_res is not None:
         _print_setup(setup_res, paths)
+    from rich.markup import escape
+
+    console = output.console
     if job["started"]:
         console.print(f"warmup continues in the background (pid {job['pid']}, {len(plan.items)} files, "
                       f"{human_size(plan.total_bytes)}); log: {escape(job['log'])}. Until a file is copied ComfyUI "

@@ -1,9 +1,11 @@
 """Warm the Linux page cache with the files just warmed up, so ComfyUI's first load reads RAM, not disk.
 
 `posix_fadvise(WILLNEED)` is not enough: kernels cap its readahead (8 MiB measured here), so a file
-that is not fully resident (mincore) is read through once; right after a copy the pages are already
-resident and nothing is read. A budget (half of MemAvailable by default) keeps a long list from pushing
-its own first files back out. `resident_bytes` also feeds `--list`'s "in RAM" column.
+that is not fully resident is read through once; right after a copy the pages are already resident and nothing is
+read. A budget (half of MemAvailable by default) keeps a long list from pushing its own first files back
+out. `resident_bytes` also feeds `--list`'s "in RAM" column: one `cachestat` call per file where the
+kernel has it (Linux >= 6.5: a count kept by the kernel, 0.3 ms for 8 x 256 MiB measured), else
+`mincore` over a mapping of the file (40-70 ms for the same files: one byte per page, walked twice).
 
 With `background=True` the files that must be read are read by a detached child (forked, so nothing
 is imported again), and warmup returns at once: its files are complete at their final paths either
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +104,18 @@ def _read_detached(paths: list[Path]) -> bool:
 
 
 _libc: ctypes.CDLL | None = None
+# cachestat's number is 451 on every Linux architecture but alpha (new syscalls share one table since 5.1)
+_CACHESTAT = 451 if sys.platform.startswith("linux") and os.uname().machine != "alpha" else None
+_cachestat_works = _CACHESTAT is not None  # until the kernel says ENOSYS (older than 6.5) or EPERM (seccomp)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]  # len 0: to the end of the file
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -115,32 +131,52 @@ def _load_libc() -> ctypes.CDLL | None:
                              ctypes.c_long]
         lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        lib.syscall.restype = ctypes.c_long
         _libc = lib
     return _libc
 
 
 def resident_bytes(path: Path) -> int | None:
-    """Bytes of `path` in the page cache now (mincore over a read-only mapping); None if unknown."""
+    """Bytes of `path` in the page cache now (cachestat, else mincore); None if unknown."""
     lib = _load_libc()
     if lib is None:
         return None
     size = os.stat(path).st_size
     if size == 0:
         return 0
-    page = mmap.PAGESIZE
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = lib.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return None
-        try:
-            pages = (size + page - 1) // page
-            vec = (ctypes.c_ubyte * pages)()
-            if lib.mincore(addr, size, vec) != 0:
-                return None
-            resident = bytes(vec).translate(_LOW_BIT).count(1)  # only bit 0 is defined
-        finally:
-            lib.munmap(addr, size)
+        pages = _cachestat_pages(lib, fd)
+        if pages is None:
+            pages = _mincore_pages(lib, fd, size)
     finally:
         os.close(fd)
-    return min(size, resident * page)
+    return None if pages is None else min(size, pages * mmap.PAGESIZE)
+
+
+def _cachestat_pages(lib: ctypes.CDLL, fd: int) -> int | None:
+    """Pages of the file the page cache holds, counted by the kernel; None where there is no cachestat."""
+    global _cachestat_works
+    if not _cachestat_works:
+        return None
+    stat = _Cachestat()
+    if lib.syscall(ctypes.c_long(_CACHESTAT), ctypes.c_int(fd), ctypes.byref(_CachestatRange(0, 0)),
+                   ctypes.byref(stat), ctypes.c_uint(0)) == 0:
+        return stat.nr_cache
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+        _cachestat_works = False  # this kernel (or its sandbox) has none: mincore from now on
+    return None
+
+
+def _mincore_pages(lib: ctypes.CDLL, fd: int, size: int) -> int | None:
+    """Resident pages of a read-only mapping of the file (mincore); None if it cannot be mapped."""
+    addr = lib.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return None
+    try:
+        vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        if lib.mincore(addr, size, vec) != 0:
+            return None
+        return bytes(vec).translate(_LOW_BIT).count(1)  # only bit 0 is defined
+    finally:
+        lib.munmap(addr, size)

@@ -224,7 +224,8 @@ def setup_extra_paths(paths: WarmupPaths, plan: Plan | None = None) -> MergeResu
     if paths.cache.is_dir():
         cached_folders = [p.name for p in paths.cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     folders = section_folders(plan.folders if plan else (), cached_folders)
-    return merge_extra_paths(paths.extra_paths_yaml, paths.cache, folders)
+    return merge_extra_paths(paths.extra_paths_yaml, paths.cache, folders,
+                             memo=paths.state_dir / "extra_model_paths.current")
 
 
 # ------------------------------------------------------------------------------------------------- --list
