@@ -19,7 +19,9 @@ for its own writes. Cases:
 - `ours_eph`: the same with `--durability ephemeral` (no flush and no marks at all);
 - `first`: the very first warmup of these files (no sidecar: sha256 computed while copying);
 - `rerun`: `autocloud warmup CONF` again with nothing to copy (page cache dropped first, like the others);
-  `rerun_warm` the same with the page cache as the previous run left it.
+  `rerun_warm` the same with the page cache as the previous run left it;
+- with `--baseline-src DIR` (another tree's `src`, e.g. `git archive main src`), `rerun_baseline` and
+  `rerun_warm_baseline`: the same two runs of that tree's code, in the same rounds.
 
 Prints medians, then one line with the ratios last (cp time / ours: > 1 means ours is faster;
 targets: ours >= 1.0x `cp`, >= 1.5x `cp && sync`, rerun <= 0.2 s; `durable_ratio_vs_cp_sync` compares
@@ -115,6 +117,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=4, help="files ours copies at once (the CLI's default)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir; removed afterwards)")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also time the reruns with another tree's src (PYTHONPATH), in the same rounds")
     ap.add_argument("--command", choices=("autocloud", "module"), default="autocloud",
                     help="time `autocloud warmup` (default) or runpod/warmup.sh's `python -m "
                          "comfy_autocloud.cli.warmup_cmd`")
@@ -138,8 +142,10 @@ def main() -> None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its .pyc files; so does this run
         cli = [*warmup_argv(args.command), str(conf), "--parallel", str(args.parallel)]
 
-        def run(argv: list[str]) -> None:
-            subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+        base_env = {**env, "PYTHONPATH": str(args.baseline_src.resolve())} if args.baseline_src else None
+
+        def run(argv: list[str], run_env: dict[str, str] = env) -> None:
+            subprocess.run(argv, check=True, env=run_env, stdout=subprocess.DEVNULL)
 
         def ours(*extra: str) -> Callable[[], None]:
             return lambda: run([*cli, *extra])
@@ -151,6 +157,8 @@ def main() -> None:
                 raise SystemExit(f"warmup failed: {report.summary()}")
 
         run(cli)  # writes the sidecar (and checks that the command works at all)
+        if base_env is not None:
+            run(cli, base_env)  # the baseline's .pyc files written before any of its runs is timed
         saved_sidecar = sidecar.read_bytes()
 
         def prepare(case: str) -> None:
@@ -173,6 +181,8 @@ def main() -> None:
             "rerun": ours(),
             "library": library,
         }
+        if base_env is not None:
+            cases["rerun_baseline"] = lambda: run(cli, base_env)
         names = list(cases)
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
@@ -182,10 +192,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 cases[name]()
                 times.setdefault(name, []).append(time.perf_counter() - t0)
-                if name == "rerun":  # and once more with the page cache as that run left it
+                if name.startswith("rerun"):  # and once more with the page cache as that run left it
                     t0 = time.perf_counter()
                     cases[name]()
-                    times.setdefault("rerun_warm", []).append(time.perf_counter() - t0)
+                    times.setdefault(name.replace("rerun", "rerun_warm"), []).append(time.perf_counter() - t0)
     finally:
         stop_settles(work)
         shutil.rmtree(work, ignore_errors=True)
@@ -197,7 +207,9 @@ def main() -> None:
           f"rounds={args.rounds} cp={med['cp']:.2f}s cp_sync={med['cp+sync']:.2f}s ours={med['ours']:.2f}s "
           f"ours_durable={med['ours_durable']:.2f}s ours_ephemeral={med['ours_eph']:.2f}s "
           f"first={med['first']:.2f}s rerun={med['rerun']:.3f}s rerun_warm={med['rerun_warm']:.3f}s "
-          f"first_ratio_vs_cp={med['cp'] / med['first']:.2f} "
+          + (f"rerun_baseline={med['rerun_baseline']:.3f}s rerun_warm_baseline={med['rerun_warm_baseline']:.3f}s "
+             if base_env is not None else "")
+          + f"first_ratio_vs_cp={med['cp'] / med['first']:.2f} "
           f"ephemeral_ratio_vs_cp={med['cp'] / med['ours_eph']:.2f} "
           f"durable_ratio_vs_cp_sync={med['cp+sync'] / med['ours_durable']:.2f} "
           f"ratio_vs_cp_sync={med['cp+sync'] / med['ours']:.2f} ratio_vs_cp={med['cp'] / med['ours']:.2f}")

@@ -199,6 +199,36 @@ def test_the_script_ends_at_once_after_closing_what_the_fetch_opened(tmp_path: P
         assert entry is not None and entry.size == 4096
 
 
+def test_the_warmup_module_runpod_runs_ends_at_once(tmp_path: Path) -> None:
+    """`python -m comfy_autocloud.cli.warmup_cmd` (runpod/warmup.sh) ends like `autocloud warmup`: exit handlers
+    run, every write is committed, no interpreter teardown."""
+    from comfy_autocloud.store import Store
+
+    volume = tmp_path / "volume" / "ComfyUI"
+    (volume / "models" / "checkpoints").mkdir(parents=True)
+    (volume / "models" / "checkpoints" / "a.safetensors").write_bytes(safetensors_of(b"\1", 8192))
+    conf = tmp_path / "warmup_models.conf"
+    conf.write_text("checkpoints/a.safetensors\n")
+    code = (f"import sys, runpy\n{_FINALIZED}\n"
+            f"sys.argv = ['warmup_cmd', {str(conf)!r}, '--json']\n"
+            "runpy.run_module('comfy_autocloud.cli.warmup_cmd', run_name='__main__')\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": SRC, "COMFYUI_PATH": str(volume),
+           "CACHE_PATH": str(tmp_path / "fast"), "AUTOCLOUD_CONFIG": str(tmp_path / "no"),
+           "AUTOCLOUD_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    hits: list[int] = []
+    for status in ("copied", "cached"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert json.loads(lines[0])["status"] == status and "summary" in json.loads(lines[1])
+        assert lines[2:] == ["exit handler ran"]  # and no "finalized"
+        with Store(tmp_path / "fast") as store:
+            entry = store.lookup("checkpoints/a.safetensors")
+            assert entry is not None
+            hits.append(entry.hits)
+    assert hits[1] == hits[0] + 1  # the rerun's touch, committed though the process ended at once
+
+
 def test_the_script_exits_normally_while_another_thread_has_work_to_finish(tmp_path: Path) -> None:
     done = tmp_path / "written-by-the-thread"
     before = _FINALIZED + ("import threading, time, pathlib\n"
