@@ -370,9 +370,40 @@ def test_cachestat_and_mincore_count_the_same_pages(wenv: Env, monkeypatch: pyte
     assert pagecache.resident_bytes(path) == walked * mmap.PAGESIZE
 
 
+@pytest.mark.parametrize("how", ["populate", "no populate on this kernel", "reads"])
+def test_read_through_brings_every_page_in(wenv: Env, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """MADV_POPULATE_READ a block at a time (page tables bounded), else reads: either way all of the file."""
+    path = wenv.tmp / "f.bin"
+    size = 3 * MiB + 5
+    write(path, size, 4)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    before = pagecache.resident_bytes(path)
+    assert before is not None and before < size
+    monkeypatch.setattr(pagecache, "POPULATE_BLOCK", MiB)  # 4 blocks, the last one short
+    monkeypatch.setattr(pagecache, "_populate_works", pagecache._populate_works)  # restored after the test
+    if how == "no populate on this kernel":
+        monkeypatch.setattr(pagecache, "_MADV_POPULATE_READ", 0x7FFF)  # advice the kernel refuses: EINVAL
+    if how == "reads":
+        monkeypatch.setattr(pagecache, "_populate_works", False)
+    assert pagecache.read_through(path) == size
+    assert pagecache.resident_bytes(path) == size
+    assert pagecache._populate_works is (how == "populate" and _linux() >= (5, 14))
+
+
+def _linux() -> tuple[int, ...]:
+    """This Linux kernel's (major, minor); (0,) elsewhere."""
+    if sys.platform != "linux":
+        return (0,)
+    return tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+
+
 def test_cachestat_is_used_where_the_kernel_has_it(tmp_path: Path) -> None:
-    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
-    if sys.platform != "linux" or release < (6, 5):
+    if _linux() < (6, 5):
         pytest.skip(f"cachestat needs Linux >= 6.5 (this is {sys.platform} {os.uname().release})")
     path = tmp_path / "f.bin"
     path.write_bytes(b"x" * (MiB + 1))

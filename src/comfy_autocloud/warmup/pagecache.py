@@ -1,11 +1,11 @@
 """Warm the Linux page cache with the files just warmed up, so ComfyUI's first load reads RAM, not disk.
 
 `posix_fadvise(WILLNEED)` is not enough: kernels cap its readahead (8 MiB measured here), so a file
-that is not fully resident is read through once; right after a copy the pages are already resident and nothing is
-read. A budget (half of MemAvailable by default) keeps a long list from pushing its own first files back
-out. `resident_bytes` also feeds `--list`'s "in RAM" column: one `cachestat` call per file where the
-kernel has it (Linux >= 6.5: a count kept by the kernel, 0.3 ms for 8 x 256 MiB measured), else
-`mincore` over a mapping of the file (40-70 ms for the same files: one byte per page, walked twice).
+that is not fully resident is read in once (`read_through`); right after a copy the pages are already
+resident and nothing is read. A budget (half of MemAvailable by default) keeps a long list from pushing
+its own first files back out. `resident_bytes` also feeds `--list`'s "in RAM" column: one `cachestat`
+call per file where the kernel has it (Linux >= 6.5: a count kept by the kernel, 0.3-4 ms for 8 x 256
+MiB measured), else `mincore` over a mapping of the file (40-70 ms for the same files).
 
 With `background=True` the files that must be read are read by a detached child (forked, so nothing
 is imported again), and warmup returns at once: its files are complete at their final paths either
@@ -42,16 +42,42 @@ def mem_available() -> int | None:
     return None
 
 
+POPULATE_BLOCK = 64 << 20  # mapped at a time: page tables for 64 MiB, whatever the file's size
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+_populate_works = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
+
+
 def read_through(path: Path) -> int:
-    """Read the whole file once so every page is cached; returns bytes read."""
-    buf = bytearray(READ_BLOCK)
-    total = 0
+    """Bring every page of the file into the page cache; returns its size.
+
+    `madvise(MADV_POPULATE_READ)` over a mapping reads the pages in without copying them to this process:
+    2 GiB cold in 0.8 s with 0.15 s of CPU, against 2.9-4.6 s and 1.6-2.6 s of CPU for `read` into a
+    buffer (measured here; the CPU is what ComfyUI, starting meanwhile, competes with). Kernels without
+    it (EINVAL), and files that cannot be mapped, get the reads.
+    """
+    global _populate_works
     with open(path, "rb", buffering=0) as fh:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead windows
+        size = os.fstat(fh.fileno()).st_size
+        done = 0
+        while _populate_works and done < size:
+            length = min(POPULATE_BLOCK, size - done)
+            try:
+                with mmap.mmap(fh.fileno(), length, prot=mmap.PROT_READ, offset=done) as view:
+                    view.madvise(_MADV_POPULATE_READ)
+            except OSError as exc:  # read the rest instead
+                if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                    _populate_works = False  # this kernel has no MADV_POPULATE_READ
+                break
+            done += length
+        if done >= size:
+            return size
+        fh.seek(done)
+        buf = bytearray(READ_BLOCK)
         while n := fh.readinto(buf):
-            total += n
-    return total
+            done += n
+    return done
 
 
 @dataclass(frozen=True)
