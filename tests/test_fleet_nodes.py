@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from comfy_autocloud.fsutil import sha256_of
 from comfy_autocloud.store import Store
-from comfy_autocloud.store.space import sha256_file
 from redis_server import TOKEN, FleetNode, RedisServer, redis_running
 from servers import NginxOrigin, http_get, nginx_running, write_random_file
 
@@ -55,7 +55,7 @@ def test_four_nodes_origin_serves_once(fleet_env, tmp_path: Path) -> None:
     took = time.monotonic() - t0
     for n, r in zip(nodes, results, strict=True):
         assert r["sha256"] == sha
-        assert sha256_file(n.final(KEY)) == sha
+        assert sha256_of(n.final(KEY)) == sha
         assert Store(n.cache).lookup(KEY) is not None
         partial = Store(n.cache).private / "partial"
         assert not (list(partial.iterdir()) if partial.exists() else []), "records left after the commit"
@@ -103,7 +103,7 @@ def test_origin_holder_killed_another_takes_over(fleet_env, tmp_path: Path) -> N
     results = [finish(procs[n.name], timeout=60) for n in survivors]
     for n, r in zip(survivors, results, strict=True):
         assert r["sha256"] == sha
-        assert sha256_file(n.final(KEY)) == sha
+        assert sha256_of(n.final(KEY)) == sha
     # the killed node: nothing at the final path, nothing indexed, only a resumable .part
     assert not victim.final(KEY).exists()
     assert Store(victim.cache).lookup(KEY) is None
@@ -132,7 +132,7 @@ def test_lying_peer_caught_marked_bad_and_skipped(fleet_env, tmp_path: Path) -> 
         f.write(bytes(b ^ 0xFF for b in block))
     r = finish(honest.fetch(url))
     assert r["sha256"] == sha and r["source"].startswith("http://"), r
-    assert sha256_file(honest.final(KEY)) == sha
+    assert sha256_of(honest.final(KEY)) == sha
     client = redis_py.Redis.from_url(redis.url, decode_responses=True)
     assert client.exists("autocloud:bad:liar"), "the lying peer must be marked bad in Redis"
     assert 0 < client.pttl("autocloud:bad:liar") <= 600_000
@@ -175,7 +175,7 @@ def test_ranges_from_several_peers_at_once(fleet_env, tmp_path: Path) -> None:
     sha, url, (a, b, c, d) = three_holders(fleet_env, tmp_path, size, seed=21)
     before = {n.name: peer_files_bytes(n) for n in (a, b, c)}
     r = finish(d.fetch(url))
-    assert r["sha256"] == sha and sha256_file(d.final(KEY)) == sha
+    assert r["sha256"] == sha and sha256_of(d.final(KEY)) == sha
     assert r["source"].startswith("peers "), r  # one download spread over the holders
     sent = {n.name: peer_files_bytes(n) - before[n.name] for n in (a, b, c)}
     assert all(v > 0 for v in sent.values()), sent
@@ -196,7 +196,7 @@ def test_peer_sending_wrong_ranges_is_found_and_marked_bad(fleet_env, tmp_path: 
             f.seek(pos)
             f.write(b"\xff" * min(4096, size - pos))
     r = finish(d.fetch(url))
-    assert r["sha256"] == sha and sha256_file(d.final(KEY)) == sha, r
+    assert r["sha256"] == sha and sha256_of(d.final(KEY)) == sha, r
     client = redis_py.Redis.from_url(redis.url, decode_responses=True)
     assert client.exists("autocloud:bad:b"), "the peer that sent wrong ranges must be marked bad"
     assert not client.exists("autocloud:bad:a") and not client.exists("autocloud:bad:c")
@@ -222,7 +222,7 @@ def test_redis_killed_mid_run_nodes_go_on_alone(fleet_env, tmp_path: Path) -> No
         assert err.count("is unreachable") <= 1, err  # logged once per process, not per request
     assert time.monotonic() - t0 < 30
     for n, r in zip(nodes, results, strict=True):
-        assert r["sha256"] == sha and sha256_file(n.final(KEY)) == sha
+        assert r["sha256"] == sha and sha256_of(n.final(KEY)) == sha
     # a node fetching after Redis is gone works alone too
     late = FleetNode("late", tmp_path, redis.url).start_peer()
     nodes.append(late)

@@ -39,7 +39,7 @@ def test_deferred_entry_is_trusted_in_its_own_boot_without_reading_it(store: Sto
     put(store, KEY, blob("a", 64 * 1024), durability="deferred")
     [(key, _, boot)] = store.unsettled()
     assert key == KEY and boot == store_mod.boot_id() != ""
-    monkeypatch.setattr(store_mod, "sha256_file", lambda p: pytest.fail("a lookup in the same boot read the file"))
+    monkeypatch.setattr(store_mod, "sha256_of", lambda p: pytest.fail("a lookup in the same boot read the file"))
     assert store.lookup(KEY) is not None  # the page cache is the truth while this kernel runs
 
 
@@ -49,8 +49,8 @@ def test_deferred_entry_from_a_boot_that_ended_is_checked_once(store: Store, mon
     put(store, KEY, data, durability="deferred")
     monkeypatch.setattr(store_mod, "boot_id", lambda: "the-next-boot")
     reads: list[Path] = []
-    real = store_mod.sha256_file
-    monkeypatch.setattr(store_mod, "sha256_file", lambda p: reads.append(p) or real(p))
+    real = store_mod.sha256_of
+    monkeypatch.setattr(store_mod, "sha256_of", lambda p: reads.append(p) or real(p))
     entry = store.lookup(KEY)
     assert entry is not None and entry.sha256 == hashlib.sha256(data).hexdigest()
     assert len(reads) == 1 and store.unsettled() == []  # good bytes: trusted from now on

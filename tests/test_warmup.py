@@ -28,10 +28,10 @@ from comfy_autocloud.cli.warmup_cmd import warmup_cmd
 from comfy_autocloud.config import load_settings
 from comfy_autocloud.errors import IntegrityError, ManifestError
 from comfy_autocloud.fetch import FetchService
+from comfy_autocloud.fsutil import sha256_of
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.manifest.warmup_conf import parse_warmup_text
 from comfy_autocloud.store import Store
-from comfy_autocloud.store.space import sha256_file
 from comfy_autocloud.store.store import PRIVATE_DIR
 from comfy_autocloud.transfer.localcopy import copy_file
 from comfy_autocloud.warmup import extra_paths, pagecache
@@ -55,7 +55,7 @@ def write(path: Path, size: int, seed: int) -> str:
     model = path.suffix == ".safetensors" and size >= 128
     data = safetensors_of(fill, size) if model else (fill * (size // 32 + 1))[:size]
     path.write_bytes(data)
-    return sha256_file(path)
+    return sha256_of(path)
 
 
 class Env:
@@ -165,7 +165,7 @@ def test_copy_is_correct_and_a_rerun_copies_nothing(wenv: Env) -> None:
     assert {k: o["status"] for k, o in files.items()} == dict.fromkeys(want, "copied")
     assert out[-1]["summary"]["bytes_copied"] == sum(os.path.getsize(wenv.models / k) for k in want)
     for key, digest in want.items():
-        assert sha256_file(wenv.cache / key) == digest
+        assert sha256_of(wenv.cache / key) == digest
     assert final_files(wenv.cache) == sorted(wenv.cache / k for k in want)
     stamps = {k: os.stat(wenv.cache / k).st_ino for k in want}
 
@@ -197,7 +197,7 @@ def test_changed_volume_file_is_copied_again(wenv: Env) -> None:
     assert code == 0
     assert {o["key"]: o["status"] for o in out if "key" in o} == {"checkpoints/a.safetensors": "recopied",
                                                                   "checkpoints/b.safetensors": "cached"}
-    assert sha256_file(wenv.cache / "checkpoints/a.safetensors") == new
+    assert sha256_of(wenv.cache / "checkpoints/a.safetensors") == new
 
 
 def sidecar(wenv: Env) -> dict:
@@ -225,7 +225,7 @@ def test_hash_sidecar_on_the_volume_replaces_hashing(wenv: Env) -> None:
     assert code == 0 and {o["key"]: o["status"] for o in out if "key" in o} == dict.fromkeys(
         ("checkpoints/a.safetensors", "checkpoints/b.safetensors"), "copied")
     assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == "0" * 64
-    assert sha256_file(wenv.cache / "checkpoints/a.safetensors") == a  # the bytes themselves are the volume's
+    assert sha256_of(wenv.cache / "checkpoints/a.safetensors") == a  # the bytes themselves are the volume's
 
     # A record whose mtime no longer matches is not used: the file is hashed again and the record replaced.
     os.utime(wenv.models / "checkpoints/a.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -284,7 +284,7 @@ def test_ephemeral_durability_and_its_setting(wenv: Env) -> None:
     assert code == 0 and out[-1]["summary"]["copied"] == 3
     assert Store(wenv.cache).unsettled() == []  # a cache that dies with the machine needs no check
     for key, digest in want.items():
-        assert sha256_file(wenv.cache / key) == digest
+        assert sha256_of(wenv.cache / key) == digest
         assert Store(wenv.cache).lookup(key).sha256 == digest
     wenv.env["AUTOCLOUD_WARMUP_DURABILITY"] = "fast"
     with pytest.raises(ManifestError, match=r"AUTOCLOUD_WARMUP_DURABILITY.*unknown durability 'fast'"):
@@ -449,7 +449,7 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
         present = final_files(wenv.cache)
         for p in present:  # whatever is at a final path is complete and correct
             key = p.relative_to(wenv.cache).as_posix()
-            assert os.path.getsize(p) == 64 * MiB and sha256_file(p) == want[key], (parallel, delay, key)
+            assert os.path.getsize(p) == 64 * MiB and sha256_of(p) == want[key], (parallel, delay, key)
         interrupted += len(present) < len(want)
         mid_copy += 0 < len(present) < len(want)  # killed after some commits, before the others
         assert wait_for != "commit" or present, "the first commit was never seen"
@@ -457,7 +457,7 @@ def test_kill_9_mid_copy_never_exposes_a_partial_file(wenv: Env) -> None:
         assert code == 0, out
         assert final_files(wenv.cache) == sorted(wenv.cache / k for k in want)
         for key, digest in want.items():
-            assert sha256_file(wenv.cache / key) == digest
+            assert sha256_of(wenv.cache / key) == digest
     assert interrupted >= 3 and mid_copy >= 1, "the kills never landed mid-copy: the test proved nothing"
 
 
@@ -628,9 +628,9 @@ def test_clean_removes_only_what_warmup_copied(wenv: Env) -> None:
     assert out[0]["removed"] == ["checkpoints/a.safetensors"] and out[0]["bytes_freed"] == MiB
     assert [k["key"] for k in out[0]["kept"]] == ["loras/l.safetensors"] and "pinned" in out[0]["kept"][0]["reason"]
     assert not (wenv.cache / "checkpoints/a.safetensors").exists()
-    assert sha256_file(wenv.cache / "checkpoints/o.safetensors") == other_sha and own.is_file()
+    assert sha256_of(wenv.cache / "checkpoints/o.safetensors") == other_sha and own.is_file()
     assert (wenv.cache / "loras/l.safetensors").is_file()
-    assert sha256_file(wenv.models / "checkpoints/a.safetensors") == digest  # the volume is never touched
+    assert sha256_of(wenv.models / "checkpoints/a.safetensors") == digest  # the volume is never touched
     assert Store(wenv.cache).lookup("checkpoints/o.safetensors") is not None
 
 
@@ -688,7 +688,7 @@ def test_background_returns_at_once_and_finishes(wenv: Env) -> None:
         time.sleep(0.1)
     assert out[0]["background"]["pid"] == job["background"]["pid"] and not out[0]["background"]["running"]
     for key, digest in want.items():
-        assert sha256_file(wenv.cache / key) == digest
+        assert sha256_of(wenv.cache / key) == digest
     log = Path(job["background"]["log"]).read_text()
     assert "4 copied" in log
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import mmap
 import os
 import tempfile
 from collections.abc import Callable
@@ -149,3 +151,95 @@ def run_detached(work: Callable[[], object]) -> bool:
             work()
     finally:
         os._exit(0)
+
+
+HASH_SLICE = 256 << 20        # bytes hashed per call through the mapping (a stop request waits at most one)
+_READ_BLOCK = 8 << 20         # the fallback's pread size
+
+
+class RangeHasher:
+    """sha256 of a file's bytes in file order, fed as far as they are final (`update_to`).
+
+    It hashes through a read-only shared mapping of the file: no copy out of the page cache, and hashlib
+    drops the GIL for a whole slice. Reading into a buffer 8 MiB at a time needs the GIL back after every
+    read and every update, and beside a busy event loop (a download's) that starved the hasher to a
+    third of its speed (465 vs 1,404 MiB/s measured here), which became the hash tail after the last
+    byte arrived. The mapping follows a growing file; where a file cannot be mapped it reads instead.
+    Only bytes already written are hashed, so the mapping never reaches past the end of the file.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.digest = hashlib.sha256()
+        self.done = 0
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._mappable = True
+        self._buf: bytearray | None = None
+
+    def update_to(self, end: int, stop: Callable[[], bool] | None = None) -> int:
+        """Hash [done, end); returns the bytes hashed (fewer when `stop()` turns true between slices)."""
+        start = self.done
+        while self.done < end and not (stop is not None and stop()):
+            n = min(HASH_SLICE, end - self.done)
+            view = self._mapped(self.done + n)
+            if view is not None:
+                self.digest.update(view[self.done:self.done + n])
+            else:
+                n = self._read_into(n)
+            self.done += n
+        return self.done - start
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+    def _mapped(self, end: int) -> memoryview | None:
+        if not self._mappable:
+            return None
+        if self._view is None or len(self._view) < end:
+            self._unmap()
+            try:
+                length = os.fstat(self.fd).st_size
+                if length < end:
+                    raise OSError(f"file has {length} bytes, {end} expected")
+                self._map = mmap.mmap(self.fd, length, prot=mmap.PROT_READ)
+                self._view = memoryview(self._map)
+            except (OSError, ValueError):
+                self._mappable = False
+                return None
+        return self._view
+
+    def _read_into(self, n: int) -> int:
+        if self._buf is None:
+            self._buf = bytearray(_READ_BLOCK)
+        view = memoryview(self._buf)
+        got = os.preadv(self.fd, [view[: min(_READ_BLOCK, n)]], self.done)
+        if got <= 0:
+            raise OSError(f"unexpected end of file at {self.done}")
+        self.digest.update(view[:got])
+        return got
+
+    def _unmap(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def close(self) -> None:
+        self._unmap()
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a whole file (constant memory for 20 GB checkpoints)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = RangeHasher(fd)
+        try:
+            hasher.update_to(os.fstat(fd).st_size)
+            return hasher.hexdigest()
+        finally:
+            hasher.close()
+    finally:
+        os.close(fd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -33,14 +32,3 @@ def allocated(path: Path) -> int:
 
 
 
-
-def sha256_file(path: Path, *, chunk: int = 8 * 2**20) -> str:
-    """Streamed sha256 (constant memory for 20 GB checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()

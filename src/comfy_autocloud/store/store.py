@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
-from comfy_autocloud.fsutil import boot_id, fsync_dir, fsync_file
+from comfy_autocloud.fsutil import boot_id, fsync_dir, fsync_file, sha256_of
 from comfy_autocloud.keys import check_sha256, split_key
 from comfy_autocloud.phases import Laps
 from comfy_autocloud.store.content_check import check_before_commit
@@ -45,7 +45,7 @@ from comfy_autocloud.store.partials import idle_partials
 from comfy_autocloud.store.partials import remove as remove_partial
 from comfy_autocloud.store.policy_state import SAVE_EVERY, PolicyStateFile
 from comfy_autocloud.store.room import disk_needs, over_watermark, room_for, unique_bytes
-from comfy_autocloud.store.space import disk_space, sha256_file
+from comfy_autocloud.store.space import disk_space
 from comfy_autocloud.store.verify import VerifyReport, run_verify
 from comfy_autocloud.units import human_size
 
@@ -315,7 +315,7 @@ class Store:
         bytes were known to be on disk, so they are read back once against the recorded sha256. A file
         that lost bytes is removed (it is fetched or copied again); a good one is trusted from now on."""
         log.info("%s: written just before the machine went down; checking its sha256 once", key)
-        if sha256_file(path) == r[4]:
+        if sha256_of(path) == r[4]:
             self._index.settle(key)
             return True
         log.warning("%s: lost bytes when the machine went down (sha256 differs); removed, it will be "
@@ -659,7 +659,7 @@ class Store:
             raise StoreError(key, f"no file at {path}") from None
         if not path.is_file():
             raise StoreError(key, f"{path} is not a regular file")
-        sha = sha256_file(path)
+        sha = sha256_of(path)
         st2 = os.stat(path)
         if (st2.st_size, st2.st_mtime_ns, st2.st_ino) != (st.st_size, st.st_mtime_ns, st.st_ino):
             raise StoreError(key, f"{path} changed while it was being hashed; try again")

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_autocloud.errors import StoreError
+from comfy_autocloud.fsutil import sha256_of
 from comfy_autocloud.store.content_check import content_problem
 from comfy_autocloud.store.index import proc_alive
 from comfy_autocloud.store.layout import LOCKS_DIR, PRIVATE_DIR, QUARANTINE_DIR, group_name, is_commit_temp
 from comfy_autocloud.store.partials import flock_free
-from comfy_autocloud.store.space import sha256_file
 
 if TYPE_CHECKING:
     from comfy_autocloud.store.store import Store
@@ -137,7 +137,7 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
         elif rehash:
             report.rehashed += 1
             try:
-                actual = sha256_file(path)
+                actual = sha256_of(path)
             except OSError as exc:
                 add(Finding("unreadable", key, str(path), f"cannot read: {exc.strerror}", False))
                 continue

@@ -241,7 +241,7 @@ class _Download:
             remove_state(self.part_path)
         laps.lap("records")
         self._report(force=True)
-        return TransferResult(size=size, sha256=self.hasher.digest.hexdigest(), etag=remote.etag,
+        return TransferResult(size=size, sha256=self.hasher.hexdigest(), etag=remote.etag,
                               last_modified=remote.last_modified, bytes_downloaded=self.received,
                               resumed_bytes=self.resumed, seconds=time.monotonic() - t0,
                               connections=max(self.peak, 1 if size else 0),

@@ -1,15 +1,14 @@
 """Copy a local file (file:// sources, warmup from a network volume) into a `.part`, hashing it or not.
 
 The copy itself stays in the kernel (`copy_file_range`, falling back to `sendfile`, then to plain
-reads and writes); a hasher thread reads the copied blocks back from the page cache and hashes them
-while the next block copies. Warmup copies without hashing when it already knows the file's sha256
+reads and writes); a hasher thread hashes the copied blocks from the page cache (through a mapping,
+fsutil.RangeHasher) while the next block copies. Warmup copies without hashing when it already knows the file's sha256
 (its sidecar on the volume), and kicks writeback block by block so the final flush finds little to do.
 A source that changes size or mtime while it is copied is an error, never a mixed copy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import Cancelled, IntegrityError, NotEnoughSpace, TransferError
-from ..fsutil import start_writeback
+from ..fsutil import RangeHasher, start_writeback
 from ..progress import CancelToken
 from .options import TransferResult
 
@@ -130,36 +129,29 @@ def _copy_only(sfd: int, dfd: int, size: int, src_name: str, dst_name: str,
 def _copy_and_hash(sfd: int, dfd: int, size: int, src_name: str, dst_name: str,
                    progress: Callable[[int, int | None], None] | None, cancel: CancelToken | None,
                    writeback: bool) -> str:
-    digest = hashlib.sha256()
+    hasher = RangeHasher(dfd)
     copied = 0
-    hashed = 0
     error: list[BaseException] = []
     wake = threading.Condition()
     stop = False
 
     def hash_loop() -> None:
-        nonlocal hashed
-        buf = bytearray(BLOCK)
-        view = memoryview(buf)
         try:
             while True:
                 with wake:
-                    while hashed >= copied and not stop:
+                    while hasher.done >= copied and not stop:
                         wake.wait(0.05)
                     limit = copied
-                    if hashed >= limit and stop:
+                    if hasher.done >= limit and stop:
                         return
-                while hashed < limit:
-                    n = os.preadv(dfd, [view[: min(BLOCK, limit - hashed)]], hashed)
-                    if n <= 0:
-                        raise OSError(f"short read-back at {hashed}")
-                    digest.update(view[:n])
-                    hashed += n
+                hasher.update_to(limit)
         except BaseException as e:  # surfaced by the caller
             error.append(e)
+        finally:
+            hasher.close()
 
-    hasher = threading.Thread(target=hash_loop, name="autocloud-copyhash", daemon=True)
-    hasher.start()
+    thread = threading.Thread(target=hash_loop, name="autocloud-copyhash", daemon=True)
+    thread.start()
     mode = ["copy_file_range"]
     last = 0.0
     try:
@@ -178,7 +170,7 @@ def _copy_and_hash(sfd: int, dfd: int, size: int, src_name: str, dst_name: str,
         with wake:
             stop = True
             wake.notify()
-        hasher.join()
+        thread.join()
     if error:
         raise TransferError(dst_name, f"cannot read back the copy: {error[0]}")
-    return digest.hexdigest()
+    return hasher.hexdigest()

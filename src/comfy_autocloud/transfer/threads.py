@@ -6,55 +6,57 @@ socket read: `hashlib` and `os.fdatasync` drop the GIL.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ..fsutil import RangeHasher
 from .ranges import PartState, SegmentTable, live_path, state_path
 
 log = logging.getLogger("comfy_autocloud.transfer")
 
-HASH_BLOCK = 8 << 20
 SAVE_INTERVAL = 0.5           # seconds between durable state records
 LIVE_INTERVAL = 0.1           # seconds between live progress records (for peers streaming this download)
 
 
 class Hasher(threading.Thread):
-    """Hashes [0, prefix()) of the part file while the download goes on, reading from the page cache."""
+    """Hashes [0, prefix()) of the part file while the download goes on, from the page cache through a
+    mapping (fsutil.RangeHasher: hashlib drops the GIL for a whole slice, so the busy event loop does
+    not starve it)."""
 
     def __init__(self, fd: int, prefix: Callable[[], int]) -> None:
         super().__init__(name="autocloud-hash", daemon=True)
-        self.fd = fd
         self.prefix = prefix
-        self.digest = hashlib.sha256()
-        self.done = 0
+        self.hasher = RangeHasher(fd)
         self.target: int | None = None
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
-        self._buf = bytearray(HASH_BLOCK)
+
+    @property
+    def done(self) -> int:
+        return self.hasher.done
+
+    def hexdigest(self) -> str:
+        return self.hasher.hexdigest()
 
     def run(self) -> None:
-        view = memoryview(self._buf)
         try:
             while not self._stop_event.is_set():
                 limit = self.prefix()
                 if self.target is not None:
                     limit = min(limit, self.target)
-                if limit > self.done:
-                    n = os.preadv(self.fd, [view[: min(HASH_BLOCK, limit - self.done)]], self.done)
-                    if n <= 0:
-                        raise OSError(f"unexpected end of the partial file at {self.done}")
-                    self.digest.update(view[:n])
-                    self.done += n
-                elif self.target is not None and self.done >= self.target:
+                if limit > self.hasher.done:
+                    self.hasher.update_to(limit, self._stop_event.is_set)
+                elif self.target is not None and self.hasher.done >= self.target:
                     return
                 else:
                     self._stop_event.wait(0.01)
         except BaseException as e:  # reported to the engine, which raises it
             self.error = e
+        finally:
+            self.hasher.close()
 
     def finish(self, size: int) -> None:
         self.target = size

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from comfy_autocloud.errors import AutoCloudError
+from comfy_autocloud.fsutil import sha256_of
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent, map_cancellable
 from comfy_autocloud.store import Durability, Store
-from comfy_autocloud.store.space import sha256_file
 from comfy_autocloud.warmup.hashes import HashBook
 from comfy_autocloud.warmup.plan import WarmupItem
 
@@ -144,7 +144,7 @@ def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durability: Dur
         sha = result.sha256
         if identity != item.identity:  # the volume file changed after the plan: what was copied is the truth
             size, _, mtime = identity.partition("-")
-            sha = book.known(item.key, int(size), int(mtime)) or sha or sha256_file(part)
+            sha = book.known(item.key, int(size), int(mtime)) or sha or sha256_of(part)
             book.add(item.key, int(size), int(mtime), sha)
         elif known is not None:
             sha = known
