@@ -21,7 +21,7 @@ from comfy_autocloud.store import (
     simulate,
     write_trace,
 )
-from comfy_autocloud.store.eviction import ADAPT_EPOCH
+from comfy_autocloud.store.eviction import ADAPT_EPOCH, NextRequestPolicy
 from servers import safetensors_of
 from traces import realistic_trace, zipf_trace
 
@@ -29,7 +29,7 @@ GiB = 2**30
 
 
 def test_get_policy_names() -> None:
-    names = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod")
+    names = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod", "lrfu-next")
     assert {get_policy(n).name for n in names} == set(names)
     with pytest.raises(ValueError, match="known: default, lfuda, gdsf, lru"):
         get_policy("fifo")
@@ -246,6 +246,50 @@ def test_hourly_frequency_ranks_by_the_coming_hours() -> None:
     pol.observe(later + 9 * 3600 + 60, "checkpoints/morning", GiB)
     pol.observe(later + 9 * 3600 + 120, "checkpoints/evening", GiB)
     assert pol.rank(morning) > pol.rank(evening) and all(math.isfinite(pol.rank(i)[0]) for i in (morning, evening))
+
+
+
+def test_next_request_ranks_by_the_expected_wait() -> None:
+    """lrfu-next evicts the file whose next request is expected furthest away: at 8:00 a model used
+    every morning outranks one used as often every evening, at 12:00 the other way round; a model used
+    every day at 9:00 still outranks, at 10:00, one used once a week at 11:00 (a window of the coming
+    hours would rank that one first); more requests, shorter wait; forgetting drops the start times too."""
+    pol = get_policy("lrfu-next")
+    assert isinstance(pol, NextRequestPolicy)
+    day, t0 = 86400.0, 1_700_006_400.0  # a UTC midnight
+    for d in range(21):
+        pol.observe(t0 + d * day + 9 * 3600, "checkpoints/morning", GiB)
+        pol.observe(t0 + d * day + 20 * 3600, "checkpoints/evening", GiB)
+        pol.observe(t0 + d * day + 9 * 3600 + 60, "vae/morning-twice", GiB)
+        pol.observe(t0 + d * day + 9 * 3600 + 120, "vae/morning-twice", GiB)
+        if d % 7 == 0:
+            pol.observe(t0 + d * day + 11 * 3600, "loras/weekly", GiB)
+    morning, evening = Item("checkpoints/morning", GiB, 0.0), Item("checkpoints/evening", GiB, 0.0)
+    weekly, twice = Item("loras/weekly", GiB, 0.0), Item("vae/morning-twice", GiB, 0.0)
+    pol.observe(t0 + 21 * day + 8 * 3600, "loras/x", GiB)  # 8:00
+    assert pol.rank(morning) > pol.rank(evening)
+    assert pol.rank(twice) > pol.rank(morning)
+    wait_at_8 = -pol.rank(morning)[0]  # hours
+    pol.observe(t0 + 21 * day + 10 * 3600, "loras/x", GiB)  # 10:00, the morning's use is over
+    assert pol.rank(morning) > pol.rank(weekly)
+    pol.observe(t0 + 21 * day + 12 * 3600, "loras/x", GiB)  # 12:00
+    assert pol.rank(evening) > pol.rank(morning)
+    assert -pol.rank(morning)[0] > wait_at_8 + 3  # its hour has passed: it waits for tomorrow
+    assert pol.rank(Item("loras/never", GiB, 0.0))[0] == float("-inf")
+    small = NextRequestPolicy("t", 14 * day, max_keys=4)
+    for i in range(12):
+        small.observe(t0 + i, f"k{i}", 1)
+    assert small.weight.keys() == small.first.keys() and len(small.first) <= 4
+
+
+def test_next_request_wait_without_a_prior_is_finite_or_inf() -> None:
+    """With no prior, a key whose requests were all forgotten by the decay has no next request: its
+    wait is infinite (it goes first), not a division by zero."""
+    pol = NextRequestPolicy("t", 3600.0, prior=0.0)
+    pol.observe(0.0, "a", 1)
+    pol.observe(1e9, "b", 1)  # 'a' decayed to nothing (but not yet forgotten)
+    assert pol.rank(Item("a", 1, 0.0))[0] == float("-inf")
+    assert math.isfinite(pol.rank(Item("b", 1, 0.0))[0])
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d"])

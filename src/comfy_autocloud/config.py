@@ -18,7 +18,7 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"
 
 
 # The names store.eviction registers (config sits below the store; tests/test_eviction.py keeps them equal).
-POLICIES = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod")
+POLICIES = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod", "lrfu-next")
 
 
 def _policy(value: str) -> str:
