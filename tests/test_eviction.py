@@ -18,10 +18,10 @@ from comfy_autocloud.store import (
     get_policy,
     read_trace,
     select_victims,
-    simulate,
     write_trace,
 )
 from comfy_autocloud.store.eviction import ADAPT_EPOCH, NextRequestPolicy
+from comfy_autocloud.store.simulate import simulate
 from servers import safetensors_of
 from traces import realistic_trace, zipf_trace
 

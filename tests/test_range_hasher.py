@@ -50,7 +50,7 @@ def test_reads_where_the_file_cannot_be_mapped(tmp_path: Path, monkeypatch: pyte
     def refuse(*args: object, **kwargs: object) -> mmap.mmap:
         raise OSError("no mmap on this file system")
 
-    monkeypatch.setattr(fsutil.mmap, "mmap", refuse)
+    monkeypatch.setattr(mmap, "mmap", refuse)
     assert sha256_of(tmp_path / "f") == hashlib.sha256(data).hexdigest()
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import mmap
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def fsync_file(path: Path) -> None:
@@ -43,6 +41,8 @@ def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
     path = Path(path)
     if mode is None:
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    import tempfile  # here: every command imports this module, few write a small file
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -169,10 +169,12 @@ class RangeHasher:
     """
 
     def __init__(self, fd: int) -> None:
+        import hashlib  # here, not at the top: a warmup rerun hashes nothing (a cold .so load saved)
+
         self.fd = fd
         self.digest = hashlib.sha256()
         self.done = 0
-        self._map: mmap.mmap | None = None
+        self._map: Any = None  # an mmap.mmap
         self._view: memoryview | None = None
         self._mappable = True
         self._buf: bytearray | None = None
@@ -202,6 +204,8 @@ class RangeHasher:
                 length = os.fstat(self.fd).st_size
                 if length < end:
                     raise OSError(f"file has {length} bytes, {end} expected")
+                import mmap
+
                 self._map = mmap.mmap(self.fd, length, prot=mmap.PROT_READ)
                 self._view = memoryview(self._map)
             except (OSError, ValueError):

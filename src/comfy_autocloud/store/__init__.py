@@ -1,7 +1,7 @@
 """The local model store: files where ComfyUI reads them, a SQLite index, eviction and verification.
 
-The verifier is imported on first use of its names (`comfy_autocloud.lazy`): opening the store for a
-cache hit does not load it.
+The verifier and the eviction simulator are imported on first use of their names
+(`comfy_autocloud.lazy`): opening the store for a cache hit or a warmup rerun loads neither.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from comfy_autocloud.store.eviction import (
     get_policy,
     select_victims,
 )
-from comfy_autocloud.store.simulate import SimResult, Simulator, read_trace, simulate, write_trace
 from comfy_autocloud.store.store import DURABILITIES, Durability, Entry, Reservation, Store, Usage
 
 if TYPE_CHECKING:
+    from comfy_autocloud.store.simulate import SimResult, Simulator, read_trace, write_trace
     from comfy_autocloud.store.verify import Finding, VerifyReport
 
-__getattr__ = lazy_names(__name__, {"Finding": "verify", "VerifyReport": "verify"})
+# `simulate` (the function) is not offered here: the submodule of that name would shadow it once loaded.
+__getattr__ = lazy_names(__name__, {"Finding": "verify", "VerifyReport": "verify", "SimResult": "simulate",
+                                    "Simulator": "simulate", "read_trace": "simulate", "write_trace": "simulate"})
 
 __all__ = [
     "DURABILITIES",
@@ -51,6 +53,5 @@ __all__ = [
     "get_policy",
     "read_trace",
     "select_victims",
-    "simulate",
     "write_trace",
 ]

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import struct
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -181,6 +180,8 @@ def _check_torch(f: BinaryIO, size: int) -> None:
 
 
 def _check_zip(f: BinaryIO, size: int) -> None:
+    import zipfile  # only for zip-shaped files (.ckpt/.pt, .zip)
+
     f.seek(0)
     try:
         with zipfile.ZipFile(f) as z:

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -635,6 +634,8 @@ class Store:
         tmp = commit_temp(final)
         try:
             with open(part, "rb") as src, open(tmp, "wb") as dst:
+                import shutil  # only across file systems
+
                 shutil.copyfileobj(src, dst, 8 * 2**20)
                 dst.flush()
                 os.fsync(dst.fileno())
