@@ -39,11 +39,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from comfy_autocloud.store import Store  # noqa: E402
 from comfy_autocloud.store.layout import INDEX_NAME, PRIVATE_DIR  # noqa: E402
 from comfy_autocloud.store.layout import POLICY_STATE_NAME as POLICY_STATE  # noqa: E402
+from servers import random_safetensors, safetensors_of  # noqa: E402
 from traces import realistic_trace  # noqa: E402
 
 SCALE = 10**6  # GB-sized models become KB-sized files
 ROUNDS = 3  # medians of three runs each (the machine is shared)
 NEW_SIZE = 20_000  # the new download: as big as a large checkpoint, so it must evict
+MIN_SIZE = 256  # room for a safetensors header (the store checks the files' format)
 
 _RESERVE = f"""
 import sys, time
@@ -57,10 +59,19 @@ print(time.perf_counter() - t)
 """
 
 
+def model_file(key: str, size: int) -> bytes:
+    """A valid file of `size` bytes of the format its name says (the trace's keys end in .safetensors
+    or another model suffix; others get plain bytes)."""
+    fill = hashlib.sha256(key.encode()).digest()
+    if key.endswith(".safetensors"):
+        return safetensors_of(fill, size)
+    return (fill * (size // 32 + 1))[:size]
+
+
 def build(root: Path, rows: int) -> int:
     """A full cache whose access log holds the newest `rows` accesses of a realistic trace; returns the cap."""
     days = max(42, rows * 84 // 15_000 + 7)
-    trace = [(t, k, max(1, s // SCALE)) for t, k, s in realistic_trace(0, days=days)][-rows:]
+    trace = [(t, k, max(MIN_SIZE, s // SCALE)) for t, k, s in realistic_trace(0, days=days)][-rows:]
     sizes = {k: s for _t, k, s in trace}
     cap = sum(sizes.values()) // 10
     store = Store(root, max_size=None, policy="lru", min_free_disk=0)
@@ -69,11 +80,11 @@ def build(root: Path, rows: int) -> int:
         size = sizes[key]
         if used + size > cap:
             continue
-        data = hashlib.sha256(key.encode()).digest() * (size // 32 + 1)
+        data = model_file(key, size)  # the store checks that a .safetensors file is one
         with store.reserve(key, size):
             part = store.partial_path(key)
-            part.write_bytes(data[:size])
-            store.commit(key, part, size=size, sha256=hashlib.sha256(data[:size]).hexdigest(), source="bench")
+            part.write_bytes(data)
+            store.commit(key, part, size=size, sha256=hashlib.sha256(data).hexdigest(), source="bench")
         used += size
     store.close()
     with sqlite3.connect(root / PRIVATE_DIR / INDEX_NAME) as db:
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="evict-startup-") as tmp:
         tmpd = Path(tmp)
         src = tmpd / "new.safetensors"
-        src.write_bytes(os.urandom(NEW_SIZE))
+        src.write_bytes(random_safetensors(NEW_SIZE))
         for rows in (int(r) for r in args.rows.split(",")):
             base = tmpd / f"base{rows}"
             cap = build(base, rows)
