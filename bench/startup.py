@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC.parent / "tests"))
+
+from servers import random_safetensors  # noqa: E402  (a valid file: the store checks a model's format)
+
 MAIN = "import sys; from comfy_autocloud.cli.main import main; sys.exit(main())"
 TARGETS = {"--help": 0.15, "fetch_cached --json": 0.25}
 
@@ -48,7 +52,7 @@ def main() -> None:
         work = Path(tmp)
         model = work / "origin" / "tiny.safetensors"
         model.parent.mkdir()
-        model.write_bytes(os.urandom(1 << 20))
+        model.write_bytes(random_safetensors(1 << 20))
         trees = {"ours": SRC, **({"baseline": args.baseline_src.resolve()} if args.baseline_src else {})}
         envs = {}
         for name, src in trees.items():
