@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger("comfy_autocloud.transfer")
@@ -19,7 +18,6 @@ START_CONNECTIONS = 8
 MIN_SPLIT = 1 << 20           # never steal less than 1 MiB per side
 MIN_PIECE = 4 << 20           # a worker's request when nothing is known yet
 MAX_PIECE = 64 << 20
-LOOP_SATURATED = 0.9          # share of a level's wall time the event loop spent on CPU: more connections can't help
 
 
 @dataclass
@@ -53,24 +51,18 @@ class Controller:
     requests. Aggregate = median per-request rate x connections. The count doubles while a step
     brings near-linear gains (an origin that throttles each connection), grows by a quarter while
     gains are modest, and returns to the previous count when the last step bought less than 20% of
-    its proportional gain (CPU, disk or link saturated); after a pause it probes once more. It does not
-    grow while the event loop (the thread that calls `tick`) was busy on the CPU for nearly all of the
-    level: one Python thread receives every connection's bytes, and more connections would only add
-    requests and work to it (on 2 cores a throttled origin led it to 64 connections where 32 already
-    saturated the loop). A fixed controller keeps `target` as given.
+    its proportional gain (CPU, disk or link saturated); after a pause it probes once more.
+    A fixed controller keeps `target` as given.
     """
 
-    def __init__(self, throughput: Throughput, target: int, *, fixed: bool, cap: int, display: str = "",
-                 cpu_clock: Callable[[], float] = time.thread_time) -> None:
+    def __init__(self, throughput: Throughput, target: int, *, fixed: bool, cap: int, display: str = "") -> None:
         self.throughput = throughput
         self.target = max(1, target)
         self.piece = MIN_PIECE
         self.fixed = fixed
         self.cap = cap
         self.display = display
-        self.cpu_clock = cpu_clock
         self.level_start = time.monotonic()
-        self.level_cpu = cpu_clock()
         self.prev: tuple[int, float] | None = None
         self.hold_until = 0.0
         self.probing_done = False
@@ -91,7 +83,7 @@ class Controller:
         self.piece = max(MIN_PIECE, min(MAX_PIECE, int(per_conn * max(0.25, 20 * self.throughput.rtt))))
         target = self.target
         if now < self.hold_until or unowned < 2 * target * MIN_SPLIT:
-            self._new_level(now)  # holding, or too little left to give more connections work
+            self.level_start = now  # holding, or too little left to give more connections work
             return
         if self.prev is None or n <= self.prev[0]:
             new = min(self.cap, target * 2 if not self.probing_done else math.ceil(target * 1.25))
@@ -107,17 +99,9 @@ class Controller:
                 new = prev_n  # the last step did not pay: back off, probe again later
                 self.probing_done = True
                 self.hold_until = now + 5.0
-        busy = (self.cpu_clock() - self.level_cpu) / (now - self.level_start) if now > self.level_start else 0.0
-        if new > target and busy >= LOOP_SATURATED:
-            new = target  # the event loop is the limit: more connections would only add work to it
-            log.debug("%s: event loop %.0f%% busy at %d connections: not growing", self.display, busy * 100, n)
         if new == target:
             self.hold_until = now + 5.0
         self.prev = (n, rate) if new > n else None
         self.target = max(1, new)
         log.debug("%s: %d connections at %.1f MB/s -> %d", self.display, n, rate / 1e6, self.target)
-        self._new_level(now)
-
-    def _new_level(self, now: float) -> None:
         self.level_start = now
-        self.level_cpu = self.cpu_clock()
