@@ -199,6 +199,16 @@ def test_the_script_ends_at_once_after_closing_what_the_fetch_opened(tmp_path: P
         assert entry is not None and entry.size == 4096
 
 
+def test_a_failed_fetch_ends_at_once_too_with_its_exit_code(tmp_path: Path) -> None:
+    """A fetch where a file failed exits 1 through the same quick end (it used to tear the interpreter down)."""
+    missing = tmp_path / "origin" / "gone.safetensors"
+    proc = _script(tmp_path, ["fetch", missing.as_uri(), "--folder", "checkpoints", "--json"], _FINALIZED)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "error" in json.loads(lines[0]) and "gone.safetensors" in lines[0]
+    assert lines[1:] == ["exit handler ran"]  # and no "finalized"
+
+
 def test_the_warmup_module_runpod_runs_ends_at_once(tmp_path: Path) -> None:
     """`python -m comfy_autocloud.cli.warmup_cmd` (runpod/warmup.sh) ends like `autocloud warmup`: exit handlers
     run, every write is committed, no interpreter teardown."""

@@ -70,8 +70,9 @@ def emit_json(obj: Any) -> None:
 
 
 def exit_code_of(run: Callable[[], Any], interrupted: str) -> int:
-    """Run a click command in non-standalone mode: its return value, or the exit code and one line on
-    stderr for Ctrl-C (130, `interrupted` says what was kept), a usage error, or an AutoCloudError (1)."""
+    """Run a click command in non-standalone mode: its return value or the code it exits with, or the exit
+    code and one line on stderr for Ctrl-C (130, `interrupted` says what was kept), a usage error, or an
+    AutoCloudError (1)."""
     import click
 
     from comfy_autocloud.errors import AutoCloudError
@@ -88,4 +89,6 @@ def exit_code_of(run: Callable[[], Any], interrupted: str) -> int:
         __getattr__("err_console").print(f"[red]error:[/red] {exc.subject}: {exc.reason}", markup=True,
                                          soft_wrap=True)
         return 1
+    except SystemExit as exc:  # a command's own exit code (`fetch` when a file failed): the caller ends the process
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return rv if isinstance(rv, int) else 0
