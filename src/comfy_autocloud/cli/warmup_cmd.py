@@ -223,7 +223,7 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
 @click.option("--no-setup", is_flag=True, help="Copy only; leave extra_model_paths.yaml alone.")
 @click.option("--no-page-cache", is_flag=True, help="Do not warm the page cache after copying.")
 @click.option("--durability", type=click.Choice(DURABILITIES), default=None,
-              help="deferred: wait for no disk write, as cp does; a detached child flushes afterwards, and a file "
+              help="deferred: wait for no disk write, as cp does; a detached process flushes afterwards, and a file "
                    "written just before the machine went down is checked against its sha256 before use. durable: "
                    "fsync each file before it appears. ephemeral: no flush, no check (a cache that dies with the "
                    f"machine) [env {wr.DURABILITY_ENV}; default {wr.DEFAULT_DURABILITY}].")
