@@ -65,6 +65,10 @@ class RedisServer:
         self.proc = None
 
     def __enter__(self) -> RedisServer:
+        """Start it, unless `start()` already did (`with RedisServer(d).start() as r:` would otherwise start a
+        second one on the same port and leave the first running after the block)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
