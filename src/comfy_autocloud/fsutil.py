@@ -125,34 +125,6 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def run_detached(work: Callable[[], object]) -> bool:
-    """Run `work` in a forked child in its own session at low priority, and return at once; False where
-    fork is not available (the caller then does the work itself or goes without).
-
-    The child touches nothing of the parent's (pipes, locks, atexit handlers): its standard streams are
-    /dev/null and it leaves by `os._exit`, so a command returns while the child reads or syncs on.
-    """
-    if not hasattr(os, "fork"):
-        return False
-    try:
-        pid = os.fork()
-    except OSError:
-        return False
-    if pid:
-        return True
-    try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        with contextlib.suppress(OSError):
-            os.nice(10)
-        with contextlib.suppress(BaseException):
-            work()
-    finally:
-        os._exit(0)
-
-
 HASH_SLICE = 256 << 20        # bytes hashed per call through the mapping (a stop request waits at most one)
 _READ_BLOCK = 8 << 20         # the fallback's pread size
 

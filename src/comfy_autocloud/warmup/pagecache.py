@@ -24,8 +24,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from comfy_autocloud.fsutil import run_detached
-
 READ_BLOCK = 8 << 20
 _LOW_BIT = bytes(b & 1 for b in range(256))
 
@@ -119,14 +117,27 @@ def warm(paths: Iterable[Path], *, budget: int | None = None, background: bool =
 
 
 def _read_detached(paths: list[Path]) -> bool:
-    """Read `paths` in a detached child (fsutil.run_detached); False where fork is not available."""
-
-    def read_all() -> None:
+    """Fork a child in its own session that reads `paths` and exits; False where fork is not available."""
+    if not hasattr(os, "fork"):
+        return False
+    try:
+        pid = os.fork()
+    except OSError:
+        return False
+    if pid:
+        return True
+    try:  # the child: nothing of the parent's (pipes, locks, atexit) is touched, only these reads
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        with contextlib.suppress(OSError):
+            os.nice(10)
         for p in paths:
             with contextlib.suppress(OSError):
                 read_through(p)
-
-    return run_detached(read_all)
+    finally:
+        os._exit(0)
 
 
 _libc: ctypes.CDLL | None = None
