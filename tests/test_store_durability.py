@@ -14,6 +14,7 @@ import pytest
 from comfy_autocloud.store import Store
 from comfy_autocloud.store import store as store_mod
 from comfy_autocloud.store.settle import main as settle_main
+from comfy_autocloud.store.settle import settle_delay
 from test_store import blob, put
 
 KEY = "checkpoints/a.safetensors"
@@ -100,9 +101,9 @@ def test_settle_of_a_removed_cache_recreates_nothing(tmp_path: Path) -> None:
 
 def test_settle_delay_setting(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("AUTOCLOUD_SETTLE_DELAY", "2.5")
-    assert store_mod.settle_delay() == 2.5
+    assert settle_delay() == 2.5
     monkeypatch.setenv("AUTOCLOUD_SETTLE_DELAY", "soon")
-    assert 5 <= store_mod.settle_delay() <= 120
+    assert 5 <= settle_delay() <= 120
     assert "AUTOCLOUD_SETTLE_DELAY" in caplog.text and "soon" in caplog.text
 
 

@@ -44,6 +44,7 @@ from comfy_autocloud.store.partials import idle_partials
 from comfy_autocloud.store.partials import remove as remove_partial
 from comfy_autocloud.store.policy_state import SAVE_EVERY, PolicyStateFile
 from comfy_autocloud.store.room import disk_needs, over_watermark, room_for, unique_bytes
+from comfy_autocloud.store.settle import flush_and_settle, start_settle
 from comfy_autocloud.store.space import disk_space
 from comfy_autocloud.store.verify import VerifyReport, run_verify
 from comfy_autocloud.units import human_size
@@ -53,23 +54,7 @@ log = logging.getLogger(__name__)
 # How a commit reaches the disk (Store.commit): fsync first, fsync later with a check after a crash, never.
 Durability = Literal["durable", "deferred", "ephemeral"]
 DURABILITIES: tuple[Durability, ...] = ("durable", "deferred", "ephemeral")
-SETTLE_DELAY_ENV = "AUTOCLOUD_SETTLE_DELAY"
 
-
-def settle_delay() -> float:
-    """Seconds a background settle waits before flushing (Store.settle_in_background)."""
-    raw = os.environ.get(SETTLE_DELAY_ENV)
-    if raw:
-        try:
-            return max(0.0, float(raw))
-        except ValueError:
-            log.warning("%s=%r is not a number of seconds; using the kernel's writeback window", SETTLE_DELAY_ENV,
-                        raw)
-    try:
-        with open("/proc/sys/vm/dirty_expire_centisecs", encoding="ascii") as fh:
-            return min(120.0, int(fh.read()) / 100 + 5)
-    except (OSError, ValueError):
-        return 35.0
 POLICY_REPLAY = 5_000  # access-log rows (weeks of a node's loads) a stateful policy replays at most at first use
 
 
@@ -328,32 +313,13 @@ class Store:
     def settle(self) -> int:
         """Wait until everything written to the cache's file system is on disk (one syncfs), then trust the
         entries committed unsettled in this boot before that moment; returns how many were settled."""
-        from comfy_autocloud.store.settle import settle_cache
-
-        return settle_cache(self.root)
+        return flush_and_settle(self.root, self._index)
 
     def settle_in_background(self, delay: float | None = None) -> bool:
-        """`settle` in a detached process (`python -m comfy_autocloud.store.settle`), so the command that
-        committed returns without waiting for the disk; False when it cannot be started (the marks then
-        stay until the next settle, or until a lookup in another boot checks the file).
-
-        It first waits `delay` seconds (default: $AUTOCLOUD_SETTLE_DELAY, else the kernel's own writeback
-        window, dirty_expire_centisecs + 5 s): by then the kernel has written most of it back by itself,
-        so the flush does not compete with ComfyUI reading the same models at start-up. A fresh
-        interpreter, not a fork: it inherits no descriptors, locks or threads of the caller's.
-        """
-        import subprocess
-        import sys
-
-        wait = settle_delay() if delay is None else delay
-        try:
-            subprocess.Popen([sys.executable, "-m", "comfy_autocloud.store.settle", str(self.root), f"{wait:g}"],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, close_fds=True)
-        except OSError as exc:
-            log.info("cannot start the background settle (%s); entries stay unsettled until checked", exc)
-            return False
-        return True
+        """`settle` in a detached process, so the command that committed returns without waiting for the
+        disk (store.settle.start_settle); False when it cannot be started (the marks then stay until the
+        next settle, or until a lookup in another boot checks the file)."""
+        return start_settle(self.root, delay)
 
     def unsettled(self) -> list[tuple[str, float, str]]:
         """(key, created, boot) of entries committed without fsync and not yet settled."""
@@ -633,9 +599,9 @@ class Store:
         # The folder is another filesystem (a mount inside the cache): copy beside it, then rename.
         tmp = commit_temp(final)
         try:
-            with open(part, "rb") as src, open(tmp, "wb") as dst:
-                import shutil  # only across file systems
+            import shutil  # only across file systems
 
+            with open(part, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 8 * 2**20)
                 dst.flush()
                 os.fsync(dst.fileno())
