@@ -46,7 +46,7 @@ from comfy_autocloud.store.policy_state import SAVE_EVERY, PolicyStateFile
 from comfy_autocloud.store.room import disk_needs, over_watermark, room_for, unique_bytes
 from comfy_autocloud.store.settle import flush_and_settle, start_settle
 from comfy_autocloud.store.space import disk_space
-from comfy_autocloud.store.verify import VerifyReport, run_verify
+from comfy_autocloud.store.verify import VerifyReport, quarantine, run_verify
 from comfy_autocloud.units import human_size
 
 log = logging.getLogger(__name__)
@@ -297,15 +297,18 @@ class Store:
     def _check_unsettled(self, key: str, path: Path, r: tuple[Any, ...]) -> bool:
         """An entry committed without fsync in a boot that has ended: the machine went down before its
         bytes were known to be on disk, so they are read back once against the recorded sha256. A file
-        that lost bytes is removed (it is fetched or copied again); a good one is trusted from now on."""
+        that lost bytes is quarantined as `verify` does (it is fetched or copied again); a good one is
+        trusted from now on."""
         log.info("%s: written just before the machine went down; checking its sha256 once", key)
         if sha256_of(path) == r[4]:
             self._index.settle(key)
             return True
-        log.warning("%s: lost bytes when the machine went down (sha256 differs); removed, it will be "
-                    "fetched again", key)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        try:
+            where = f"moved to {quarantine(self, key, path)}"
+        except FileNotFoundError:
+            where = "already gone"
+        log.warning("%s: lost bytes when the machine went down (sha256 differs); %s, it will be fetched again",
+                    key, where)
         self._index.drop_entry(key, r[8])
         self._index.settle(key)
         return False
@@ -324,6 +327,12 @@ class Store:
     def unsettled(self) -> list[tuple[str, float, str]]:
         """(key, created, boot) of entries committed without fsync and not yet settled."""
         return self._index.unsettled()
+
+    def unsettled_by_ended_boots(self) -> set[tuple[str, float]]:
+        """(key, created) of the entries committed unsettled in a boot that has ended: their bytes may not
+        have reached the disk (what `lookup` and `verify` read back)."""
+        this_boot = boot_id()
+        return {(key, created) for key, created, boot in self._index.unsettled() if boot != this_boot}
 
     def touch(self, key: str) -> None:
         """Record one access (last_access, hits, policy priority, a row of the access log); no-op if not cached."""
@@ -710,12 +719,8 @@ class Store:
         return removed
 
     def verify(self, *, rehash: bool = False, fix: bool = True, stale_minutes: float = 60.0) -> VerifyReport:
-        """Reconcile disk and index (see store.verify). Entries left unsettled by a boot that has ended are
-        checked against their sha256 first (as their next lookup would), when fixing."""
-        if fix:
-            for key, _, boot in self.unsettled():
-                if boot != boot_id():
-                    self.lookup(key)
+        """Reconcile disk and index (see store.verify; it also reads back the entries a boot that has ended
+        left unsettled)."""
         return run_verify(self, rehash=rehash, fix=fix, stale_minutes=stale_minutes)
 
     def close(self) -> None:

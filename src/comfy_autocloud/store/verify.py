@@ -71,7 +71,8 @@ class VerifyReport:
                 "problems": len(self.problems), "findings": [f.as_dict() for f in self.findings]}
 
 
-def _quarantine(store: Store, key: str, path: Path) -> Path:
+def quarantine(store: Store, key: str, path: Path) -> Path:
+    """Move a bad file out of ComfyUI's sight into the private quarantine dir (kept for a look)."""
     qdir = store.private / QUARANTINE_DIR
     qdir.mkdir(parents=True, exist_ok=True)
     dest = qdir / f"{int(time.time())}-{hashlib.sha1(key.encode()).hexdigest()[:12]}-{path.name}"
@@ -108,8 +109,10 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
     index = store._index
     add = report.findings.append
     known: set[str] = set()
+    ended = store.unsettled_by_ended_boots()  # committed without fsync before the machine went down: read back
     for r in index.entry_rows():
         key, size, sha, created, dev, ino = r[0], r[3], r[4], r[8], r[13], r[14]
+        unsettled = (key, created) in ended
         report.checked += 1
         try:
             path = store.path_for(key)
@@ -134,7 +137,7 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
         kind = ""
         if st.st_size != size:
             kind, bad_reason = "size_mismatch", f"file has {st.st_size} bytes, index says {size}"
-        elif rehash:
+        elif rehash or unsettled:
             report.rehashed += 1
             try:
                 actual = sha256_of(path)
@@ -142,7 +145,10 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
                 add(Finding("unreadable", key, str(path), f"cannot read: {exc.strerror}", False))
                 continue
             if actual != sha:
-                kind, bad_reason = "sha256_mismatch", f"sha256 {actual[:16]}… != indexed {sha[:16]}…"
+                kind, bad_reason = "sha256_mismatch", f"sha256 {actual[:16]}… != indexed {sha[:16]}…" + (
+                    " (written just before the machine went down)" if unsettled else "")
+            elif unsettled and fix:
+                index.settle(key)  # its bytes are on disk after all
         if bad_reason is None:  # the same format checks as a commit (an HTML page named .safetensors...)
             try:
                 problem = content_problem(path, path.name)
@@ -155,9 +161,11 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
             fixed = False
             if fix:
                 try:
-                    dest = _quarantine(store, key, path)
+                    dest = quarantine(store, key, path)
                     bad_reason += f"; moved to {dest}"
                     index.drop_entry(key, created)
+                    if unsettled:
+                        index.settle(key)
                     fixed = True
                 except OSError as exc:
                     bad_reason += f"; could not quarantine: {exc.strerror}"
