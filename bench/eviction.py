@@ -31,23 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comfy_autocloud.store.simulate import Request, Simulator  # noqa: E402
+from comfy_autocloud.store.simulate import Request, held_out_byte_hit_ratio  # noqa: E402
 from traces import realistic_trace, zipf_trace  # noqa: E402
 
 TEXTBOOK = ("lru", "lfuda", "gdsf")
-
-
-def held_out_bhr(trace: list[Request], capacity: int, policy: str) -> float:
-    """Byte hit ratio on the second half, the cache warmed by the first."""
-    sim = Simulator(capacity, policy)
-    split = len(trace) // 2
-    asked = hit = 0
-    for i, (ts, key, size) in enumerate(trace):
-        h = sim.request(ts, key, size)
-        if i >= split:
-            asked += size
-            hit += size if h else 0
-    return hit / asked if asked else 0.0
 
 
 SHAPES: dict[str, Callable[[int, int], list[Request]]] = {
@@ -78,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             mean = dict.fromkeys((*TEXTBOOK, "default"), 0.0)
             for seed, trace in traces.items():
                 cap = int(sum({k: s for _t, k, s in trace}.values()) * frac)
-                one = {p: held_out_bhr(trace, cap, p) for p in mean}
+                one = {p: held_out_byte_hit_ratio(trace, cap, p)[0] for p in mean}
                 for p in mean:
                     mean[p] += one[p] / len(traces)
                 best = max(TEXTBOOK, key=lambda p: one[p])

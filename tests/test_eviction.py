@@ -21,7 +21,7 @@ from comfy_autocloud.store import (
     write_trace,
 )
 from comfy_autocloud.store.eviction import ADAPT_EPOCH, NextRequestPolicy
-from comfy_autocloud.store.simulate import simulate
+from comfy_autocloud.store.simulate import held_out_byte_hit_ratio, simulate
 from servers import safetensors_of
 from traces import realistic_trace, zipf_trace
 
@@ -150,19 +150,6 @@ def test_simulator_predicts_the_real_store(tmp_path: Path, policy: str) -> None:
     store.close()
 
 
-def _held_out_bhr(trace: list[tuple[float, str, int]], capacity: int, policy: str) -> tuple[float, Simulator]:
-    """Byte hit ratio on the second half of the trace, the cache warmed by the first."""
-    sim = Simulator(capacity, policy)
-    split = len(trace) // 2
-    asked = hit = 0
-    for i, (t, key, size) in enumerate(trace):
-        h = sim.request(t, key, size)
-        if i >= split:
-            asked += size
-            hit += size if h else 0
-    return hit / asked, sim
-
-
 @pytest.mark.parametrize("shape", ["realistic", "scans", "drift"])
 def test_adaptive_default_at_least_the_best_textbook_policy(shape: str) -> None:
     """Issue 16's targets on three differently shaped held-out traces (the defaults were tuned on seed 0):
@@ -171,8 +158,8 @@ def test_adaptive_default_at_least_the_best_textbook_policy(shape: str) -> None:
              "scans": lambda: realistic_trace(2, days=28, scan_every_days=1.0, scan_size=(40, 120)),
              "drift": lambda: realistic_trace(3, days=28, drift=0.9, scan_every_days=0)}[shape]()
     cap = sum({k: s for _t, k, s in trace}.values()) // 10
-    textbook = {p: _held_out_bhr(trace, cap, p)[0] for p in ("lru", "lfuda", "gdsf")}
-    default, sim = _held_out_bhr(trace, cap, "default")
+    textbook = {p: held_out_byte_hit_ratio(trace, cap, p)[0] for p in ("lru", "lfuda", "gdsf")}
+    default, sim = held_out_byte_hit_ratio(trace, cap, "default")
     assert default >= max(textbook.values()), (default, textbook)
     if shape == "realistic":
         assert default >= 1.20 * textbook["lru"], (default, textbook)

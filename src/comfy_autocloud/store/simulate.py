@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import heapq
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,6 +162,21 @@ def simulate(trace: Iterable[Request], capacity: int, policy: str = "default") -
         hits=hits,
         capacity=capacity,
     )
+
+
+def held_out_byte_hit_ratio(trace: Sequence[Request], capacity: int, policy: str = "default"
+                            ) -> tuple[float, Simulator]:
+    """Byte hit ratio on the second half of `trace`, the cache warmed by the first (how the policies are
+    compared on requests they have not learned from), and the simulator, to look at what it learned."""
+    sim = Simulator(capacity, policy)
+    split = len(trace) // 2
+    asked = hit = 0
+    for i, (now, key, size) in enumerate(trace):
+        h = sim.request(now, key, size)
+        if i >= split:
+            asked += size
+            hit += size if h else 0
+    return (hit / asked if asked else 0.0), sim
 
 
 def read_trace(path: str | Path) -> Iterator[Request]:
