@@ -7,7 +7,6 @@ Needs ``COMFYUI_PATH`` and an interpreter that can import ComfyUI (its venv, wit
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -43,6 +42,8 @@ comfy = _import_comfy()
 import comfy_autocloud.stepcache as sc  # noqa: E402
 from comfy_autocloud.comfy import nodes_stepcache as nodes  # noqa: E402
 from comfy_autocloud.comfy.stepcache_wrappers import KEY, FluxBlockPatch  # noqa: E402
+from comfy_autocloud.stepcache.calibration import use_store_dir  # noqa: E402
+from test_stepcache import psnr  # noqa: E402  (the same batch PSNR the library tests use)
 
 
 @pytest.fixture(scope="module")
@@ -330,18 +331,13 @@ def holder_block_mode(mp: Any) -> bool:
 
 @pytest.fixture(autouse=True)
 def calibration_dir(tmp_path: Path) -> Any:
-    """Each test's own calibrations (an explicit directory wins over the store's, which the nodes set)."""
+    """Each test's own calibrations (an explicit directory wins over the store's, which the nodes set; that
+    one is forgotten afterwards too, so later tests in this process see no running store)."""
     d = tmp_path / "stepcache-calibrations"
     sc.set_calibration_dir(d)
     yield d
     sc.set_calibration_dir(None)
-
-
-def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
-    flat = ref.flatten(1)
-    peak = float((flat.amax(1) - flat.amin(1)).mean())
-    mse = float((a - ref).pow(2).mean())
-    return 100.0 if mse == 0 else 10 * math.log10(peak**2 / mse)
+    use_store_dir(None)
 
 
 def other_noise(conds: tuple, seed: int = 21) -> tuple:
