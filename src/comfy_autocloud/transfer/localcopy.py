@@ -2,8 +2,9 @@
 
 The copy itself stays in the kernel (`copy_file_range`, falling back to `sendfile`, then to plain
 reads and writes); a hasher thread hashes the copied blocks from the page cache (through a mapping,
-fsutil.RangeHasher) while the next block copies. Warmup copies without hashing when it already knows the file's sha256
-(its sidecar on the volume), and kicks writeback block by block so the final flush finds little to do.
+fsutil.RangeHasher) while the next block copies. Warmup copies without hashing when it already knows
+the file's sha256 (its sidecar on the volume), and kicks writeback block by block so the final flush
+finds little to do.
 A source that changes size or mtime while it is copied is an error, never a mixed copy.
 """
 

@@ -7,7 +7,8 @@ hashing, no network stack imported), the sha256 usually comes from the volume's 
 bytes are never read back), and by default nothing waits for the disk, as with `cp` (Store.commit's
 "deferred" durability). What does not change: the partial file lives in the store's partial dir and
 reaches its final path only by the store's atomic rename once complete, so a killed warmup never
-shows a half file; room is reserved before the first byte; another process copying the same key is waited for.
+shows a half file; room is reserved before the first byte; another process copying the same key is
+waited for.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def _key_lock(store: Store, item: WarmupItem, cancel: CancelToken,
         yield
 
 
-def _copy_one(store: Store, item: WarmupItem, book: HashBook, durability: Durability, progress: ProgressCallback | None,
-              cancel: CancelToken) -> FileOutcome:
+def _copy_one(store: Store, item: WarmupItem, book: HashBook, durability: Durability,
+              progress: ProgressCallback | None, cancel: CancelToken) -> FileOutcome:
     try:
         with _key_lock(store, item, cancel, progress):
             done = current(store, item, progress)  # whoever held the lock may have copied it

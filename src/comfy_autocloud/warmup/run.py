@@ -10,12 +10,13 @@ computed while copying and added to the sidecar.
 
 Durability (`--durability`, Store.commit): by default ("deferred") nothing waits for the disk, as with
 `cp`: the files are complete in the page cache and at their final paths when warmup returns, each
-entry is recorded as unsettled in this boot, and a detached child flushes the cache's file system
-once (syncfs) and then settles them. Should the machine go down before that, the next lookup (in the
-next boot) reads such a file back against its sha256 before ComfyUI may use it, so a power cut costs a
-re-check, never a corrupt model. "durable" fsyncs every file before its rename instead (writeback
-started block by block during the copy so the disk writes overlap the reads): on this disk it cannot
-beat `cp -r && sync`, as the disk's write rate is the floor either way. "ephemeral", for a cache that
+entry is recorded as unsettled in this boot, and a detached process (store/settle.py) flushes the
+cache's file system once (syncfs) and then settles them. Should the machine go down before that, the
+next lookup or `verify` (in the next boot) reads such a file back against its sha256 before ComfyUI may
+use it, so a power cut costs a re-check, never a corrupt model. "durable" fsyncs every file before its
+rename instead (writeback started block by block during the copy so the disk writes overlap the reads):
+on this disk it cannot beat `cp -r && sync`, as the disk's write rate is the floor either way.
+"ephemeral", for a cache that
 dies with the machine (a RunPod pod's container disk), skips the flush and the marks.
 """
 
