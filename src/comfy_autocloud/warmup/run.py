@@ -16,8 +16,8 @@ next lookup or `verify` (in the next boot) reads such a file back against its sh
 use it, so a power cut costs a re-check, never a corrupt model. "durable" fsyncs every file before its
 rename instead (writeback started block by block during the copy so the disk writes overlap the reads):
 on this disk it cannot beat `cp -r && sync`, as the disk's write rate is the floor either way.
-"ephemeral", for a cache that
-dies with the machine (a RunPod pod's container disk), skips the flush and the marks.
+"ephemeral", for a cache that dies with the machine (a RunPod pod's container disk), skips the flush
+and the marks.
 """
 
 from __future__ import annotations
