@@ -32,10 +32,8 @@ the durable mode with `cp && sync`), then the library-level line
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,7 +49,7 @@ from comfy_autocloud.store import Store
 from comfy_autocloud.units import parse_size
 from comfy_autocloud.warmup.hashes import SIDECAR
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
-from servers import safetensors_header
+from servers import safetensors_header, stop_settles
 
 DROP = Path("/proc/sys/vm/drop_caches")
 
@@ -86,18 +84,6 @@ def make_volume(models: Path, files: int, size: int) -> list[Path]:
                 n += 1
         out.append(p)
     return out
-
-
-def stop_settles(work: Path) -> None:
-    """Stop the deferred-durability flush processes this run started (they wait an hour, see `ours`)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"comfy_autocloud.store.settle" in argv and any(str(work).encode() in a for a in argv):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(proc.name), signal.SIGTERM)
 
 
 def warmup_argv(command: str) -> list[str]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from comfy_autocloud.store import Store
-from servers import ChaosOrigin, NginxOrigin, write_random_file
+from servers import ChaosOrigin, NginxOrigin, stop_settles, write_random_file
 
 RandomFile = Callable[..., str]
 
@@ -24,15 +21,7 @@ def no_settle_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """Warmups in tests start the deferred flush (comfy_autocloud.store.settle), which waits ~35 s before it
     flushes: stop the ones still waiting on this session's temp dirs when the session ends."""
     yield
-    base = str(tmp_path_factory.getbasetemp()).encode()
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"comfy_autocloud.store.settle" in argv and any(a.startswith(base) for a in argv):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(proc.name), signal.SIGTERM)
+    stop_settles(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,20 @@ def safetensors_bytes(size: int, seed: int = 0) -> bytes:
     return header + random_bytes(size - len(header), seed)
 
 
+def stop_settles(under: Path) -> None:
+    """SIGTERM the deferred-durability flush processes (`python -m comfy_autocloud.store.settle CACHE`) still
+    waiting on a cache below `under`: warmups start them, and they wait ~35 s (or as told) before flushing."""
+    prefix = str(under).encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"comfy_autocloud.store.settle" in argv and any(a.startswith(prefix) for a in argv):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(proc.name), signal.SIGTERM)
+
+
 def write_random_file(path: Path, size: int, seed: int = 0) -> str:
     """Write `size` deterministic pseudo-random bytes (seeded PRNG, 16 MiB blocks); return the sha256.
 
