@@ -11,17 +11,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from comfy_autocloud.store import Store
-from servers import ChaosOrigin, NginxOrigin, stop_settles, write_random_file
+from servers import ChaosOrigin, NginxOrigin, stop_background, write_random_file
 
 RandomFile = Callable[..., str]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_settle_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def no_background_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Warmups in tests start the deferred flush (comfy_autocloud.store.settle), which waits ~35 s before it
-    flushes: stop the ones still waiting on this session's temp dirs when the session ends."""
+    flushes, and the hasher of first copies: stop those still running on this session's temp dirs at the end."""
     yield
-    stop_settles(tmp_path_factory.getbasetemp())
+    stop_background(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -78,18 +78,49 @@ def safetensors_bytes(size: int, seed: int = 0) -> bytes:
     return header + random_bytes(size - len(header), seed)
 
 
-def stop_settles(under: Path) -> None:
-    """SIGTERM the deferred-durability flush processes (`python -m comfy_autocloud.store.settle CACHE`) still
-    waiting on a cache below `under`: warmups start them, and they wait ~35 s (or as told) before flushing."""
+BACKGROUND_MODULES = ("comfy_autocloud.store.settle", "comfy_autocloud.warmup.hash_later")
+
+
+def background_pids(under: Path, modules: tuple[str, ...] = BACKGROUND_MODULES) -> list[int]:
+    """Detached processes warmup starts (`python -m MODULE CACHE ...`) working on a cache below `under`: the
+    deferred-durability flush (waits ~35 s, or as told, before flushing) and the hasher of first copies."""
     prefix = str(under).encode()
+    wanted = {m.encode() for m in modules}
+    pids = []
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"comfy_autocloud.store.settle" in argv and any(a.startswith(prefix) for a in argv):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(proc.name), signal.SIGTERM)
+        if wanted.intersection(argv) and any(a.startswith(prefix) for a in argv):
+            with contextlib.suppress(ValueError):
+                pids.append(int(proc.name))
+    return pids
+
+
+def stop_background(under: Path) -> None:
+    """SIGTERM every detached warmup process (BACKGROUND_MODULES) still working on a cache below `under`."""
+    for pid in background_pids(under):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def wait_hashed(cache: Path, timeout: float = 120.0) -> None:
+    """Wait until the background hasher of warmup's first copies (warmup/hash_later.py) for `cache` is done:
+    no entry left unhashed, and the process (which then writes the volume's sidecar) gone. Both, because a
+    process that has just been exec'd can show an empty /proc/PID/cmdline for a moment."""
+    from comfy_autocloud.store import Store
+
+    deadline = time.monotonic() + timeout
+    with Store(cache) as store:
+        while store.unhashed():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"entries of {cache} still unhashed after {timeout:.0f} s")
+            time.sleep(0.02)
+    while background_pids(cache, ("comfy_autocloud.warmup.hash_later",)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the background hasher for {cache} still runs after {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def write_random_file(path: Path, size: int, seed: int = 0) -> str:

@@ -81,6 +81,21 @@ def peer(tmp_path: Path) -> Iterator[tuple[PeerServerThread, Store, bytes, str]]
         yield srv, store, data, sha
 
 
+def test_peer_serves_no_file_whose_sha256_is_not_known_yet(peer) -> None:  # type: ignore[no-untyped-def]
+    """A warmup's first copy is committed without its hash (warmup/hash_later.py): a peer verifies what it gets
+    against the ETag, so the file is not offered (nor announced) before its hash is recorded."""
+    srv, store, _data, _sha = peer
+    data = random_safetensors(MiB)
+    part = store.partial_path("vae/w.safetensors")
+    part.write_bytes(data)
+    store.commit("vae/w.safetensors", part, size=len(data), sha256=None, source="file:///volume/vae/w.safetensors")
+    status, _hdrs, body = raw_get(srv.port, "/v1/files/vae/w.safetensors", AUTH)
+    assert status == 404 and b"sha256" in body
+    store.hash_pending()
+    status, hdrs, body = raw_get(srv.port, "/v1/files/vae/w.safetensors", AUTH)
+    assert status == 200 and body == data and hdrs["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+
+
 def test_peer_token_required(peer) -> None:  # type: ignore[no-untyped-def]
     srv, _store, data, sha = peer
     path = "/v1/files/checkpoints/a.safetensors"

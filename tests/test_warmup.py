@@ -39,7 +39,7 @@ from comfy_autocloud.warmup.extra_paths import BEGIN, END, SECTION, search_order
 from comfy_autocloud.warmup.hashes import SIDECAR
 from comfy_autocloud.warmup.plan import build_plan
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
-from servers import safetensors_of
+from servers import safetensors_of, wait_hashed
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +98,10 @@ class Env:
 
     def paths(self) -> WarmupPaths:
         return WarmupPaths(self.comfy, self.cache)
+
+    def hashed(self) -> None:
+        """Wait for the background hasher a first copy starts (warmup/hash_later.py) to finish."""
+        wait_hashed(self.cache)
 
     def subprocess_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
@@ -209,7 +213,9 @@ def test_hash_sidecar_on_the_volume_replaces_hashing(wenv: Env) -> None:
     b = wenv.model("checkpoints/b.safetensors", 2 * MiB, 2)
     wenv.list("checkpoints/*.safetensors")
     assert wenv.cli("--no-setup").exit_code == 0
-    # The first warmup hashed while copying and wrote what it found beside the models, keyed by size + mtime.
+    wenv.hashed()
+    # The first warmup's copies were hashed (in the background, after it returned) and what was found is
+    # written beside the models, keyed by size + mtime.
     st = os.stat(wenv.models / "checkpoints/a.safetensors")
     assert sidecar(wenv)["checkpoints/a.safetensors"] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                                                           "sha256": a}
@@ -231,8 +237,63 @@ def test_hash_sidecar_on_the_volume_replaces_hashing(wenv: Env) -> None:
     os.utime(wenv.models / "checkpoints/a.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     code, out = wenv.json_lines("--no-setup")
     assert code == 0 and {o["key"]: o["status"] for o in out if "key" in o}["checkpoints/a.safetensors"] == "recopied"
+    wenv.hashed()
     assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
     assert sidecar(wenv)["checkpoints/a.safetensors"]["sha256"] == a
+
+
+def test_first_copies_are_hashed_after_warmup_returns_or_while_copying_with_hash_now(wenv: Env) -> None:
+    a = wenv.model("checkpoints/a.safetensors", 3 * MiB, 1)
+    b = wenv.model("checkpoints/b.safetensors", 2 * MiB, 2)
+    wenv.list("checkpoints/*.safetensors")
+    code, out = wenv.json_lines("--no-setup")
+    assert code == 0 and [o["hash_pending"] for o in out if "key" in o] == [True, True]
+    assert out[-1]["summary"]["hash_pending"] == 2
+    wenv.hashed()
+    with Store(wenv.cache) as store:
+        assert store.unhashed() == []
+        assert {k: store.lookup(k).sha256 for k in ("checkpoints/a.safetensors", "checkpoints/b.safetensors")} == {
+            "checkpoints/a.safetensors": a, "checkpoints/b.safetensors": b}
+    assert {k: v["sha256"] for k, v in sidecar(wenv).items()} == {"checkpoints/a.safetensors": a,
+                                                                  "checkpoints/b.safetensors": b}
+    # The next pod (empty cache) copies with the recorded hashes: nothing left to hash.
+    shutil.rmtree(wenv.cache)
+    code, out = wenv.json_lines("--no-setup")
+    assert code == 0 and out[-1]["summary"]["hash_pending"] == 0
+    assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
+
+    # --hash now (or AUTOCLOUD_WARMUP_HASH=now): every sha256 is known when the command returns.
+    c = wenv.model("checkpoints/c.safetensors", MiB, 3)
+    code, out = wenv.json_lines("--no-setup", "--hash", "now")
+    assert code == 0 and out[-1]["summary"]["hash_pending"] == 0
+    assert Store(wenv.cache).lookup("checkpoints/c.safetensors").sha256 == c
+    assert sidecar(wenv)["checkpoints/c.safetensors"]["sha256"] == c
+    wenv.env["AUTOCLOUD_WARMUP_HASH"] = "sometimes"
+    with pytest.raises(ManifestError, match=r"AUTOCLOUD_WARMUP_HASH.*unknown hashing 'sometimes'"):
+        wenv.cli("--no-setup")
+
+
+def test_a_killed_background_hasher_loses_nothing(wenv: Env) -> None:
+    """Copies left unhashed (hasher killed, or never started) are hashed by the next warmup that copies."""
+    a = wenv.model("checkpoints/a.safetensors", 2 * MiB, 1)
+    wenv.list("checkpoints/a.safetensors")
+    with Store(wenv.cache) as store:  # what a warmup whose hasher died leaves: an unhashed copy
+        part = store.partial_path("checkpoints/a.safetensors")
+        shutil.copyfile(wenv.models / "checkpoints/a.safetensors", part)
+        st = os.stat(wenv.models / "checkpoints/a.safetensors")
+        store.commit("checkpoints/a.safetensors", part, size=st.st_size, sha256=None,
+                     source=f"file://{wenv.models}/checkpoints/a.safetensors", etag=f"{st.st_size}-{st.st_mtime_ns}")
+    b = wenv.model("checkpoints/b.safetensors", MiB, 2)
+    wenv.list("checkpoints/a.safetensors", "checkpoints/b.safetensors")
+    code, out = wenv.json_lines("--no-setup")
+    assert code == 0 and {o["key"]: o["status"] for o in out if "key" in o} == {
+        "checkpoints/a.safetensors": "cached", "checkpoints/b.safetensors": "copied"}
+    wenv.hashed()
+    with Store(wenv.cache) as store:
+        assert store.unhashed() == []
+        assert store.lookup("checkpoints/a.safetensors").sha256 == a
+    assert sidecar(wenv)["checkpoints/a.safetensors"]["sha256"] == a
+    assert sidecar(wenv)["checkpoints/b.safetensors"]["sha256"] == b
 
 
 def test_bad_or_unwritable_sidecar_costs_a_rehash_never_a_failure(wenv: Env) -> None:
@@ -241,6 +302,7 @@ def test_bad_or_unwritable_sidecar_costs_a_rehash_never_a_failure(wenv: Env) -> 
     (wenv.models / SIDECAR).parent.mkdir(parents=True)
     (wenv.models / SIDECAR).write_text("{not json")
     assert wenv.cli("--no-setup").exit_code == 0
+    wenv.hashed()
     assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
     assert sidecar(wenv)["checkpoints/a.safetensors"]["sha256"] == a  # rewritten whole
     # A volume where it cannot be written (here: a file where its folder should be): copied and hashed anyway.
@@ -249,6 +311,7 @@ def test_bad_or_unwritable_sidecar_costs_a_rehash_never_a_failure(wenv: Env) -> 
     shutil.rmtree(wenv.cache)
     code, out = wenv.json_lines("--no-setup")
     assert code == 0 and out[0]["status"] == "copied"
+    wenv.hashed()
     assert Store(wenv.cache).lookup("checkpoints/a.safetensors").sha256 == a
 
 
@@ -282,6 +345,7 @@ def test_ephemeral_durability_and_its_setting(wenv: Env) -> None:
     wenv.list("checkpoints/e*.safetensors")
     code, out = wenv.json_lines("--no-setup", "--durability", "ephemeral")
     assert code == 0 and out[-1]["summary"]["copied"] == 3
+    wenv.hashed()
     assert Store(wenv.cache).unsettled() == []  # a cache that dies with the machine needs no check
     for key, digest in want.items():
         assert sha256_of(wenv.cache / key) == digest

@@ -211,11 +211,16 @@ def sha256_of(path: Path) -> str:
     """The sha256 of a whole file (constant memory for 20 GB checkpoints)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        hasher = RangeHasher(fd)
-        try:
-            hasher.update_to(os.fstat(fd).st_size)
-            return hasher.hexdigest()
-        finally:
-            hasher.close()
+        return sha256_of_fd(fd)
     finally:
         os.close(fd)
+
+
+def sha256_of_fd(fd: int) -> str:
+    """The sha256 of the whole open file `fd` (for a caller that checked the inode it opened)."""
+    hasher = RangeHasher(fd)
+    try:
+        hasher.update_to(os.fstat(fd).st_size)
+        return hasher.hexdigest()
+    finally:
+        hasher.close()

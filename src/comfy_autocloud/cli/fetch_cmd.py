@@ -22,6 +22,11 @@ if TYPE_CHECKING:  # imported when the command runs, after the download path's i
     from comfy_autocloud.fetch.service import FetchService
     from comfy_autocloud.manifest.spec import ModelSpec
 
+
+def _sha_text(sha: str) -> str:
+    """'sha256 1234abcd5678…', or what a warmup copy whose hash is still being computed shows."""
+    return f"sha256 {sha[:12]}…" if sha else "sha256 being computed in the background"
+
 def breakdown(res: FetchResult, startup: float | None, total: float | None) -> str:
     """One line: where the wall-clock time of this process went (`-v`)."""
     steps = in_order(({"startup": startup} if startup is not None else {}) | res.phases)
@@ -111,7 +116,7 @@ def run_fetch(service: FetchService, build_specs: Callable[[], list[ModelSpec]],
                 rate = res.bytes_downloaded / res.seconds if res.seconds > 0 and res.bytes_downloaded else 0
                 how = "cached" if res.cached else f"{human_size(res.bytes_downloaded)} in {res.seconds:.2f}s" + (
                     f" ({human_rate(rate)})" if rate else "")
-                line = f"[green]✓[/green] {res.key}  {human_size(res.size)}  sha256 {res.sha256[:12]}…  {how}"
+                line = f"[green]✓[/green] {res.key}  {human_size(res.size)}  {_sha_text(res.sha256)}  {how}"
                 output.console.print(line)
         else:
             failed += 1

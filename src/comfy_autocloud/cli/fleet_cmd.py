@@ -57,7 +57,7 @@ async def _serve(app: AppContext, server: PeerServer, node: str, host: str, port
     """Run until SIGTERM/SIGINT; heartbeat and announce this node's files while Redis is configured."""
     from comfy_autocloud.fleet.node import advertised_url
     from comfy_autocloud.fleet.peer_server import serve_forever
-    from comfy_autocloud.fleet.registry import Heartbeat, Holding
+    from comfy_autocloud.fleet.registry import Heartbeat, holdings_of
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,8 +78,7 @@ async def _serve(app: AppContext, server: PeerServer, node: str, host: str, port
             assert config is not None
             fleet = Fleet(replace(config, node_id=node, token=token))
             store = app.store()
-            heartbeat = Heartbeat(fleet.registry, url,
-                                  lambda: [Holding(e.key, e.sha256, e.size) for e in store.entries()])
+            heartbeat = Heartbeat(fleet.registry, url, lambda: holdings_of(store))
             heartbeat.start()
         console.print(f"peer server for node {node} listening on http://{host}:{actual} (advertised as {url})",
                       highlight=False, soft_wrap=True)

@@ -52,7 +52,8 @@ def _print_setup(res: MergeResult, paths: wr.WarmupPaths) -> None:
 
 
 def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel: int, as_json: bool,
-                 setup: bool, page_cache: bool, durability: Durability = wr.DEFAULT_DURABILITY) -> int:
+                 setup: bool, page_cache: bool, durability: Durability = wr.DEFAULT_DURABILITY,
+                 hashing: wr.Hashing = wr.DEFAULT_HASHING) -> int:
     """Foreground warmup: yaml first (so ComfyUI can start meanwhile), then copy; 1 if any file failed."""
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
     store = open_store(app, paths)
@@ -68,7 +69,7 @@ def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel
     try:
         with view or contextlib.nullcontext():
             report = wr.run_warmup(store, plan, parallel=parallel, progress=progress, cancel=cancel,
-                                   warm_page_cache=page_cache, durability=durability)
+                                   warm_page_cache=page_cache, durability=durability, hashing=hashing)
     except KeyboardInterrupt:
         cancel.cancel()
         raise
@@ -100,6 +101,9 @@ def _print_report(report: wr.WarmupReport, paths: wr.WarmupPaths) -> None:
         f"page cache warmed: {human_size(report.warmed_bytes)}"
         + (f" ({human_size(report.warming_bytes)} still being read in the background)"
            if report.warming_bytes else ""))
+    if s["hash_pending"]:
+        say(f"warmup: first copy of {s['hash_pending']} file(s): their sha256 is computed in the background at low "
+            "priority and recorded on the volume, so the next warmup copies them without reading them back")
     if report.setup is not None:
         _print_setup(report.setup, paths)
 
@@ -180,11 +184,11 @@ def _clean(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
 
 
 def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel: int, setup: bool,
-                page_cache: bool, plan: Plan, as_json: bool, durability: Durability) -> int:
+                page_cache: bool, plan: Plan, as_json: bool, durability: Durability, hashing: wr.Hashing) -> int:
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
     argv = [sys.executable, "-m", "comfy_autocloud.cli.warmup_cmd", str(conf), "--comfyui-path", str(paths.comfyui),
             "--cache-path", str(paths.cache), "--parallel", str(parallel), "--no-setup", "--record-pid",
-            "--durability", durability]
+            "--durability", durability, "--hash", hashing]
     if not page_cache:
         argv.append("--no-page-cache")
     s = app.settings
@@ -227,12 +231,18 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
                    "written just before the machine went down is checked against its sha256 before use. durable: "
                    "fsync each file before it appears. ephemeral: no flush, no check (a cache that dies with the "
                    f"machine) [env {wr.DURABILITY_ENV}; default {wr.DEFAULT_DURABILITY}].")
+@click.option("--hash", "hashing", type=click.Choice(wr.HASHINGS), default=None,
+              help="later: a file copied for the first time (no record in the volume's hash sidecar) gets its sha256 "
+                   "from a low-priority background process after warmup returns, not read back on the critical "
+                   "path; now: hash while copying (the command returns with every sha256 known) "
+                   f"[env {wr.HASHING_ENV}; default {wr.DEFAULT_HASHING}].")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
 @click.option("--record-pid", is_flag=True, hidden=True)
 @pass_app
 def warmup_cmd(app: AppContext, conf: str | None, do_status: bool, do_clean: bool, do_list: bool, setup_only: bool,
                background: bool, comfyui_path: str | None, cache_path: str | None, parallel: int, no_setup: bool,
-               no_page_cache: bool, durability: str | None, as_json: bool, record_pid: bool) -> None:
+               no_page_cache: bool, durability: str | None, hashing: str | None, as_json: bool,
+               record_pid: bool) -> None:
     """Copy the models in CONF (default $WARMUP_CONFIG or warmup_models.conf) from the volume to the fast cache.
 
     CONF lines are `<folder>/<file or glob>` relative to <COMFYUI_PATH>/models. A rerun copies only
@@ -250,14 +260,14 @@ def warmup_cmd(app: AppContext, conf: str | None, do_status: bool, do_clean: boo
         wr.record_pid(paths)
     code = run_mode(app, paths, conf, mode=modes[0] if modes else None, background=background, parallel=parallel,
                     setup=not no_setup, page_cache=not no_page_cache, as_json=as_json,
-                    durability=wr.durability_from(durability))
+                    durability=wr.durability_from(durability), hashing=wr.hashing_from(hashing))
     if code:
         raise SystemExit(code)
 
 
 def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: str | None = None,
              background: bool = False, parallel: int = 4, setup: bool = True, page_cache: bool = True,
-             as_json: bool = False, durability: Durability | None = None) -> int:
+             as_json: bool = False, durability: Durability | None = None, hashing: wr.Hashing | None = None) -> int:
     """One warmup invocation (also what `autocloud start` runs before ComfyUI); returns the exit code."""
     if mode == "--status":
         return _status(app, paths, as_json)
@@ -277,15 +287,16 @@ def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: 
             _print_setup(res, paths)
         return 0
     durability = wr.durability_from(None) if durability is None else durability
+    hashing = wr.hashing_from(None) if hashing is None else hashing
     conf_path = wr.resolve_conf(conf, paths)
     plan = wr.load_plan(conf_path, paths)
     if mode == "--list":
         return _list(app, paths, plan, as_json)
     if background:
         return _background(app, paths, conf_path, parallel=parallel, setup=setup, page_cache=page_cache, plan=plan,
-                           as_json=as_json, durability=durability)
+                           as_json=as_json, durability=durability, hashing=hashing)
     return perform_copy(app, paths, plan, parallel=parallel, as_json=as_json, setup=setup, page_cache=page_cache,
-                        durability=durability)
+                        durability=durability, hashing=hashing)
 
 
 def run_standalone(cmd: click.Command, argv: list[str] | None = None) -> int:

@@ -204,8 +204,7 @@ def _members_from_peers(service: FetchService, path: FleetPath, req: FetchReques
     assert bundle is not None
     missing = []
     for m in bundle.members:
-        entry = service.store.lookup(m.key)
-        if entry is not None and (m.sha256 is None or entry.sha256 == m.sha256):
+        if service.has(m.key, m.sha256):
             continue
         if not fleet.registry.holders(m.key, m.sha256):
             return None  # not all of it is in the fleet yet: the zip is the one download

@@ -34,7 +34,8 @@ class FetchResult:
 
     def as_json(self, *, phases: bool = False) -> dict[str, object]:
         out: dict[str, object] = {
-            "key": self.key, "path": str(self.path), "size": self.size, "sha256": self.sha256,
+            "key": self.key, "path": str(self.path), "size": self.size,
+            "sha256": self.sha256 or None,  # None: a warmup copy whose hash is still being computed
             "seconds": round(self.seconds, 4), "bytes_downloaded": self.bytes_downloaded,
             "cached": self.cached, "source": self.source}
         if phases:

@@ -28,6 +28,7 @@ from comfy_autocloud.errors import (
     ManifestError,
     NotEnoughSpace,
     SourceError,
+    StoreError,
     TransferError,
 )
 from comfy_autocloud.fetch.request import FetchRequest, FetchResult
@@ -264,6 +265,11 @@ class FetchService:
 
     def _current(self, key: str, sha256: str | None) -> Entry | None:
         entry = self.store.lookup(key)
+        if entry is not None and sha256 is not None and not entry.hashed:
+            try:
+                entry = self.store.with_sha256(entry)  # a warmup copy whose hash is still being computed
+            except StoreError:
+                return None
         if entry is None or (sha256 is not None and entry.sha256 != sha256):
             return None  # a new version is asked for: download it, keep serving the old until then
         return entry

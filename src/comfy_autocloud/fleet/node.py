@@ -12,7 +12,7 @@ from typing import Any
 
 from comfy_autocloud.fleet.client import Fleet
 from comfy_autocloud.fleet.peer_server import PeerLimits, PeerServer, PeerServerThread
-from comfy_autocloud.fleet.registry import Heartbeat, Holding
+from comfy_autocloud.fleet.registry import Heartbeat, holdings_of
 from comfy_autocloud.store import Store
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,7 @@ class PeerNode:
     def start(self) -> PeerNode:
         self.server.start()
         self.url = advertised_url(self.host, self.server.port, self.advertise)
-        self.heartbeat = Heartbeat(self.fleet.registry, self.url,
-                                   lambda: [Holding(e.key, e.sha256, e.size) for e in self.store.entries()])
+        self.heartbeat = Heartbeat(self.fleet.registry, self.url, lambda: holdings_of(self.store))
         self.heartbeat.start()
         log.info("fleet: node %s serves its files at %s", self.fleet.node_id, self.url)
         return self

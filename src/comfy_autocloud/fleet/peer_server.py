@@ -266,6 +266,8 @@ class PeerServer:
         entry = self.store.lookup(key)
         if entry is None:
             raise web.HTTPNotFound(text=missing)
+        if route == "files" and not entry.hashed:  # never announced before it is: nothing to verify it by
+            raise web.HTTPNotFound(text="its sha256 is still being computed on this node\n")
         try:
             fd = os.open(self.store.path_for(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:

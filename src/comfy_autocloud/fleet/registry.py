@@ -23,8 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from comfy_autocloud.fleet.conn import FleetUnavailable, RedisGate
+
+if TYPE_CHECKING:
+    from comfy_autocloud.store import Store
 
 log = logging.getLogger("comfy_autocloud.fleet")
 
@@ -44,6 +48,12 @@ class Holding:
     key: str
     sha256: str
     size: int
+
+
+def holdings_of(store: Store) -> list[Holding]:
+    """What a node announces: its cached files whose sha256 is known (a warmup copy is announced once
+    hashed: peers verify what they get against the announced hash)."""
+    return [Holding(e.key, e.sha256, e.size) for e in store.entries() if e.hashed]
 
 
 class Registry:

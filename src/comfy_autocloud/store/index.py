@@ -298,6 +298,16 @@ class Index:
     def unsettled(self) -> list[tuple[str, float, str]]:
         return self.conn().execute("SELECT key, created, boot FROM unsettled ORDER BY key").fetchall()
 
+    # ----------------------------------------------------------------- hashed later (sha256 '' until then)
+    def unhashed_rows(self) -> list[tuple[Any, ...]]:
+        return self.conn().execute(f"SELECT {COLUMNS} FROM entries WHERE sha256='' ORDER BY created").fetchall()
+
+    def set_sha256(self, key: str, created: float, ino: int, sha: str) -> bool:
+        """Record the sha256 of the version of `key` committed at `created` in inode `ino`, if that version is
+        still the one indexed and still unhashed (False: replaced, evicted or hashed meanwhile)."""
+        return self.execute("UPDATE entries SET sha256=? WHERE key=? AND created=? AND ino=? AND sha256=''",
+                            (sha, key, created, ino)).rowcount > 0
+
     def set_identity(self, key: str, created: float, dev: int, ino: int) -> None:
         self.execute("UPDATE entries SET dev=?, ino=? WHERE key=? AND created=?", (dev, ino, key, created))
 

@@ -17,12 +17,12 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
-from comfy_autocloud.fsutil import boot_id, fsync_dir, fsync_file, sha256_of
+from comfy_autocloud.fsutil import boot_id, fsync_dir, fsync_file, sha256_of, sha256_of_fd
 from comfy_autocloud.keys import check_sha256, split_key
 from comfy_autocloud.phases import Laps
 from comfy_autocloud.store.content_check import check_before_commit
@@ -77,9 +77,15 @@ class Entry:
     pinned: bool
     in_use: bool
 
+    @property
+    def hashed(self) -> bool:
+        """False while the sha256 of a file committed without one (a warmup copy) is still being computed."""
+        return bool(self.sha256)
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
+        d["sha256"] = self.sha256 or None
         return d
 
 
@@ -299,16 +305,19 @@ class Store:
         bytes were known to be on disk, so they are read back once against the recorded sha256. A file
         that lost bytes is quarantined as `verify` does (it is fetched or copied again); a good one is
         trusted from now on."""
-        log.info("%s: written just before the machine went down; checking its sha256 once", key)
-        if sha256_of(path) == r[4]:
-            self._index.settle(key)
-            return True
+        if r[4]:
+            log.info("%s: written just before the machine went down; checking its sha256 once", key)
+            if sha256_of(path) == r[4]:
+                self._index.settle(key)
+                return True
+            why = "lost bytes when the machine went down (sha256 differs)"
+        else:  # copied to be hashed later, and the machine went down first: nothing to check it against
+            why = "was copied just before the machine went down and never hashed, so it cannot be checked"
         try:
             where = f"moved to {quarantine(self, key, path)}"
         except FileNotFoundError:
             where = "already gone"
-        log.warning("%s: lost bytes when the machine went down (sha256 differs); %s, it will be fetched again",
-                    key, where)
+        log.warning("%s: %s; %s, it will be fetched again", key, why, where)
         self._index.drop_entry(key, r[8])
         self._index.settle(key)
         return False
@@ -327,6 +336,64 @@ class Store:
     def unsettled(self) -> list[tuple[str, float, str]]:
         """(key, created, boot) of entries committed without fsync and not yet settled."""
         return self._index.unsettled()
+
+    # ----------------------------------------------------------------- hashed later
+    def unhashed(self) -> list[Entry]:
+        """Entries committed without a sha256 (`commit(sha256=None)`) whose hash is not recorded yet, oldest first."""
+        return [self._row(r, False).entry for r in self._index.unhashed_rows()]
+
+    def hash_pending(self, keys: Collection[str] | None = None) -> list[Entry]:
+        """Hash the unhashed entries (all, or those in `keys`) and record each sha256; returns the entries
+        now hashed. The bytes hashed are those of the indexed inode; a version replaced, evicted or hashed by
+        another process meanwhile is skipped."""
+        done: list[Entry] = []
+        for r in self._index.unhashed_rows():
+            row = self._row(r, False)
+            if keys is not None and row.entry.key not in keys:
+                continue
+            sha = self._hash_row(row)
+            if sha is not None:
+                done.append(replace(row.entry, sha256=sha))
+        return done
+
+    def with_sha256(self, entry: Entry) -> Entry:
+        """`entry` with its sha256, hashing it now if it was committed without one (what a caller that
+        compares hashes or serves the file to peers needs); StoreError if it was replaced meanwhile."""
+        if entry.hashed:
+            return entry
+        r = self._index.entry_row(entry.key)
+        if r is None or r[8] != entry.created:
+            raise StoreError(entry.key, "replaced or evicted while its sha256 was being computed")
+        row = self._row(r, entry.in_use)
+        if row.entry.hashed:
+            return row.entry
+        sha = self._hash_row(row)
+        if sha is None:
+            r = self._index.entry_row(entry.key)  # hashed by another process meanwhile, or replaced
+            if r is None or r[8] != entry.created or not r[4]:
+                raise StoreError(entry.key, "replaced or evicted while its sha256 was being computed")
+            sha = r[4]
+        return replace(row.entry, sha256=sha)
+
+    def _hash_row(self, row: _Row) -> str | None:
+        """The sha256 of the file of an unhashed row, recorded; None when the file is not that row's inode
+        any more or the row changed meanwhile."""
+        e = row.entry
+        try:
+            fd = os.open(e.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != row.ino or st.st_size != e.size:
+                return None
+            sha = sha256_of_fd(fd)
+        finally:
+            os.close(fd)
+        if not self._index.set_sha256(e.key, e.created, st.st_ino, sha):
+            return None
+        log.info("%s: sha256 %s recorded", e.key, sha[:12])
+        return sha
 
     def unsettled_by_ended_boots(self) -> set[tuple[str, float]]:
         """(key, created) of the entries committed unsettled in a boot that has ended: their bytes may not
@@ -501,7 +568,7 @@ class Store:
         part_path: Path,
         *,
         size: int,
-        sha256: str,
+        sha256: str | None,
         source: str,
         etag: str | None = None,
         last_modified: str | None = None,
@@ -522,11 +589,15 @@ class Store:
         unsettled in this boot until `settle()` has seen the disk catch up: should the machine go down
         first, the next lookup (another boot) reads the file back against its sha256 before serving it.
         "ephemeral" records nothing, for a cache that does not outlive the machine.
+
+        `sha256=None` commits a file whose hash is computed later (`hash_pending`; a warmup copies from the
+        user's own volume without reading the bytes back): the entry's sha256 is '' until then, it is never
+        deduplicated, and a caller that compares hashes gets one through `with_sha256`.
         """
         laps = Laps(timings)
         final = self.path_for(key)
         try:
-            sha = check_sha256(sha256)
+            sha = check_sha256(sha256) if sha256 is not None else ""
         except ValueError as exc:
             raise StoreError(key, str(exc)) from None
         part_path = Path(part_path)
@@ -541,7 +612,7 @@ class Store:
         final = self.path_for(key)  # re-check: a folder could have been swapped for a symlink meanwhile
 
         placed = False
-        twin = self._find_sha(sha)
+        twin = self._find_sha(sha) if sha else None
         if twin is not None and twin.entry.key == key:
             placed = True  # identical bytes already at the final path
         elif twin is not None:

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 # Kinds that are problems unless fixed. The others are informational: orphans are not ours to delete,
 # an empty lock file of a finished download costs nothing, dead rows are already ignored by every reader.
-PROBLEM_KINDS = frozenset({"missing", "size_mismatch", "sha256_mismatch", "bad_content", "unsafe_path", "unreadable",
+PROBLEM_KINDS = frozenset({"missing", "size_mismatch", "sha256_mismatch", "unverifiable", "bad_content", "unsafe_path",
+                           "unreadable",
                            "stale_partial", "stale_temp"})
 
 
@@ -137,6 +138,18 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
         kind = ""
         if st.st_size != size:
             kind, bad_reason = "size_mismatch", f"file has {st.st_size} bytes, index says {size}"
+        elif not sha and unsettled:
+            kind, bad_reason = "unverifiable", ("copied to be hashed later, and the machine went down before "
+                                                "it was hashed or flushed: nothing to check it against")
+        elif not sha:  # committed to be hashed later (a warmup copy): hash it now
+            report.rehashed += 1
+            try:
+                actual = sha256_of(path)
+            except OSError as exc:
+                add(Finding("unreadable", key, str(path), f"cannot read: {exc.strerror}", False))
+                continue
+            if fix:
+                index.set_sha256(key, created, st.st_ino, actual)
         elif rehash or unsettled:
             report.rehashed += 1
             try:

@@ -3,12 +3,13 @@
 It uses the same parts as the fetch service (the per-key single-flight lock, `Store.reserve`,
 `transfer.copy_file`, `Store.commit`), not the service itself, because a warmup differs in three ways
 that decide its speed: a cached copy is current when the volume file's size + mtime match (no
-hashing, no network stack imported), the sha256 usually comes from the volume's hash sidecar (so the
-bytes are never read back), and by default nothing waits for the disk, as with `cp` (Store.commit's
-"deferred" durability). What does not change: the partial file lives in the store's partial dir and
-reaches its final path only by the store's atomic rename once complete, so a killed warmup never
-shows a half file; room is reserved before the first byte; another process copying the same key is
-waited for.
+hashing, no network stack imported), the sha256 comes from the volume's hash sidecar (so the bytes are
+never read back) or, for a file copied for the first time, from a detached hasher after the warmup
+(hash_later.py; `--hash now` hashes while copying instead), and by default nothing waits for the disk,
+as with `cp` (Store.commit's "deferred" durability). What does not change: the partial file lives in
+the store's partial dir and reaches its final path only by the store's atomic rename once complete, so
+a killed warmup never shows a half file; room is reserved before the first byte; another process
+copying the same key is waited for.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from comfy_autocloud.errors import AutoCloudError
@@ -39,6 +41,7 @@ class FileOutcome:
     source: str = ""
     error: str = ""
     line: str = ""
+    hash_pending: bool = False  # committed without its sha256: the background hasher computes it (hash_later.py)
 
     @property
     def rate(self) -> float:
@@ -53,7 +56,11 @@ class FileOutcome:
 
 def source_of(item: WarmupItem) -> str:
     """The store's `source` column for a warmup copy (what the fetch service records for a file:// source)."""
-    return f"file://{item.source}"
+    return source_of_path(item.source)
+
+
+def source_of_path(path: Path) -> str:
+    return f"file://{path}"
 
 
 def current(store: Store, item: WarmupItem, progress: ProgressCallback | None) -> FileOutcome | None:
@@ -68,9 +75,12 @@ def current(store: Store, item: WarmupItem, progress: ProgressCallback | None) -
 
 
 def copy_items(store: Store, items: list[WarmupItem], book: HashBook, *, parallel: int = 4,
-               durability: Durability = "durable",
+               durability: Durability = "durable", hash_later: bool = False,
                progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> list[FileOutcome]:
     """Copy every item (none already current, as far as the caller knew); one outcome per item, in order.
+
+    `hash_later`: a file the hash sidecar does not know is committed without its sha256 (for the
+    background hasher, hash_later.py) instead of being hashed while it is copied.
 
     A failure is that file's outcome and never stops the others; Ctrl-C cancels every copy (their
     partial files stay in the partial dir, never at a final path).
@@ -83,7 +93,7 @@ def copy_items(store: Store, items: list[WarmupItem], book: HashBook, *, paralle
     from comfy_autocloud.transfer import localcopy  # noqa: F401
 
     token = cancel or CancelToken()
-    return map_cancellable(lambda item: _copy_one(store, item, book, durability, progress, token), items,
+    return map_cancellable(lambda item: _copy_one(store, item, book, durability, hash_later, progress, token), items,
                            parallel=parallel, token=token, thread_name="autocloud-warmup")
 
 
@@ -100,21 +110,21 @@ def _key_lock(store: Store, item: WarmupItem, cancel: CancelToken,
         yield
 
 
-def _copy_one(store: Store, item: WarmupItem, book: HashBook, durability: Durability,
+def _copy_one(store: Store, item: WarmupItem, book: HashBook, durability: Durability, hash_later: bool,
               progress: ProgressCallback | None, cancel: CancelToken) -> FileOutcome:
     try:
         with _key_lock(store, item, cancel, progress):
             done = current(store, item, progress)  # whoever held the lock may have copied it
             if done is not None:
                 return done
-            return _copy_locked(store, item, book, durability, progress, cancel)
+            return _copy_locked(store, item, book, durability, hash_later, progress, cancel)
     except AutoCloudError as exc:
         if progress is not None:
             progress(ProgressEvent(item.key, "error", message=exc.reason))
         return FileOutcome(item.key, "failed", item.size, error=f"{exc.subject}: {exc.reason}", line=item.line)
 
 
-def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durability: Durability,
+def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durability: Durability, hash_later: bool,
                  progress: ProgressCallback | None, cancel: CancelToken) -> FileOutcome:
     from comfy_autocloud.transfer.localcopy import copy_file
 
@@ -139,17 +149,18 @@ def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durability: Dur
             progress(ProgressEvent(item.key, "download", done, total))
 
     with store.reserve(item.key, item.size):
-        result = copy_file(item.source, part, progress=on_bytes, cancel=cancel, hash=known is None,
+        result = copy_file(item.source, part, progress=on_bytes, cancel=cancel, hash=known is None and not hash_later,
                            writeback=durability == "durable")  # the fsync before the rename finds the writes done
         identity = result.etag or ""
-        sha = result.sha256
+        sha: str | None = result.sha256 or None
         if identity != item.identity:  # the volume file changed after the plan: what was copied is the truth
             size, _, mtime = identity.partition("-")
-            sha = book.known(item.key, int(size), int(mtime)) or sha or sha256_of(part)
-            book.add(item.key, int(size), int(mtime), sha)
+            sha = book.known(item.key, int(size), int(mtime)) or sha or (None if hash_later else sha256_of(part))
+            if sha is not None:
+                book.add(item.key, int(size), int(mtime), sha)
         elif known is not None:
             sha = known
-        else:
+        elif sha is not None:
             book.add(item.key, item.size, item.mtime_ns, sha)
         if progress is not None:
             progress(ProgressEvent(item.key, "commit", result.size, result.size))
@@ -158,5 +169,5 @@ def _copy_locked(store: Store, item: WarmupItem, book: HashBook, durability: Dur
     if progress is not None:
         progress(ProgressEvent(item.key, "done", entry.size, entry.size))
     return FileOutcome(item.key, "recopied" if replaced else "copied", entry.size, result.size,
-                       time.perf_counter() - t0, source_of(item), line=item.line)
+                       time.perf_counter() - t0, source_of(item), line=item.line, hash_pending=not entry.hashed)
 
