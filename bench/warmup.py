@@ -23,7 +23,9 @@ for its own writes. Cases:
   after the command returned it was done);
 - `first_hash_now`: the same with `--hash now` (sha256 computed while copying, as before);
 - `rerun`: `autocloud warmup CONF` again with nothing to copy (page cache dropped first, like the others);
-  `rerun_warm` the same with the page cache as the previous run left it;
+  `rerun_warm` the same with the page cache as the previous run and its background reader left it;
+- every case starts once the background work of the one before (warmup's page-cache reader, the
+  hasher) is done, so none is timed during another's; the deferred flush waits an hour, see above;
 - with `--baseline-src DIR` (another tree's `src`, e.g. `git archive main src`), `rerun_baseline` and
   `rerun_warm_baseline`: the same two runs of that tree's code, in the same rounds.
 
@@ -54,7 +56,7 @@ from comfy_autocloud.store import Store
 from comfy_autocloud.units import parse_size
 from comfy_autocloud.warmup.hashes import SIDECAR
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
-from servers import safetensors_header, stop_background, wait_hashed
+from servers import safetensors_header, stop_background, wait_hashed, wait_idle
 
 DROP = Path("/proc/sys/vm/drop_caches")
 
@@ -181,6 +183,7 @@ def main() -> None:
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
                 prepare(name)
+                wait_idle(work)  # the last case's page-cache reader is done
                 cold &= drop_caches()
                 t0 = time.perf_counter()
                 cases[name]()
@@ -192,6 +195,7 @@ def main() -> None:
                     if len(json.loads(sidecar.read_text())["files"]) != args.files:
                         raise SystemExit("the background hasher did not record every file in the sidecar")
                 if name.startswith("rerun"):  # and once more with the page cache as that run left it
+                    wait_idle(work)
                     t0 = time.perf_counter()
                     cases[name]()
                     times.setdefault(name.replace("rerun", "rerun_warm"), []).append(time.perf_counter() - t0)

@@ -105,6 +105,30 @@ def stop_background(under: Path) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+def wait_idle(under: Path, timeout: float = 120.0) -> None:
+    """Wait until no process but this one works on paths below `under`, the deferred flush aside (it sleeps):
+    for a benchmark, so that one case's background work (warmup's page-cache reader, its hasher) is not
+    timed as part of the next case."""
+    prefix = str(under).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"comfy_autocloud.store.settle" not in argv and any(a.startswith(prefix) for a in argv):
+                busy.append(int(proc.name))
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {busy} still work below {under} after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
 def wait_hashed(cache: Path, timeout: float = 120.0) -> None:
     """Wait until the background hasher of warmup's first copies (warmup/hash_later.py) for `cache` is done:
     no entry left unhashed, and the process (which then writes the volume's sidecar) gone. Both, because a
