@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=4, help="files ours copies at once (the CLI's default)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir; removed afterwards)")
+    ap.add_argument("--cases", default="", help="comma-separated subset of the cases (default: all; the summary "
+                    "lines need all)")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also time the reruns with another tree's src (PYTHONPATH), in the same rounds")
     ap.add_argument("--command", choices=("autocloud", "module"), default="autocloud",
@@ -178,7 +180,7 @@ def main() -> None:
         }
         if base_env is not None:
             cases["rerun_baseline"] = lambda: run(cli, base_env)
-        names = list(cases)
+        names = [n for n in cases if not args.cases or n in args.cases.split(",")]
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
@@ -206,6 +208,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     gib = each * args.files / 2**30
     print("  ".join(f"{k}={'/'.join(f'{x:.2f}' for x in v)}s" for k, v in times.items()))
+    if args.cases:
+        print("medians: " + "  ".join(f"{k}={v:.3f}s" for k, v in med.items()))
+        return
     print(f"warmup {args.command} files={args.files} size={gib:.1f}GiB cold={'yes' if cold else 'no'} "
           f"rounds={args.rounds} cp={med['cp']:.2f}s cp_sync={med['cp+sync']:.2f}s ours={med['ours']:.2f}s "
           f"ours_durable={med['ours_durable']:.2f}s ours_ephemeral={med['ours_eph']:.2f}s "

@@ -27,6 +27,7 @@ def _sha_text(sha: str) -> str:
     """'sha256 1234abcd5678…', or what a warmup copy whose hash is still being computed shows."""
     return f"sha256 {sha[:12]}…" if sha else "sha256 being computed in the background"
 
+
 def breakdown(res: FetchResult, startup: float | None, total: float | None) -> str:
     """One line: where the wall-clock time of this process went (`-v`)."""
     steps = in_order(({"startup": startup} if startup is not None else {}) | res.phases)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -76,13 +74,25 @@ class Answer:
         return json.loads(self.body.decode("utf-8"))
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # redirects are followed by `request`, which decides about credentials
+_OPENER: Any = None
 
 
-# No proxy from urllib's own environment handling: `transfer.proxy` picks it per request, as for the engine.
-_OPENER = urllib.request.build_opener(_NoRedirect(), urllib.request.ProxyHandler({}))
+def _opener() -> Any:
+    """urllib's opener, built at the first metadata request: urllib.request (http.client, email, ...) costs
+    ~25 ms to import, which a plain https download, whose URL is only checked against these sources'
+    patterns, should not pay at start-up."""
+    global _OPENER
+    if _OPENER is None:
+        import urllib.request
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+                return None  # redirects are followed by `request`, which decides about credentials
+
+        # No proxy from urllib's own environment handling: `transfer.proxy` picks it per request, as for the
+        # engine.
+        _OPENER = urllib.request.build_opener(NoRedirect(), urllib.request.ProxyHandler({}))
+    return _OPENER
 
 
 def request(url: str, headers: Mapping[str, str], *, method: str = "GET", follow: bool = True,
@@ -92,6 +102,10 @@ def request(url: str, headers: Mapping[str, str], *, method: str = "GET", follow
     Network failures raise `Retryable` so callers wrap this in `with_retries`; redirects and the
     credentials they drop follow `transfer.http_policy`, as the engine's do.
     """
+    import urllib.error
+    import urllib.request
+
+    opener = _opener()
     hdrs = dict(headers)
     for _ in range(MAX_REDIRECTS + 1):
         proxy = proxy_for(url)
@@ -101,7 +115,7 @@ def request(url: str, headers: Mapping[str, str], *, method: str = "GET", follow
             if proxy.headers:
                 req.add_unredirected_header("Proxy-Authorization", proxy.headers["Proxy-Authorization"])
         try:
-            resp = _OPENER.open(req, timeout=timeout)
+            resp = opener.open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             resp = e
         except (urllib.error.URLError, OSError, TimeoutError) as e:
