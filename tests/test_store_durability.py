@@ -15,6 +15,7 @@ from comfy_autocloud.store import Store
 from comfy_autocloud.store import store as store_mod
 from comfy_autocloud.store.settle import main as settle_main
 from comfy_autocloud.store.settle import settle_delay
+from servers import background_pids, stop_background
 from test_store import blob, put
 
 KEY = "checkpoints/a.safetensors"
@@ -115,3 +116,82 @@ def test_verify_checks_what_a_boot_that_ended_left_unsettled(store: Store, monke
     store.verify()
     assert store.unsettled() == [] and not store.path_for(KEY).exists()
     assert store.lookup(KEY) is None and store.lookup("vae/b.safetensors") is not None
+
+
+# ------------------------------------------------------------------------------ downloads (the durability setting)
+
+def test_durability_names_agree_between_config_and_store() -> None:
+    from comfy_autocloud import config
+    from comfy_autocloud.store import DURABILITIES
+
+    assert sorted(config.DURABILITIES) == sorted(DURABILITIES)
+
+
+def test_durability_setting_defaults_to_deferred_and_refuses_unknown_names() -> None:
+    from comfy_autocloud.config import load_settings
+
+    assert load_settings({}).durability == "deferred"
+    assert load_settings({"durability": "Durable"}).durability == "durable"
+    with pytest.raises(Exception, match="durability"):
+        load_settings({"durability": "sometimes"})
+
+
+def test_a_download_with_the_default_setting_commits_deferred_and_settles_in_the_background(
+        tmp_path: Path, nginx_origin, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from cli_helpers import run_cli
+    from servers import write_random_file
+
+    write_random_file(nginx_origin.data_dir / "dur.safetensors", 256 * 1024, seed=7)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AUTOCLOUD_SETTLE_DELAY", "600")  # still waiting when we look
+    monkeypatch.delenv("AUTOCLOUD_DURABILITY", raising=False)
+    assert run_cli("--cache-dir", str(cache), "fetch", nginx_origin.url("dur.safetensors"), "--folder", "vae") == 0
+    with Store(cache) as store:
+        assert [k for k, _, _ in store.unsettled()] == ["vae/dur.safetensors"]
+    from comfy_autocloud.store.settle import _settler_waiting
+
+    deadline = time.monotonic() + 30
+    while not _settler_waiting(cache) and time.monotonic() < deadline:  # the detached flush has started
+        time.sleep(0.02)
+    settlers = background_pids(cache, ("comfy_autocloud.store.settle",))
+    assert len(settlers) == 1
+    # A second download while that one waits starts no second flush (it covers both).
+    write_random_file(nginx_origin.data_dir / "dur2.safetensors", 256 * 1024, seed=8)
+    assert run_cli("--cache-dir", str(cache), "fetch", nginx_origin.url("dur2.safetensors"), "--folder", "vae") == 0
+    assert background_pids(cache, ("comfy_autocloud.store.settle",)) == settlers
+    stop_background(cache)
+
+    monkeypatch.setenv("AUTOCLOUD_DURABILITY", "durable")
+    write_random_file(nginx_origin.data_dir / "dur3.safetensors", 256 * 1024, seed=9)
+    assert run_cli("--cache-dir", str(cache), "fetch", nginx_origin.url("dur3.safetensors"), "--folder", "vae") == 0
+    with Store(cache) as store:
+        assert "vae/dur3.safetensors" not in [k for k, _, _ in store.unsettled()]
+
+
+def test_one_settler_per_cache_and_it_goes_on_while_entries_arrive_during_its_flush(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    from comfy_autocloud.store import settle as settle_mod
+    from comfy_autocloud.store.layout import SETTLE_LOCK
+
+    put(store, KEY, blob("a", 4096), durability="deferred")
+    with open(store.private / SETTLE_LOCK, "a+b") as held:  # another settler waits for this cache
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert settle_mod.settle_cache(store.root, 0) == 0 and len(store.unsettled()) == 1
+        assert settle_mod._settler_waiting(store.root)
+    assert not settle_mod._settler_waiting(store.root)
+
+    real = settle_mod.flush_and_settle
+    rounds: list[int] = []
+
+    def flush_while_a_download_commits(root: Path, index) -> int:  # type: ignore[no-untyped-def]
+        n = real(root, index)
+        rounds.append(n)
+        if len(rounds) == 1:  # committed after this flush began: not covered by it
+            put(store, "vae/late.safetensors", blob("l", 4096), durability="deferred")
+        return n
+
+    monkeypatch.setattr(settle_mod, "flush_and_settle", flush_while_a_download_commits)
+    assert settle_mod.settle_cache(store.root, 0) == 2
+    assert rounds == [1, 1] and store.unsettled() == []

@@ -21,6 +21,17 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"
 POLICIES = ("default", "lru", "lfuda", "gdsf", "gdlfu", "lrfu-1d", "lrfu-14d", "lrfu-tod", "lrfu-next")
 
 
+# How a commit reaches the disk (store.DURABILITIES; tests/test_store_durability.py keeps them equal).
+DURABILITIES = ("deferred", "durable", "ephemeral")
+
+
+def _durability(value: str) -> str:
+    text = str(value).strip().lower()
+    if text not in DURABILITIES:
+        raise ValueError(f"unknown durability (known: {', '.join(DURABILITIES)})")
+    return text
+
+
 def _policy(value: str) -> str:
     if value not in POLICIES:
         raise ValueError(f"unknown eviction policy (known: {', '.join(POLICIES)})")
@@ -141,6 +152,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rate_limit", "AUTOCLOUD_RATE_LIMIT", None, lambda v: None if v in (None, "", "0") else parse_rate(v),
             "process-wide download rate limit in bytes/s"),
     Setting("retries", "AUTOCLOUD_RETRIES", 6, int, "attempts per byte range on 5xx/429/reset/timeout"),
+    Setting("durability", "AUTOCLOUD_DURABILITY", "deferred", _durability,
+            "how a download reaches the disk: deferred (nothing waits for it; a detached flush follows, and a "
+            "file written just before the machine went down is checked against its sha256 before use), durable "
+            "(fsync before the file appears) or ephemeral (never flushed: a cache that dies with the machine)"),
     Setting("min_free_disk", "AUTOCLOUD_MIN_FREE_DISK", 256 * 2**20, parse_size,
             "space every download leaves free on the cache disk (small disks, tests: lower it)"),
     Setting("temp_dir", "AUTOCLOUD_TEMP_DIR", None, _optional(lambda v: str(Path(v).expanduser())),

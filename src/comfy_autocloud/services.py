@@ -97,5 +97,5 @@ def build(settings: Settings, *, store: Store | None = None, cache_dir: Path | s
     store = store if store is not None else open_store(settings, cache_dir=cache_dir, max_size=max_size)
     node_fleet = open_fleet(settings, alone_on_error=alone_on_fleet_error) if fleet else None
     options = transfer_options(settings, connections=connections, limiter=limiter)
-    return Services(store=store, fetch=FetchService(store, options=options, fleet=node_fleet), fleet=node_fleet,
-                    limiter=limiter)
+    service = FetchService(store, options=options, fleet=node_fleet, durability=settings.durability)
+    return Services(store=store, fetch=service, fleet=node_fleet, limiter=limiter)

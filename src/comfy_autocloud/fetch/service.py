@@ -38,7 +38,7 @@ from comfy_autocloud.phases import Laps
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent, map_cancellable
 from comfy_autocloud.redact import excerpt, redact_text, redact_url
 from comfy_autocloud.sources import ResolvedSource, resolve
-from comfy_autocloud.store import Entry, Store
+from comfy_autocloud.store import Durability, Entry, Store
 from comfy_autocloud.store.content_check import content_problem
 from comfy_autocloud.transfer import (
     TransferOptions,
@@ -70,8 +70,13 @@ class FetchService:
         options: TransferOptions | None = None,
         integrity_attempts: int = 2,
         fleet: Fleet | None = None,
+        durability: Durability = "durable",
     ) -> None:
+        """`durability` (Store.commit): "deferred" commits without waiting for the disk and asks for the
+        store's detached flush after each download (services.build passes the `durability` setting, whose
+        default is "deferred"; an embedder's service stays "durable" unless told)."""
         self.store = store
+        self.durability = durability
         self.options = options or TransferOptions()
         self.integrity_attempts = max(1, integrity_attempts)
         self.fleet = fleet
@@ -374,10 +379,13 @@ class FetchService:
             try:
                 entry = self.store.commit(key, part, size=result.size, sha256=result.sha256, source=resolved.display,
                                           etag=result.etag, last_modified=result.last_modified, pin=spec.pin,
-                                          timings=laps.times, content_type=result.content_type)
+                                          timings=laps.times, content_type=result.content_type,
+                                          durability=self.durability)
             except BadContent:
                 discard_partial(part)
                 raise
+            if self.durability == "deferred":
+                self.store.settle_in_background()
             remove_live(part)  # streaming readers now follow the committed file
         self.announce(key, entry.sha256, entry.size, reservation.evicted)
         self.notify(progress, ProgressEvent(key, "done", entry.size, entry.size))

@@ -24,6 +24,7 @@ LOCKS_DIR = "locks"
 QUARANTINE_DIR = "quarantine"
 INDEX_NAME = "index.sqlite"
 POLICY_STATE_NAME = "policy-state.json"
+SETTLE_LOCK = "settle.lock"  # one deferred-durability flush waiting per cache (store/settle.py)
 HASH_LATER_LOCK = "hash_later.lock"  # one background hasher of warmup's first copies per cache (warmup/hash_later.py)
 TMP_SUFFIX = ".actmp"
 TEMP_RESERVE = 4 * 2**20  # left free on the temp dir after a partial is chosen to live there (state files)

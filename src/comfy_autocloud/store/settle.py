@@ -6,6 +6,12 @@ caller's. It waits DELAY seconds (the kernel writes most dirty pages back by its
 the cache's file system once (syncfs) and then trusts the entries committed unsettled in this boot before
 the flush began. It only ever deletes marks: a cache removed meanwhile is left alone (nothing is recreated), and
 any failure leaves the marks, which only costs a sha256 check should the machine go down first.
+
+One waits per cache (a lock file): downloads in a ComfyUI server or a `fetch` of many files each ask for
+one, and a second one started while the first waits has nothing to add, so it exits at once; the one
+waiting flushes again after another delay as long as entries were committed during its flush. (An entry
+committed in the instant between its last look and its exit stays marked: a sha256 check if the machine
+goes down, never a wrong file.)
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 
 from comfy_autocloud.fsutil import boot_id, syncfs
 from comfy_autocloud.store.index import Index
-from comfy_autocloud.store.layout import INDEX_NAME, PRIVATE_DIR
+from comfy_autocloud.store.layout import INDEX_NAME, PRIVATE_DIR, SETTLE_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +50,12 @@ def settle_delay() -> float:
 
 
 def start_settle(root: Path, delay: float | None = None) -> bool:
-    """Start `python -m comfy_autocloud.store.settle ROOT DELAY` detached; False when it cannot be started."""
+    """Start `python -m comfy_autocloud.store.settle ROOT DELAY` detached, unless one already waits for this
+    cache (it covers what was committed before it flushes); False when it cannot be started."""
     import subprocess
 
+    if _settler_waiting(root):
+        return True
     wait = settle_delay() if delay is None else delay
     try:
         subprocess.Popen([sys.executable, "-m", "comfy_autocloud.store.settle", str(root), f"{wait:g}"],
@@ -58,6 +67,22 @@ def start_settle(root: Path, delay: float | None = None) -> bool:
     return True
 
 
+def _settler_waiting(root: Path) -> bool:
+    """Whether a settle process holds this cache's lock (it flushes after its delay)."""
+    import fcntl
+
+    try:
+        with open(root / PRIVATE_DIR / SETTLE_LOCK, "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return False
+
+
 def flush_and_settle(root: Path, index: Index) -> int:
     """One syncfs of the file system holding `root`, then clear the marks of this boot's entries committed
     before it began; how many were cleared."""
@@ -66,25 +91,45 @@ def flush_and_settle(root: Path, index: Index) -> int:
     return index.settle(boot=boot_id(), before=started)
 
 
-def settle_cache(root: Path) -> int:
-    """`flush_and_settle` for the cache at `root` from another process; a cache removed meanwhile is left
-    alone (its index is not recreated)."""
+def settle_cache(root: Path, delay: float = 0.0) -> int:
+    """Wait `delay`, then `flush_and_settle` the cache at `root` from another process, again after another
+    delay while entries committed during a flush remain; how many were settled. Returns 0 at once when
+    another process is already waiting to settle this cache; a cache removed meanwhile is left alone
+    (its index is not recreated)."""
+    import fcntl
+
     index_path = root / PRIVATE_DIR / INDEX_NAME
     if not index_path.is_file():
         return 0
-    index = Index(index_path, {})
     try:
-        return flush_and_settle(root, index)
-    finally:
-        index.close()
+        lock = open(index_path.with_name(SETTLE_LOCK), "a+b")  # noqa: SIM115 - held for the whole wait
+    except OSError:
+        return 0
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # another settler waits for this cache: it covers what was committed before it flushes
+        settled = 0
+        this_boot = boot_id()
+        while True:
+            time.sleep(delay)
+            if not index_path.is_file():
+                return settled
+            index = Index(index_path, {})
+            try:
+                settled += flush_and_settle(root, index)
+                if not any(boot == this_boot for _key, _created, boot in index.unsettled()):
+                    return settled
+            finally:
+                index.close()
 
 
 def main(argv: list[str]) -> int:
     if not argv or len(argv) > 2:
         print("usage: python -m comfy_autocloud.store.settle CACHE [DELAY_SECONDS]", file=sys.stderr)
         return 2
-    time.sleep(float(argv[1]) if len(argv) > 1 else 0.0)
-    settle_cache(Path(argv[0]))
+    settle_cache(Path(argv[0]), float(argv[1]) if len(argv) > 1 else 0.0)
     return 0
 
 
