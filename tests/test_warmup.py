@@ -32,6 +32,7 @@ from comfy_autocloud.fsutil import sha256_of
 from comfy_autocloud.manifest.spec import ModelSpec
 from comfy_autocloud.manifest.warmup_conf import parse_warmup_text
 from comfy_autocloud.store import Store
+from comfy_autocloud.store.settle import _settler_waiting
 from comfy_autocloud.store.store import PRIVATE_DIR
 from comfy_autocloud.transfer.localcopy import copy_file
 from comfy_autocloud.warmup import extra_paths, pagecache
@@ -39,7 +40,7 @@ from comfy_autocloud.warmup.extra_paths import BEGIN, END, SECTION, search_order
 from comfy_autocloud.warmup.hashes import SIDECAR
 from comfy_autocloud.warmup.plan import build_plan
 from comfy_autocloud.warmup.run import WarmupPaths, load_plan, run_warmup
-from servers import safetensors_of, wait_hashed
+from servers import safetensors_of, stop_background, wait_hashed
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
@@ -330,6 +331,11 @@ def test_default_durability_is_deferred_and_settles_in_the_background(wenv: Env)
         assert [k for k, _, _ in store.unsettled()] == ["checkpoints/d.safetensors"]  # durable: no mark
     wenv.list("checkpoints/d.safetensors", "checkpoints/f.safetensors")
     (wenv.models / "checkpoints/d.safetensors").touch()  # copied again, now settled at once
+    # The flush still waiting (600 s) would cover this copy too, so no second one would start: stop it.
+    stop_background(wenv.cache)
+    deadline = time.monotonic() + 30
+    while _settler_waiting(wenv.cache) and time.monotonic() < deadline:
+        time.sleep(0.02)
     wenv.env["AUTOCLOUD_SETTLE_DELAY"] = "0"
     assert wenv.cli("--no-setup").exit_code == 0
     deadline = time.monotonic() + 30
