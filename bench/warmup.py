@@ -27,7 +27,8 @@ for its own writes. Cases:
 - every case starts once the background work of the one before (warmup's page-cache reader, the
   hasher) is done, so none is timed during another's; the deferred flush waits an hour, see above;
 - with `--baseline-src DIR` (another tree's `src`, e.g. `git archive main src`), `rerun_baseline` and
-  `rerun_warm_baseline`: the same two runs of that tree's code, in the same rounds.
+  `rerun_warm_baseline`: the same two runs of that tree's code, in the same rounds (and their ratios);
+  `--only-reruns` times only these rerun cases.
 
 Prints medians, then one line with the ratios last (cp time / ours: > 1 means ours is faster;
 targets: ours >= 1.0x `cp`, >= 1.5x `cp && sync`, rerun <= 0.2 s; `durable_ratio_vs_cp_sync` compares
@@ -114,6 +115,8 @@ def main() -> None:
                     "lines need all)")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also time the reruns with another tree's src (PYTHONPATH), in the same rounds")
+    ap.add_argument("--only-reruns", action="store_true",
+                    help="time only the reruns (rerun, rerun_warm and their baseline columns), not the copies")
     ap.add_argument("--command", choices=("autocloud", "module"), default="autocloud",
                     help="time `autocloud warmup` (default) or runpod/warmup.sh's `python -m "
                          "comfy_autocloud.cli.warmup_cmd`")
@@ -180,7 +183,8 @@ def main() -> None:
         }
         if base_env is not None:
             cases["rerun_baseline"] = lambda: run(cli, base_env)
-        names = [n for n in cases if not args.cases or n in args.cases.split(",")]
+        names = [n for n in cases if (not args.cases or n in args.cases.split(","))
+                 and (not args.only_reruns or n.startswith("rerun"))]
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
@@ -208,6 +212,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     gib = each * args.files / 2**30
     print("  ".join(f"{k}={'/'.join(f'{x:.2f}' for x in v)}s" for k, v in times.items()))
+    reruns = "".join(f"{k}={med[k]:.3f}s " for k in ("rerun", "rerun_warm", "rerun_baseline", "rerun_warm_baseline")
+                     if k in med)
+    for case in ("rerun", "rerun_warm"):
+        if case in med and f"{case}_baseline" in med:
+            reruns += f"{case}_ratio_vs_baseline={med[f'{case}_baseline'] / med[case]:.2f} "
+    if args.only_reruns:
+        print(f"warmup {args.command} reruns files={args.files} size={gib:.1f}GiB cold={'yes' if cold else 'no'} "
+              f"rounds={args.rounds} {reruns.rstrip()}")
+        return
     if args.cases:
         print("medians: " + "  ".join(f"{k}={v:.3f}s" for k, v in med.items()))
         return
@@ -215,17 +228,14 @@ def main() -> None:
           f"rounds={args.rounds} cp={med['cp']:.2f}s cp_sync={med['cp+sync']:.2f}s ours={med['ours']:.2f}s "
           f"ours_durable={med['ours_durable']:.2f}s ours_ephemeral={med['ours_eph']:.2f}s "
           f"first={med['first']:.2f}s first_hash_now={med['first_hash_now']:.2f}s "
-          f"first_bg_hash={med['first_bg_hash']:.2f}s rerun={med['rerun']:.3f}s rerun_warm={med['rerun_warm']:.3f}s "
-          + (f"rerun_baseline={med['rerun_baseline']:.3f}s rerun_warm_baseline={med['rerun_warm_baseline']:.3f}s "
-             if base_env is not None else "")
-          + f"first_ratio_vs_cp={med['cp'] / med['first']:.2f} "
+          f"first_bg_hash={med['first_bg_hash']:.2f}s {reruns}"
+          f"first_ratio_vs_cp={med['cp'] / med['first']:.2f} "
           f"first_hash_now_ratio_vs_cp={med['cp'] / med['first_hash_now']:.2f} "
           f"ephemeral_ratio_vs_cp={med['cp'] / med['ours_eph']:.2f} "
           f"durable_ratio_vs_cp_sync={med['cp+sync'] / med['ours_durable']:.2f} "
           f"ratio_vs_cp_sync={med['cp+sync'] / med['ours']:.2f} ratio_vs_cp={med['cp'] / med['ours']:.2f}")
     print(f"warmup library files={args.files} size={gib:.1f}GiB run_warmup={med['library']:.2f}s "
           f"ratio_vs_cp={med['cp'] / med['library']:.2f}")
-
 
 if __name__ == "__main__":
     main()
