@@ -33,10 +33,11 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+def write_atomic(path: Path, text: str, mode: int | None = None, *, durable: bool = True) -> None:
     """Temp file in the same directory + fsync + rename + fsync of the directory.
 
     Readers see the old or the new content, never a mix; the old file's mode is kept unless `mode` is given.
+    `durable=False` skips both fsyncs, for a file that only saves work (a crash may leave it empty).
     """
     path = Path(path)
     if mode is None:
@@ -48,14 +49,16 @@ def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 _SYNC_FILE_RANGE_WRITE = 2

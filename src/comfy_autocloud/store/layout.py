@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
 
 PRIVATE_DIR = ".autocloud"
@@ -42,6 +41,8 @@ def group_name(filename: str) -> str:
 
 def commit_temp(final: Path) -> Path:
     """A hidden temp name beside `final` for a commit in progress (renamed onto `final` when complete)."""
+    import uuid  # here: reading the layout (a warmup rerun's memo) needs no uuid
+
     return final.parent / f".{final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
 
 

@@ -19,13 +19,14 @@ import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from comfy_autocloud.errors import IntegrityError, NotEnoughSpace, StoreError
 from comfy_autocloud.fsutil import boot_id, fsync_dir, fsync_file, sha256_of, sha256_of_fd
 from comfy_autocloud.keys import check_sha256, split_key
 from comfy_autocloud.phases import Laps
 from comfy_autocloud.store.content_check import check_before_commit
+from comfy_autocloud.store.durability import Durability
 from comfy_autocloud.store.eviction import AdaptivePolicy, Item, Policy, bytes_freed, get_policy, select_victims
 from comfy_autocloud.store.index import ACCESS_LOG_MAX, Index, proc_alive
 from comfy_autocloud.store.layout import (
@@ -50,10 +51,6 @@ from comfy_autocloud.store.verify import VerifyReport, quarantine, run_verify
 from comfy_autocloud.units import human_size
 
 log = logging.getLogger(__name__)
-
-# How a commit reaches the disk (Store.commit): fsync first, fsync later with a check after a crash, never.
-Durability = Literal["durable", "deferred", "ephemeral"]
-DURABILITIES: tuple[Durability, ...] = ("durable", "deferred", "ephemeral")
 
 POLICY_REPLAY = 5_000  # access-log rows (weeks of a node's loads) a stateful policy replays at most at first use
 
