@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "comfy_autocloud"
 LAYERS: dict[str, int] = {
     # 0: small helpers everything may use
     "__init__": 0, "errors": 0, "units": 0, "redact": 0, "keys": 0, "fsutil": 0, "progress": 0,
-    "aiothread": 0, "lazy": 0, "phases": 0,
+    "aiothread": 0, "lazy": 0, "phases": 0, "detach": 0,
     # 1: settings (flag > environment > file > default)
     "config": 1,
     # 2: pure data: every input format -> ModelSpec

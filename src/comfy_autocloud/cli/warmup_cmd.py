@@ -20,7 +20,7 @@ from comfy_autocloud.cli.context import AppContext, pass_app
 from comfy_autocloud.cli.output import emit_json, exit_code_of, say, styled
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.progress import CancelToken
-from comfy_autocloud.store import DURABILITIES, Durability, Store
+from comfy_autocloud.store.durability import DURABILITIES, Durability
 from comfy_autocloud.units import human_rate, human_size
 from comfy_autocloud.warmup import run as wr
 from comfy_autocloud.warmup.extra_paths import MergeResult
@@ -28,6 +28,7 @@ from comfy_autocloud.warmup.plan import Plan
 
 if TYPE_CHECKING:
     from comfy_autocloud.cli.progress_view import FetchProgress
+    from comfy_autocloud.store import Store
 
 
 def open_store(app: AppContext, paths: wr.WarmupPaths) -> Store:
@@ -54,9 +55,11 @@ def _print_setup(res: MergeResult, paths: wr.WarmupPaths) -> None:
 def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel: int, as_json: bool,
                  setup: bool, page_cache: bool, durability: Durability = wr.DEFAULT_DURABILITY,
                  hashing: wr.Hashing = wr.DEFAULT_HASHING) -> int:
-    """Foreground warmup: yaml first (so ComfyUI can start meanwhile), then copy; 1 if any file failed."""
+    """Foreground warmup: yaml first (so ComfyUI can start meanwhile), then copy; 1 if any file failed.
+
+    A rerun that the memo proves has nothing to copy (warmup/memo.py) opens no store (nor SQLite).
+    """
     setup_res = wr.setup_extra_paths(paths, plan) if setup else None
-    store = open_store(app, paths)
     view: FetchProgress | None = None  # bars only for people; logs get the summary lines (and never import rich)
     progress: wr.TotalProgress | None = None
     if styled(sys.stderr if as_json else sys.stdout):
@@ -68,8 +71,12 @@ def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel
     cancel = CancelToken()
     try:
         with view or contextlib.nullcontext():
-            report = wr.run_warmup(store, plan, parallel=parallel, progress=progress, cancel=cancel,
-                                   warm_page_cache=page_cache, durability=durability, hashing=hashing)
+            report = wr.rerun_from_memo(plan, paths, lambda: open_store(app, paths), progress=progress,
+                                        warm_page_cache=page_cache)
+            if report is None:
+                report = wr.run_warmup(open_store(app, paths), plan, parallel=parallel, progress=progress,
+                                       cancel=cancel, warm_page_cache=page_cache, durability=durability,
+                                       hashing=hashing, memo_dir=paths.state_dir)
     except KeyboardInterrupt:
         cancel.cancel()
         raise

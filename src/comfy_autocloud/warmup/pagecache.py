@@ -20,9 +20,12 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+from comfy_autocloud.detach import run_detached
 
 READ_BLOCK = 8 << 20
 _LOW_BIT = bytes(b & 1 for b in range(256))
@@ -84,11 +87,14 @@ class Warmed:
     background_bytes: int = 0  # of those, what a detached reader is still reading
 
 
-def warm(paths: Iterable[Path], *, budget: int | None = None, background: bool = False) -> Warmed:
+def warm(paths: Iterable[Path], *, budget: int | None = None, background: bool = False,
+         first: Callable[[], object] | None = None) -> Warmed:
     """Make files resident in order until `budget` bytes (default: half of MemAvailable).
 
     Files already resident (the usual case right after a copy) are only checked (mincore), not read;
-    the others are read here, or with `background` by a detached child while this returns.
+    the others are read here, or with `background` by a detached child while this returns. `first`:
+    work for that child to do before its reads (a detached child of its own when nothing is to be read;
+    here, first, where no child can be started); its errors are the child's alone.
     """
     if budget is None:
         avail = mem_available()
@@ -106,8 +112,10 @@ def warm(paths: Iterable[Path], *, budget: int | None = None, background: bool =
         except OSError:
             continue
         done += size
-    if to_read and background and _read_detached([p for p, _ in to_read]):
+    if background and (to_read or first is not None) and run_detached(partial(_first_then_read, first, to_read)):
         return Warmed(done, sum(n for _, n in to_read))
+    if first is not None:
+        first()
     for p, size in to_read:
         try:
             read_through(p)
@@ -116,28 +124,13 @@ def warm(paths: Iterable[Path], *, budget: int | None = None, background: bool =
     return Warmed(done)
 
 
-def _read_detached(paths: list[Path]) -> bool:
-    """Fork a child in its own session that reads `paths` and exits; False where fork is not available."""
-    if not hasattr(os, "fork"):
-        return False
-    try:
-        pid = os.fork()
-    except OSError:
-        return False
-    if pid:
-        return True
-    try:  # the child: nothing of the parent's (pipes, locks, atexit) is touched, only these reads
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
+def _first_then_read(first: Callable[[], object] | None, to_read: list[tuple[Path, int]]) -> None:
+    if first is not None:
+        with contextlib.suppress(Exception):
+            first()
+    for p, _size in to_read:
         with contextlib.suppress(OSError):
-            os.nice(10)
-        for p in paths:
-            with contextlib.suppress(OSError):
-                read_through(p)
-    finally:
-        os._exit(0)
+            read_through(p)
 
 
 _libc: ctypes.CDLL | None = None

@@ -26,23 +26,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from comfy_autocloud.detach import run_detached
 from comfy_autocloud.errors import ManifestError, StoreError
 from comfy_autocloud.manifest.warmup_conf import WarmupEntry, parse_warmup_conf
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent
-from comfy_autocloud.store import DURABILITIES, Durability, Entry, Store
-from comfy_autocloud.store.index import proc_alive
-from comfy_autocloud.warmup import pagecache
+from comfy_autocloud.store.durability import DURABILITIES, Durability
+from comfy_autocloud.warmup import memo, pagecache
 from comfy_autocloud.warmup.copier import FileOutcome, copy_items, current
 from comfy_autocloud.warmup.extra_paths import MergeResult, merge_extra_paths, search_order, section_folders
 from comfy_autocloud.warmup.hashes import HashBook
 from comfy_autocloud.warmup.plan import Plan, WarmupItem, build_plan, volume_identity
+
+if TYPE_CHECKING:  # a rerun that its memo proves current imports neither the store nor SQLite
+    from comfy_autocloud.store import Entry, Store
 
 DEFAULT_COMFYUI = "/workspace/ComfyUI"
 DEFAULT_CACHE = "/root/fast_cache"
@@ -198,7 +202,8 @@ class TotalProgress:
 
 def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: ProgressCallback | None = None,
                cancel: CancelToken | None = None, warm_page_cache: bool = True,
-               durability: Durability = DEFAULT_DURABILITY, hashing: Hashing = DEFAULT_HASHING) -> WarmupReport:
+               durability: Durability = DEFAULT_DURABILITY, hashing: Hashing = DEFAULT_HASHING,
+               memo_dir: Path | None = None) -> WarmupReport:
     """Copy every planned file not already cached as it is on the volume; report each file.
 
     `hashing` "later": files the volume's hash sidecar does not know are committed without a sha256 and a
@@ -207,6 +212,8 @@ def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: Progres
     A cached entry whose recorded identity differs (the volume file changed, or the entry came from
     another source such as a download) is replaced: the list names the volume file. Files already
     current cost a lookup each; the hash sidecar is read only when something must be copied.
+    `memo_dir`: where to write the rerun memo (memo.py) when every file ended up current, so that the
+    next rerun (`rerun_from_memo`) need not open the store.
     """
     t0 = time.perf_counter()
     report = WarmupReport()
@@ -233,10 +240,48 @@ def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: Progres
 
     report.outcomes = [by_key[i.key] for i in plan.items]
     report.outcomes += [FileOutcome(m.key, "missing", error=m.reason, line=m.line) for m in plan.missing]
+    if memo_dir is not None:
+        memo.save(memo_dir, store, plan)
     if warm_page_cache:
         warmed = pagecache.warm((store.path_for(o.key) for o in report.outcomes
                                  if o.status in ("copied", "recopied", "cached")), background=True)
         report.warmed_bytes, report.warming_bytes = warmed.bytes, warmed.background_bytes
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def rerun_from_memo(plan: Plan, paths: WarmupPaths, open_store: Callable[[], Store], *,
+                    progress: ProgressCallback | None = None, warm_page_cache: bool = True) -> WarmupReport | None:
+    """`run_warmup`'s report for a rerun its memo proves has nothing to copy, without opening the store;
+    None when the memo proves nothing (then `run_warmup` decides, through the store).
+
+    The store is opened (`open_store`) only by a detached process, which records the files' accesses
+    (as `run_warmup` does for files already current) and writes the memo again; the page-cache reads,
+    if any are needed, follow in that same process.
+    """
+    t0 = time.perf_counter()
+    proven = memo.load(paths.state_dir, paths.cache, plan)
+    if proven is None:
+        return None
+    report = WarmupReport(outcomes=[o for o, _ in proven])
+    if progress is not None:
+        for o in report.outcomes:
+            progress(ProgressEvent(o.key, "hit", o.size, o.size))
+
+    def record_accesses() -> None:
+        memo.touch_and_save(paths.state_dir, open_store(), plan)
+
+    # A forked child must not use SQLite state it inherited (a connection open in a library caller that
+    # already holds stores): where this process has loaded SQLite, the accesses are recorded here.
+    detach = "sqlite3" not in sys.modules
+    if not detach:
+        record_accesses()
+    if warm_page_cache:
+        warmed = pagecache.warm((p for _, p in proven), background=True,
+                                first=record_accesses if detach else None)
+        report.warmed_bytes, report.warming_bytes = warmed.bytes, warmed.background_bytes
+    elif detach and not run_detached(record_accesses):
+        record_accesses()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -378,6 +423,8 @@ def log_file(paths: WarmupPaths) -> Path:
 
 def background_state(paths: WarmupPaths) -> dict[str, Any] | None:
     """The detached warmup job: pid, whether it still runs, its log; None if there never was one."""
+    from comfy_autocloud.store.index import proc_alive
+
     try:
         pid_s, _, pstart = _pid_file(paths).read_text().strip().partition(" ")
         pid = int(pid_s)
