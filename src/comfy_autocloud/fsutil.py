@@ -101,8 +101,8 @@ def boot_id() -> str:
     can be told apart from data a crash or power cut may have lost; '' where the kernel does not say."""
     if not _boot:
         try:
-            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
-                _boot.append(fh.read().strip())
+            with open("/proc/sys/kernel/random/boot_id", "rb") as fh:  # bytes: no codec module to import
+                _boot.append(fh.read().decode().strip())
         except OSError:
             _boot.append("")
     return _boot[0]

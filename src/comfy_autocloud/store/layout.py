@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 PRIVATE_DIR = ".autocloud"
@@ -31,6 +30,8 @@ TEMP_RESERVE = 4 * 2**20  # left free on the temp dir after a partial is chosen 
 
 def key_name(key: str) -> str:
     """The file-system name of a (validated) key's partial and lock files."""
+    import hashlib  # here: reading the layout (a warmup rerun's memo) needs no OpenSSL
+
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
@@ -41,7 +42,7 @@ def group_name(filename: str) -> str:
 
 def commit_temp(final: Path) -> Path:
     """A hidden temp name beside `final` for a commit in progress (renamed onto `final` when complete)."""
-    import uuid  # here: reading the layout (a warmup rerun's memo) needs no uuid
+    import uuid
 
     return final.parent / f".{final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
 
@@ -52,5 +53,7 @@ def is_commit_temp(filename: str) -> bool:
 
 def temp_partial_dir(temp_dir: Path, root_real: Path) -> Path:
     """`<temp_dir>/autocloud-partial-<cache id>`: caches sharing one RAM disk never mix partials."""
+    import hashlib
+
     cache_id = hashlib.sha1(str(root_real).encode()).hexdigest()[:12]
     return temp_dir / f"autocloud-partial-{cache_id}"

@@ -7,17 +7,16 @@ order, so the last `is_default` section wins. Our section therefore goes last, b
 comments, and is rewritten in place on every run; the user's own sections and comments are kept
 byte for byte. A file we cannot parse is never overwritten, and the first change saves one `.bak`.
 
-A rerun usually finds the file as the last run left it: `merge_extra_paths` then compares bytes with a
-digest remembered by that run (`memo`) instead of parsing YAML, and does not import the yaml library at
-all (25-60 ms of a warmup rerun that copies nothing, measured).
+A rerun usually finds the file as the last run left it: `merge_extra_paths` then compares its text with
+the text remembered by that run (`memo`) instead of parsing YAML, and imports neither the yaml library
+(25-60 ms of a warmup rerun that copies nothing, measured) nor hashlib (OpenSSL's library, about 1-2
+MB read from a cold disk): the memo holds the text itself, not a digest of it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +114,8 @@ def merge_extra_paths(yaml_path: Path, cache_root: Path, folders: Iterable[str],
                       memo: Path | None = None) -> MergeResult:
     """Write our section into `yaml_path` (created if absent); a no-op when it already says the same.
 
-    `memo`: a small file holding the digest of the text this function last found current (or wrote)
-    for the same arguments; bytes that match it are current without being parsed again.
+    `memo`: a small file holding the text this function last found current (or wrote) for the same
+    arguments; a text that matches it is current without being parsed again.
     """
     yaml_path = Path(yaml_path)
     folders = tuple(folders)
@@ -130,45 +129,45 @@ def merge_extra_paths(yaml_path: Path, cache_root: Path, folders: Iterable[str],
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(where, f"cannot read: {exc}") from None
     cache_root = Path(cache_root).absolute()
-    if existed and memo is not None and _recall(memo) == _digest(old, yaml_path, cache_root, folders):
+    if existed and memo is not None and _recall(memo) == _memo_text(old, yaml_path, cache_root, folders):
         return MergeResult(yaml_path, False, None, folders)
     new = merged_text(old, cache_root, folders, where)
     if new == old:
-        _remember(memo, _digest(old, yaml_path, cache_root, folders))
+        _remember(memo, _memo_text(old, yaml_path, cache_root, folders))
         return MergeResult(yaml_path, False, None, folders)
     backup = None
     if existed:
         bak = yaml_path.with_name(yaml_path.name + ".bak")
         if not bak.exists():
+            import shutil  # here: a rerun copies nothing (shutil brings zlib, bz2 and lzma)
+
             shutil.copy2(yaml_path, bak)
             backup = bak
     write_atomic(yaml_path, new, mode)
-    _remember(memo, _digest(new, yaml_path, cache_root, folders))  # `merged_text(new)` is `new`: built so
+    _remember(memo, _memo_text(new, yaml_path, cache_root, folders))  # `merged_text(new)` is `new`: built so
     return MergeResult(yaml_path, True, backup, folders)
 
 
-def _digest(text: str, yaml_path: Path, cache_root: Path, folders: tuple[str, ...]) -> str:
+def _memo_text(text: str, yaml_path: Path, cache_root: Path, folders: tuple[str, ...]) -> str:
     """What makes `text` current: the text, the arguments, and this module's code (a new version renders anew)."""
     code = os.stat(__file__)
-    h = hashlib.sha256(f"{code.st_size} {code.st_mtime_ns}\0{yaml_path}\0{cache_root}\0{folders!r}\0".encode())
-    h.update(text.encode("utf-8"))
-    return h.hexdigest()
+    return f"{code.st_size} {code.st_mtime_ns}\0{yaml_path}\0{cache_root}\0{folders!r}\0{text}"
 
 
 def _recall(memo: Path) -> str | None:
     try:
-        return memo.read_text(encoding="ascii").strip()
+        return memo.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
 
 
-def _remember(memo: Path | None, digest: str) -> None:
+def _remember(memo: Path | None, remembered: str) -> None:
     """Best effort: a memo that cannot be written costs the next run a parse, never a failure."""
     if memo is None:
         return
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, UnicodeError):
         memo.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(memo, digest + "\n")
+        write_atomic(memo, remembered)
 
 
 def search_order(yaml_text: str, yaml_dir: Path, folder: str, default_dir: Path) -> list[Path]:

@@ -34,9 +34,9 @@ _LOW_BIT = bytes(b & 1 for b in range(256))
 def mem_available() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
+        with open("/proc/meminfo", "rb") as fh:  # bytes: no codec module to import
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(b"MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None

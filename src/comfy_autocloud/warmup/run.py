@@ -25,7 +25,6 @@ and the marks.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 import time
@@ -373,6 +372,8 @@ def status_info(store: Store, paths: WarmupPaths) -> dict[str, Any]:
         "background": background_state(paths),
     }
     if paths.models.is_dir():
+        import shutil  # here: a rerun needs none (shutil brings zlib, bz2 and lzma)
+
         du = shutil.disk_usage(paths.models)
         info["volume"].update(disk_free=du.free, disk_total=du.total)
     return info
