@@ -19,7 +19,7 @@ import pytest
 
 from comfy_autocloud.fsutil import sha256_of
 from comfy_autocloud.store import Store
-from comfy_autocloud.warmup import memo
+from comfy_autocloud.warmup import hash_later, memo
 from comfy_autocloud.warmup.run import load_plan, run_warmup
 from test_warmup import Env, MiB
 
@@ -39,7 +39,7 @@ def menv(tmp_path: Path) -> Env:
 def _warmup(menv: Env, store: Store) -> list[str]:
     """A warmup through the store (the full path) that writes the memo; the statuses."""
     report = run_warmup(store, load_plan(menv.conf, menv.paths()), warm_page_cache=False, durability="ephemeral",
-                        memo_dir=menv.paths().state_dir)
+                        hashing="now", memo_dir=menv.paths().state_dir)
     return [o.status for o in report.outcomes]
 
 
@@ -135,7 +135,7 @@ def test_a_stale_memo_is_not_trusted(menv: Env, change, after: list[str] | None)
 def test_a_memo_of_unsettled_copies_holds_only_in_their_boot(menv: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(menv.cache)
     report = run_warmup(store, load_plan(menv.conf, menv.paths()), warm_page_cache=False, durability="deferred",
-                        memo_dir=menv.paths().state_dir)
+                        hashing="now", memo_dir=menv.paths().state_dir)
     assert [o.status for o in report.outcomes] == ["copied", "copied"]
     assert _proven(menv) == KEYS
     monkeypatch.setattr(memo, "boot_id", lambda: "the-next-boot")  # the store reads them back then
@@ -145,6 +145,19 @@ def test_a_memo_of_unsettled_copies_holds_only_in_their_boot(menv: Env, monkeypa
     assert memo.save(menv.paths().state_dir, store, load_plan(menv.conf, menv.paths()))
     monkeypatch.setattr(memo, "boot_id", lambda: "the-next-boot")  # settled: on disk, whatever the boot
     assert _proven(menv) == KEYS
+
+
+def test_the_background_hashers_commits_make_the_memo_untrusted(menv: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First copies are hashed after warmup returns (hash_later.py): what the hasher records is a commit, so the
+    memo written by that warmup is not trusted afterwards; the next rerun, through the store, writes it anew."""
+    monkeypatch.setattr(hash_later, "start", lambda cache, models: True)  # its work is done below, in this process
+    store = Store(menv.cache)
+    report = run_warmup(store, load_plan(menv.conf, menv.paths()), warm_page_cache=False, durability="ephemeral",
+                        hashing="later", memo_dir=menv.paths().state_dir)
+    assert [o.hash_pending for o in report.outcomes] == [True, True] and _proven(menv) == KEYS
+    assert sorted(hash_later.hash_copies(menv.cache, menv.models)) == KEYS
+    assert _proven(menv) is None
+    assert _warmup(menv, store) == ["cached", "cached"] and _proven(menv) == KEYS
 
 
 def test_no_memo_is_written_while_the_index_moves(menv: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +173,7 @@ def test_a_line_that_selects_nothing_is_never_memoized(menv: Env) -> None:
     menv.list("checkpoints/*.safetensors", "loras/gone.safetensors")
     store = Store(menv.cache)
     report = run_warmup(store, load_plan(menv.conf, menv.paths()), warm_page_cache=False, durability="ephemeral",
-                        memo_dir=menv.paths().state_dir)
+                        hashing="now", memo_dir=menv.paths().state_dir)
     assert not report.ok and _proven(menv) is None
 
 
@@ -209,7 +222,7 @@ def _wait_for(check, what: str, timeout: float = 30.0) -> None:
 def test_a_proven_rerun_opens_no_store_and_its_accesses_are_recorded_after(menv: Env) -> None:
     """`autocloud warmup` as a user reruns it: the memo-proven rerun imports no SQLite; a detached process
     records the accesses (hits + 1 per file, as a rerun through the store) and writes the memo again."""
-    args = ["warmup", str(menv.conf), "--json", "--durability", "ephemeral"]
+    args = ["warmup", str(menv.conf), "--json", "--durability", "ephemeral", "--hash", "now"]
     out, modules = _cli(menv, *args)
     assert [o["status"] for o in out if "key" in o] == ["copied", "copied"] and "sqlite3" in modules
     before = json.loads((menv.paths().state_dir / memo.MEMO_NAME).read_text())["generation"]
@@ -233,7 +246,7 @@ def test_a_proven_rerun_opens_no_store_and_its_accesses_are_recorded_after(menv:
 
 
 def test_a_file_evicted_by_another_process_between_reruns_is_copied_again(menv: Env) -> None:
-    args = ["warmup", str(menv.conf), "--json", "--durability", "ephemeral", "--no-page-cache"]
+    args = ["warmup", str(menv.conf), "--json", "--durability", "ephemeral", "--hash", "now", "--no-page-cache"]
     out, _ = _cli(menv, *args)
     assert [o["status"] for o in out if "key" in o] == ["copied", "copied"]
     evict = subprocess.run([sys.executable, "-m", "comfy_autocloud.cli.main", "--cache-dir", str(menv.cache),
