@@ -15,7 +15,11 @@ NICE = 10  # below the command's successor (ComfyUI starting), above idle
 
 
 def run_detached(work: Callable[[], object]) -> bool:
-    """Run `work` in a detached child and return at once; False where fork is not available (not run)."""
+    """Run `work` in a detached process and return at once; False where fork is not available (not run).
+
+    Forked twice: the intermediate child ends at once and is reaped here, so a caller that lives on (the
+    `autocloud start` supervisor) is not left with a zombie; the grandchild, adopted by init, does the work.
+    """
     if not hasattr(os, "fork"):
         return False
     try:
@@ -23,9 +27,24 @@ def run_detached(work: Callable[[], object]) -> bool:
     except OSError:
         return False
     if pid:
+        with contextlib.suppress(ChildProcessError, InterruptedError):
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status) == 0
         return True
-    try:  # the child: stdio to /dev/null, so a pipe the parent's caller reads is not held open
+    code = 1
+    try:  # the intermediate child: a new session, then the worker, then gone
         os.setsid()
+        if os.fork():
+            code = 0
+        else:
+            _work(work)
+    finally:
+        os._exit(code)
+
+
+def _work(work: Callable[[], object]) -> None:
+    """The detached process: stdio to /dev/null (a pipe the caller's caller reads is not held open)."""
+    try:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
