@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import click
 
-from comfy_autocloud import services
 from comfy_autocloud.cli import output
 from comfy_autocloud.cli.context import AppContext, pass_app
 from comfy_autocloud.cli.output import emit_json, exit_code_of, say, styled
@@ -40,6 +39,8 @@ def open_store(app: AppContext, paths: wr.WarmupPaths) -> Store:
     """
     if app.settings.cache_path.expanduser().absolute() == paths.cache:
         return app.store()
+    from comfy_autocloud import services  # here: a rerun its memo proves current opens no store
+
     return services.open_store(app.settings, cache_dir=paths.cache)
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from comfy_autocloud.errors import ManifestError
 from comfy_autocloud.keys import check_sha256, check_source
-from comfy_autocloud.manifest.spec import ModelSpec, SpecError
-from comfy_autocloud.redact import redact_text
+
+if TYPE_CHECKING:
+    from comfy_autocloud.manifest.spec import ModelSpec
 
 # A model list is kilobytes; anything this big is a mistake or an attack.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -29,6 +30,8 @@ def _printable(text: str) -> str:
 
 def fail(subject: str, reason: str) -> NoReturn:
     """Raise the one error type, with secrets masked in both halves (a key may itself be a URL)."""
+    from comfy_autocloud.redact import redact_text  # here: reading a list that is fine needs none
+
     raise ManifestError(_printable(redact_text(subject)), _printable(redact_text(reason)))
 
 
@@ -182,6 +185,8 @@ def check_sources(values: list[Any], subject: str) -> tuple[str, ...]:
 
 def build_spec(subject: str, **fields: Any) -> ModelSpec:
     """ModelSpec(**fields), its first failed check turned into 'subject: what is wrong'."""
+    from comfy_autocloud.manifest.spec import ModelSpec, SpecError  # here: a warmup rerun builds no spec
+
     try:
         return ModelSpec(defined_in=subject, **fields)
     except SpecError as exc:

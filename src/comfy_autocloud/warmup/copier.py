@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from comfy_autocloud.errors import AutoCloudError
 from comfy_autocloud.fsutil import sha256_of
 from comfy_autocloud.progress import CancelToken, ProgressCallback, ProgressEvent, map_cancellable
-from comfy_autocloud.warmup.hashes import HashBook
 from comfy_autocloud.warmup.plan import WarmupItem
 
 if TYPE_CHECKING:  # a rerun that its memo proves current never imports the store (warmup/memo.py)
     from comfy_autocloud.store import Durability, Store
+    from comfy_autocloud.warmup.hashes import HashBook
 
 Status = Literal["copied", "recopied", "cached", "failed", "missing"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import mmap
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -45,7 +44,8 @@ def mem_available() -> int | None:
 
 POPULATE_BLOCK = 64 << 20  # mapped at a time: page tables for 64 MiB, whatever the file's size
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
-_populate_works = sys.platform.startswith("linux") and hasattr(mmap.mmap, "madvise")
+_populate_works = sys.platform.startswith("linux")  # mmap.madvise: Python >= 3.8 on Linux
+PAGESIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096  # no mmap import to learn it
 
 
 def read_through(path: Path) -> int:
@@ -57,6 +57,8 @@ def read_through(path: Path) -> int:
     it (EINVAL), and files that cannot be mapped, get the reads.
     """
     global _populate_works
+    import mmap  # here: only the detached reader reads (warmup's own process checks residency)
+
     with open(path, "rb", buffering=0) as fh:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead windows
@@ -181,7 +183,7 @@ def resident_bytes(path: Path) -> int | None:
             pages = _mincore_pages(lib, fd, size)
     finally:
         os.close(fd)
-    return None if pages is None else min(size, pages * mmap.PAGESIZE)
+    return None if pages is None else min(size, pages * PAGESIZE)
 
 
 def _cachestat_pages(lib: ctypes.CDLL, fd: int) -> int | None:
@@ -200,11 +202,13 @@ def _cachestat_pages(lib: ctypes.CDLL, fd: int) -> int | None:
 
 def _mincore_pages(lib: ctypes.CDLL, fd: int, size: int) -> int | None:
     """Resident pages of a read-only mapping of the file (mincore); None if it cannot be mapped."""
+    import mmap
+
     addr = lib.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     if addr in (None, ctypes.c_void_p(-1).value):
         return None
     try:
-        vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        vec = (ctypes.c_ubyte * ((size + PAGESIZE - 1) // PAGESIZE))()
         if lib.mincore(addr, size, vec) != 0:
             return None
         return bytes(vec).translate(_LOW_BIT).count(1)  # only bit 0 is defined

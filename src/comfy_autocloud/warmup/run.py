@@ -41,7 +41,6 @@ from comfy_autocloud.store.durability import DURABILITIES, Durability
 from comfy_autocloud.warmup import memo, pagecache
 from comfy_autocloud.warmup.copier import FileOutcome, copy_items, current
 from comfy_autocloud.warmup.extra_paths import MergeResult, merge_extra_paths, search_order, section_folders
-from comfy_autocloud.warmup.hashes import HashBook
 from comfy_autocloud.warmup.plan import Plan, WarmupItem, build_plan, volume_identity
 
 if TYPE_CHECKING:  # a rerun that its memo proves current imports neither the store nor SQLite
@@ -225,6 +224,8 @@ def run_warmup(store: Store, plan: Plan, *, parallel: int = 4, progress: Progres
         else:
             todo.append(item)
     if todo:
+        from comfy_autocloud.warmup.hashes import HashBook  # here: a rerun with nothing to copy reads no sidecar
+
         book = HashBook(plan.models_dir)
         for outcome in copy_items(store, todo, book, parallel=parallel, durability=durability,
                                   hash_later=hashing == "later", progress=progress, cancel=cancel):
