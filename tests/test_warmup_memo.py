@@ -188,7 +188,7 @@ def test_a_damaged_memo_proves_nothing(menv: Env) -> None:
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-def _cli(menv: Env, *args: str) -> tuple[list[dict], set[str]]:
+def _cli(menv: Env, *args: str, env: dict[str, str] | None = None) -> tuple[list[dict], set[str]]:
     """`autocloud ARGS` as its script runs it (a new process that ends at once); JSON lines and modules."""
     code = ("import json, os, sys\n"
             "from comfy_autocloud.cli import main as m\n"
@@ -200,7 +200,7 @@ def _cli(menv: Env, *args: str) -> tuple[list[dict], set[str]]:
             "os._exit = report\n"
             f"sys.argv = ['autocloud', *{list(args)!r}]\n"
             "m.main()\n")
-    env = {**menv.subprocess_env(), "PYTHONPATH": SRC, "AUTOCLOUD_SETTLE_DELAY": "3600"}
+    env = {**menv.subprocess_env(), "PYTHONPATH": SRC, "AUTOCLOUD_SETTLE_DELAY": "3600", **(env or {})}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     _, _, line = proc.stderr.rpartition("MODULES ")
@@ -219,14 +219,18 @@ def _wait_for(check, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_proven_rerun_opens_no_store_and_its_accesses_are_recorded_after(menv: Env) -> None:
+@pytest.mark.parametrize("same_cache", [False, True], ids=["own-cache", "cache-is-the-global-cache"])
+def test_a_proven_rerun_opens_no_store_and_its_accesses_are_recorded_after(menv: Env, same_cache: bool) -> None:
     """`autocloud warmup` as a user reruns it: the memo-proven rerun imports no SQLite; a detached process
-    records the accesses (hits + 1 per file, as a rerun through the store) and writes the memo again."""
+    records the accesses (hits + 1 per file, as a rerun through the store) and writes the memo again. Also
+    where CACHE_PATH is the global cache (the command used to close that store, removing the WAL the memo
+    was written for)."""
     args = ["warmup", str(menv.conf), "--json", "--durability", "ephemeral", "--hash", "now"]
-    out, modules = _cli(menv, *args)
+    env = {"AUTOCLOUD_CACHE": str(menv.cache)} if same_cache else {}
+    out, modules = _cli(menv, *args, env=env)
     assert [o["status"] for o in out if "key" in o] == ["copied", "copied"] and "sqlite3" in modules
     before = json.loads((menv.paths().state_dir / memo.MEMO_NAME).read_text())["generation"]
-    out, modules = _cli(menv, *args)
+    out, modules = _cli(menv, *args, env=env)
     assert [o["status"] for o in out if "key" in o] == ["cached", "cached"]
     assert out[-1]["summary"]["cached"] == 2 and out[-1]["summary"]["bytes_copied"] == 0
     assert not modules & {"sqlite3", "_sqlite3"}, "a proven rerun opened the store"

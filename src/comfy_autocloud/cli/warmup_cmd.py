@@ -31,14 +31,14 @@ if TYPE_CHECKING:
 
 
 def open_store(app: AppContext, paths: wr.WarmupPaths) -> Store:
-    """The Store at CACHE_PATH (the global one when they are the same directory).
+    """The Store at CACHE_PATH, with the settings' cap and policy.
 
-    Not closed when the command ends: every write is committed, and closing would fold the WAL into the
-    index with 4 fdatasyncs (40-50 ms of a rerun on a busy disk, measured); SQLite folds it in by itself
-    every 1000 pages.
+    Not closed when the command ends, also when CACHE_PATH is the global cache: every write is
+    committed, and closing would fold the WAL into the index with 4 fdatasyncs (40-50 ms of a rerun on a
+    busy disk, measured) and, as the last connection, remove the WAL, whose header is the generation
+    the rerun memo (warmup/memo.py) was written for: the next rerun would go through the store again.
+    SQLite folds the WAL in by itself every 1000 pages.
     """
-    if app.settings.cache_path.expanduser().absolute() == paths.cache:
-        return app.store()
     from comfy_autocloud import services  # here: a rerun its memo proves current opens no store
 
     return services.open_store(app.settings, cache_dir=paths.cache)
