@@ -255,9 +255,9 @@ def rerun_from_memo(plan: Plan, paths: WarmupPaths, open_store: Callable[[], Sto
     """`run_warmup`'s report for a rerun its memo proves has nothing to copy, without opening the store;
     None when the memo proves nothing (then `run_warmup` decides, through the store).
 
-    The store is opened (`open_store`) only by a detached process, which records the files' accesses
-    (as `run_warmup` does for files already current) and writes the memo again; the page-cache reads,
-    if any are needed, follow in that same process.
+    The store is opened (`open_store`) by a detached process, which records the files' accesses (as
+    `run_warmup` does for files already current) and writes the memo again; the page-cache reads, if any
+    are needed, follow in that same process. A caller that has SQLite loaded records them itself.
     """
     t0 = time.perf_counter()
     proven = memo.load(paths.state_dir, paths.cache, plan)
