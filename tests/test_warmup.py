@@ -587,12 +587,16 @@ def test_a_rerun_compares_the_yaml_bytes_and_still_sees_every_edit(wenv: Env, mo
     wenv.list("checkpoints/a.safetensors")
     code, out = wenv.json_lines()
     assert code == 0 and out[-1]["summary"]["setup"]["changed"]
-    memo = wenv.paths().state_dir / "extra_model_paths.current"
+    memo = wenv.paths().yaml_memo
     text = y.read_text()
     merges: list[str] = []
     real_merge = extra_paths.merged_text
     monkeypatch.setattr(extra_paths, "merged_text", lambda old, *a: merges.append(old) or real_merge(old, *a))
 
+    code, out = wenv.json_lines()
+    assert code == 0 and not out[-1]["summary"]["setup"]["changed"] and merges == [] and y.read_text() == text
+    # A new pod (empty cache, same volume and cache path): still no YAML parsed, the memo is on the volume.
+    shutil.rmtree(wenv.cache)
     code, out = wenv.json_lines()
     assert code == 0 and not out[-1]["summary"]["setup"]["changed"] and merges == [] and y.read_text() == text
 
@@ -608,7 +612,7 @@ def test_a_rerun_compares_the_yaml_bytes_and_still_sees_every_edit(wenv: Env, mo
     assert out[-1]["summary"]["setup"]["changed"] and y.read_text() == now and len(merges) == 2
     # The same bytes for another cache are not current.
     other = wenv.tmp / "other_cache"
-    shutil.copytree(wenv.cache / PRIVATE_DIR, other / PRIVATE_DIR)  # the same memo there
+    shutil.copytree(wenv.cache / PRIVATE_DIR, other / PRIVATE_DIR)  # the same store state there
     wenv.env["CACHE_PATH"] = str(other)
     code, out = wenv.json_lines()
     assert out[-1]["summary"]["setup"]["changed"] and yaml.safe_load(y.read_text())[SECTION]["base_path"] == str(other)

@@ -104,6 +104,13 @@ class WarmupPaths:
         return self.comfyui / "extra_model_paths.yaml"
 
     @property
+    def yaml_memo(self) -> Path:
+        """What the last merge found current in the yaml (extra_paths.merge_extra_paths' memo). On the volume,
+        beside the hash sidecar, like the yaml it describes: a new pod's empty cache does not lose it, so its
+        first warmup compares bytes instead of importing and parsing YAML."""
+        return self.models / ".autocloud" / "extra_model_paths.current"
+
+    @property
     def state_dir(self) -> Path:
         return self.cache / ".autocloud" / STATE_DIR
 
@@ -296,7 +303,7 @@ def setup_extra_paths(paths: WarmupPaths, plan: Plan | None = None) -> MergeResu
         cached_folders = [p.name for p in paths.cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
     folders = section_folders(plan.folders if plan else (), cached_folders)
     return merge_extra_paths(paths.extra_paths_yaml, paths.cache, folders,
-                             memo=paths.state_dir / "extra_model_paths.current")
+                             memo=paths.yaml_memo)
 
 
 # ------------------------------------------------------------------------------------------------- --list
