@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,6 +75,8 @@ def quarantine(store: Store, key: str, path: Path) -> Path:
     """Move a bad file out of ComfyUI's sight into the private quarantine dir (kept for a look)."""
     qdir = store.private / QUARANTINE_DIR
     qdir.mkdir(parents=True, exist_ok=True)
+    import hashlib  # here: opening a store for a copy or a cache hit should not load OpenSSL
+
     dest = qdir / f"{int(time.time())}-{hashlib.sha1(key.encode()).hexdigest()[:12]}-{path.name}"
     os.replace(path, dest)
     return dest

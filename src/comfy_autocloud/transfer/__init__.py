@@ -1,26 +1,30 @@
 """Transfer engine: ranged, parallel, adaptive, resumable downloads and verified local copies.
 
-The engine and the probe (aiohttp) are imported on first use of `download`, `probe` and the other names
-that need them, so options, limiters, partial-file records and local copies cost no aiohttp import.
+Every name is imported from its module on first use: the engine and the probe (aiohttp) only by
+`download`, `probe` and the names that need them, and a warmup copy (`copy_file`) loads neither the HTTP
+policy nor the partial-file records (nor hashlib with them).
 """
 
 from typing import TYPE_CHECKING
 
 from comfy_autocloud.lazy import lazy_names
 
-from .http_policy import Gone, NotFound, Throttled, Unauthorized
-from .localcopy import copy_file
-from .options import Mirror, TransferOptions, TransferResult
-from .ranges import discard_partial, discard_unresumable, state_path
-from .ratelimit import BothLimiter, RateLimiter
-from .retry import RetryPolicy, parse_retry_after
-
 if TYPE_CHECKING:
     from .engine import download, download_async
+    from .http_policy import Gone, NotFound, Throttled, Unauthorized
+    from .localcopy import copy_file
+    from .options import Mirror, TransferOptions, TransferResult
+    from .ranges import discard_partial, discard_unresumable, state_path
+    from .ratelimit import BothLimiter, RateLimiter
     from .remote import RemoteInfo, probe, probe_async
+    from .retry import RetryPolicy, parse_retry_after
 
-__getattr__ = lazy_names(__name__, {"download": "engine", "download_async": "engine", "RemoteInfo": "remote",
-                                    "probe": "remote", "probe_async": "remote"})
+__getattr__ = lazy_names(__name__, {
+    "download": "engine", "download_async": "engine", "RemoteInfo": "remote", "probe": "remote",
+    "probe_async": "remote", **dict.fromkeys(("Gone", "NotFound", "Throttled", "Unauthorized"), "http_policy"),
+    "copy_file": "localcopy", **dict.fromkeys(("Mirror", "TransferOptions", "TransferResult"), "options"),
+    **dict.fromkeys(("discard_partial", "discard_unresumable", "state_path"), "ranges"),
+    "BothLimiter": "ratelimit", "RateLimiter": "ratelimit", "RetryPolicy": "retry", "parse_retry_after": "retry"})
 
 __all__ = [
     "BothLimiter",
