@@ -142,23 +142,17 @@ def _check_entries(store: Store, report: VerifyReport, *, rehash: bool, fix: boo
         elif not sha and unsettled:
             kind, bad_reason = "unverifiable", ("copied to be hashed later, and the machine went down before "
                                                 "it was hashed or flushed: nothing to check it against")
-        elif not sha:  # committed to be hashed later (a warmup copy): hash it now
+        elif rehash or unsettled or not sha:  # not sha: committed to be hashed later (a warmup copy)
             report.rehashed += 1
             try:
                 actual = sha256_of(path)
             except OSError as exc:
                 add(Finding("unreadable", key, str(path), f"cannot read: {exc.strerror}", False))
                 continue
-            if fix:
-                index.set_sha256(key, created, st.st_ino, actual)
-        elif rehash or unsettled:
-            report.rehashed += 1
-            try:
-                actual = sha256_of(path)
-            except OSError as exc:
-                add(Finding("unreadable", key, str(path), f"cannot read: {exc.strerror}", False))
-                continue
-            if actual != sha:
+            if not sha:
+                if fix:
+                    index.set_sha256(key, created, st.st_ino, actual)
+            elif actual != sha:
                 kind, bad_reason = "sha256_mismatch", f"sha256 {actual[:16]}… != indexed {sha[:16]}…" + (
                     " (written just before the machine went down)" if unsettled else "")
             elif unsettled and fix:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from comfy_autocloud.detach import run_detached
 from comfy_autocloud.errors import ManifestError, StoreError
@@ -56,28 +56,29 @@ Hashing = Literal["later", "now"]
 HASHINGS: tuple[Hashing, ...] = ("later", "now")
 HASHING_ENV = "AUTOCLOUD_WARMUP_HASH"
 DEFAULT_HASHING: Hashing = "later"
+T = TypeVar("T", bound=str)
 
 
 def durability_from(value: str | None, env: Mapping[str, str] | None = None) -> Durability:
     """The option, else $AUTOCLOUD_WARMUP_DURABILITY, else "deferred"; an unknown name is an error."""
-    env = os.environ if env is None else env
-    raw = (value or env.get(DURABILITY_ENV) or DEFAULT_DURABILITY).strip().lower()
-    for known in DURABILITIES:
-        if raw == known:
-            return known
-    raise ManifestError(DURABILITY_ENV if not value else "--durability",
-                        f"unknown durability {raw!r} (known: {', '.join(DURABILITIES)})")
+    return _choice(value, "--durability", DURABILITY_ENV, DEFAULT_DURABILITY, DURABILITIES, "durability", env)
 
 
 def hashing_from(value: str | None, env: Mapping[str, str] | None = None) -> Hashing:
     """The option, else $AUTOCLOUD_WARMUP_HASH, else "later"; an unknown name is an error."""
+    return _choice(value, "--hash", HASHING_ENV, DEFAULT_HASHING, HASHINGS, "hashing", env)
+
+
+def _choice(value: str | None, option: str, env_name: str, default: T, known: tuple[T, ...], what: str,
+            env: Mapping[str, str] | None) -> T:
+    """One of `known`: the option's value, else the environment variable's, else `default`; an unknown
+    name is an error naming where it came from."""
     env = os.environ if env is None else env
-    raw = (value or env.get(HASHING_ENV) or DEFAULT_HASHING).strip().lower()
-    for known in HASHINGS:
-        if raw == known:
-            return known
-    raise ManifestError(HASHING_ENV if not value else "--hash",
-                        f"unknown hashing {raw!r} (known: {', '.join(HASHINGS)})")
+    raw = (value or env.get(env_name) or default).strip().lower()
+    for name in known:
+        if raw == name:
+            return name
+    raise ManifestError(env_name if not value else option, f"unknown {what} {raw!r} (known: {', '.join(known)})")
 
 
 @dataclass(frozen=True)
