@@ -5,6 +5,8 @@ The warmup rerun memo trusts it to say that nothing was committed since it was w
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,38 @@ def test_a_still_database_file_is_its_own_generation(tmp_path: Path, monkeypatch
     assert closed is not None and ":db:" in closed
     with Store(tmp_path / "cache") as store:  # a connection brings the WAL back: another token
         assert index_generation(store.root) not in (None, closed)
+
+
+HOLDS_WAL_INDEX = """
+import fcntl, sys
+with open(sys.argv[1], "r+b") as fh:
+    try:  # the wal-index's lock bytes (SQLite's unix VFS: 120-135, the 'someone has it open' byte is 128)
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB, 16, 120)
+    except OSError:
+        sys.exit(0)  # another process holds it: as SQLite sees a live connection
+    sys.exit(1)
+"""
+
+
+def _another_process_sees_a_connection(shm: Path) -> bool:
+    return subprocess.run([sys.executable, "-c", HOLDS_WAL_INDEX, str(shm)], timeout=60).returncode == 0
+
+
+def test_reading_the_generation_keeps_this_processs_sqlite_locks(tmp_path: Path) -> None:
+    """Closing a descriptor drops every POSIX lock the process holds on that file. Reading the generation
+    once opened and closed the wal-index, so a process with the index open (warmup writing its memo) lost
+    its hold: the next process to open the index rebuilt the wal-index under it ("disk I/O error")."""
+    with Store(tmp_path / "cache") as store:
+        shm = Path(f"{index_path(store.root)}-shm")
+        assert _another_process_sees_a_connection(shm)
+        for _ in range(3):
+            assert index_generation(store.root) is not None
+        assert _another_process_sees_a_connection(shm)
+    # the WAL removed with the last connection and started anew: read from the new file, not the old one
+    with Store(tmp_path / "cache") as store:
+        (tmp_path / "cache" / "checkpoints").mkdir()
+        (tmp_path / "cache" / "checkpoints" / "x.bin").write_bytes(b"x" * 10)
+        before = index_generation(store.root)
+        store.adopt("checkpoints/x.bin")
+        assert index_generation(store.root) not in (None, before)
+        assert _another_process_sees_a_connection(Path(f"{index_path(store.root)}-shm"))

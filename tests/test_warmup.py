@@ -612,7 +612,9 @@ def test_a_rerun_compares_the_yaml_bytes_and_still_sees_every_edit(wenv: Env, mo
     assert out[-1]["summary"]["setup"]["changed"] and y.read_text() == now and len(merges) == 2
     # The same bytes for another cache are not current.
     other = wenv.tmp / "other_cache"
-    shutil.copytree(wenv.cache / PRIVATE_DIR, other / PRIVATE_DIR)  # the same store state there
+    other.mkdir()  # the same store state there, copied by another process: closing descriptors of the index
+    # files here would drop this process's SQLite locks on them (POSIX locks belong to the process)
+    subprocess.run(["cp", "-a", str(wenv.cache / PRIVATE_DIR), str(other / PRIVATE_DIR)], check=True)
     wenv.env["CACHE_PATH"] = str(other)
     code, out = wenv.json_lines()
     assert out[-1]["summary"]["setup"]["changed"] and yaml.safe_load(y.read_text())[SECTION]["base_path"] == str(other)

@@ -9,11 +9,18 @@ header before it returns. Two copies of it are kept, written in turn; a read tha
 met a writer and gives no token. With no WAL (every connection closed, the WAL folded into the
 database file) the token is the database file's own identity, given only when the file has been
 still for a while: its timestamps are coarse, so a write within the same tick could leave them equal.
+
+The wal-index is read through a descriptor kept open for the life of the process, never opened and
+closed per reading: POSIX record locks belong to the process, and closing any descriptor of a file drops
+every lock the process holds on it, SQLite's included (https://www.sqlite.org/howtocorrupt.html, 2.2).
+A process that holds the index open (warmup writing its memo) would lose its hold on the wal-index; the
+next process to open the index would then rebuild it under the first one's feet ("disk I/O error").
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -37,8 +44,7 @@ def index_generation(root: Path) -> str | None:
         return None
     ident = f"{st.st_dev}:{st.st_ino}"
     try:
-        with open(f"{db}-shm", "rb", buffering=0) as fh:
-            header = fh.read(2 * WAL_INDEX_HEADER)
+        header = _read_wal_index_header(f"{db}-shm")
     except FileNotFoundError:
         header = None
     except OSError:
@@ -54,3 +60,26 @@ def index_generation(root: Path) -> str | None:
     if first != second or not any(first):
         return None
     return f"{ident}:wal:{first.hex()}"
+
+
+_open_shm: dict[str, tuple[int, int, int]] = {}  # path -> (fd, st_dev, st_ino), kept open: see the module doc
+_open_shm_lock = threading.Lock()
+
+
+def _read_wal_index_header(path: str) -> bytes:
+    """Both copies of the wal-index header at `path`, through this process's one descriptor of that file.
+
+    A descriptor is closed only once the path names another file (the WAL was removed and started anew):
+    the locks it would drop are on a file nobody can open by that name any more.
+    """
+    st = os.stat(path)
+    with _open_shm_lock:
+        held = _open_shm.get(path)
+        if held is not None and (held[1], held[2]) != (st.st_dev, st.st_ino):
+            os.close(held[0])
+            held = None
+        if held is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fst = os.fstat(fd)
+            held = _open_shm[path] = (fd, fst.st_dev, fst.st_ino)
+        return os.pread(held[0], 2 * WAL_INDEX_HEADER, 0)
