@@ -96,9 +96,9 @@ def make_volume(models: Path, files: int, size: int) -> list[Path]:
 
 def warmup_argv(command: str) -> list[str]:
     """`autocloud warmup` as a user runs it: the console script beside this interpreter (else the module),
-    or (`module`) what runpod/warmup.sh runs: `python -m comfy_autocloud.cli.warmup_cmd`."""
+    or (`module`) what runpod/warmup.sh runs: `python -m comfy_autocloud.cli.main warmup`."""
     if command == "module":
-        return [sys.executable, "-m", "comfy_autocloud.cli.warmup_cmd"]
+        return [sys.executable, "-m", "comfy_autocloud.cli.main", "warmup"]
     script = Path(sys.executable).with_name("autocloud")
     return [str(script), "warmup"] if script.is_file() else [sys.executable, "-m", "comfy_autocloud.cli.main",
                                                              "warmup"]
@@ -119,7 +119,7 @@ def main() -> None:
                     help="time only the reruns (rerun, rerun_warm and their baseline columns), not the copies")
     ap.add_argument("--command", choices=("autocloud", "module"), default="autocloud",
                     help="time `autocloud warmup` (default) or runpod/warmup.sh's `python -m "
-                         "comfy_autocloud.cli.warmup_cmd`")
+                         "comfy_autocloud.cli.main warmup`")
     args = ap.parse_args()
     total = parse_size(args.size)
     each = total // args.files

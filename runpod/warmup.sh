@@ -6,4 +6,4 @@
 set -euo pipefail
 # shellcheck source=_autocloud_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_autocloud_env.sh"
-exec "$PYTHON" -m comfy_autocloud.cli.warmup_cmd "$@"
+exec "$PYTHON" -m comfy_autocloud.cli.main warmup "$@"

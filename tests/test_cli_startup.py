@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import pytest
 
-from comfy_autocloud.cli.main import COMMANDS, cli
+from comfy_autocloud.cli.group import COMMANDS, cli
 from comfy_autocloud.lazy import lazy_names
 from servers import NginxOrigin, safetensors_of
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from comfy_autocloud.aiothread import AppThread
-from comfy_autocloud.cli.main import cli
+from comfy_autocloud.cli.group import cli
 from comfy_autocloud.comfy.routes import preload_route_defs
 from comfy_autocloud.preload.held_models import LoadRequest, PreloadRegistry, set_current
 from comfy_autocloud.preload.load_requests import checkpoint_request, vae_request

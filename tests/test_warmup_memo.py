@@ -27,13 +27,18 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 KEYS = ["checkpoints/a.safetensors", "checkpoints/b.safetensors"]
 
 
-@pytest.fixture
-def menv(tmp_path: Path) -> Env:
+def two_models(tmp_path: Path) -> Env:
+    """A volume with two 2 MiB checkpoints and a warmup list of both."""
     env = Env(tmp_path)
     env.model("checkpoints/a.safetensors", 2 * MiB, 1)
     env.model("checkpoints/b.safetensors", 2 * MiB, 2)
     env.list("checkpoints/*.safetensors")
     return env
+
+
+@pytest.fixture
+def menv(tmp_path: Path) -> Env:
+    return two_models(tmp_path)
 
 
 def _warmup(menv: Env, store: Store) -> list[str]:

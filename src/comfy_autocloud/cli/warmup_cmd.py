@@ -6,118 +6,26 @@ Also runnable as `python -m comfy_autocloud.cli.warmup_cmd …`: the runpod wrap
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from comfy_autocloud.cli import output
 from comfy_autocloud.cli.context import AppContext, pass_app
-from comfy_autocloud.cli.output import emit_json, exit_code_of, say, styled
+from comfy_autocloud.cli.output import emit_json, exit_code_of
+from comfy_autocloud.cli.warmup_copy import open_store, perform_copy, print_setup
+from comfy_autocloud.cli.warmup_rerun import PARALLEL_RANGE
 from comfy_autocloud.errors import ManifestError
-from comfy_autocloud.progress import CancelToken
 from comfy_autocloud.store.durability import DURABILITIES, Durability
-from comfy_autocloud.units import human_rate, human_size
+from comfy_autocloud.units import human_size
 from comfy_autocloud.warmup import run as wr
-from comfy_autocloud.warmup.extra_paths import MergeResult
 from comfy_autocloud.warmup.plan import Plan
-
-if TYPE_CHECKING:
-    from comfy_autocloud.cli.progress_view import FetchProgress
-    from comfy_autocloud.store import Store
-
-
-def open_store(app: AppContext, paths: wr.WarmupPaths) -> Store:
-    """The Store at CACHE_PATH, with the settings' cap and policy.
-
-    Not closed when the command ends, also when CACHE_PATH is the global cache: every write is
-    committed, and closing would fold the WAL into the index with 4 fdatasyncs (40-50 ms of a rerun on a
-    busy disk, measured) and, as the last connection, remove the WAL, whose header is the generation
-    the rerun memo (warmup/memo.py) was written for: the next rerun would go through the store again.
-    SQLite folds the WAL in by itself every 1000 pages.
-    """
-    from comfy_autocloud import services  # here: a rerun its memo proves current opens no store
-
-    return services.open_store(app.settings, cache_dir=paths.cache)
-
-
-def _print_setup(res: MergeResult, paths: wr.WarmupPaths) -> None:
-    if res.changed:
-        extra = f" (previous version saved as {res.backup})" if res.backup else ""
-        say(("✓", "green"), f" {res.path} updated{extra}: ComfyUI searches {paths.cache}/<folder> first, "
-                            "then the volume")
-    else:
-        say(("✓", "green"), f" {res.path} already lists {paths.cache} first")
-
-
-def perform_copy(app: AppContext, paths: wr.WarmupPaths, plan: Plan, *, parallel: int, as_json: bool,
-                 setup: bool, page_cache: bool, durability: Durability = wr.DEFAULT_DURABILITY,
-                 hashing: wr.Hashing = wr.DEFAULT_HASHING) -> int:
-    """Foreground warmup: yaml first (so ComfyUI can start meanwhile), then copy; 1 if any file failed.
-
-    A rerun that the memo proves has nothing to copy (warmup/memo.py) opens no store (nor SQLite).
-    """
-    setup_res = wr.setup_extra_paths(paths, plan) if setup else None
-    view: FetchProgress | None = None  # bars only for people; logs get the summary lines (and never import rich)
-    progress: wr.TotalProgress | None = None
-    if styled(sys.stderr if as_json else sys.stdout):
-        from comfy_autocloud.cli.progress_view import FetchProgress
-
-        out = output.err_console if as_json else output.console
-        view = FetchProgress(out, enabled=out.is_terminal)
-        progress = wr.TotalProgress(view, plan.total_bytes, f"total ({len(plan.items)} files)")
-    cancel = CancelToken()
-    try:
-        with view or contextlib.nullcontext():
-            report = wr.rerun_from_memo(plan, paths, lambda: open_store(app, paths), progress=progress,
-                                        warm_page_cache=page_cache)
-            if report is None:
-                report = wr.run_warmup(open_store(app, paths), plan, parallel=parallel, progress=progress,
-                                       cancel=cancel, warm_page_cache=page_cache, durability=durability,
-                                       hashing=hashing, memo_dir=paths.state_dir)
-    except KeyboardInterrupt:
-        cancel.cancel()
-        raise
-    report.setup = setup_res
-    if as_json:
-        for o in report.outcomes:
-            emit_json(o.as_dict())
-        emit_json({"summary": report.summary()})
-    else:
-        _print_report(report, paths)
-    return 0 if report.ok else 1
-
-
-def _print_report(report: wr.WarmupReport, paths: wr.WarmupPaths) -> None:
-    for o in report.outcomes:
-        if o.status in ("copied", "recopied"):
-            verb = "copied" if o.status == "copied" else "copied again (the volume file changed)"
-            say(("✓", "green"), f" {o.key}  {human_size(o.size)}  {verb} in {o.seconds:.2f} s ({human_rate(o.rate)})")
-        elif o.status == "cached":
-            say(("=", "green"), f" {o.key}  {human_size(o.size)}  already in the cache")
-        else:
-            where = f" [{o.line}]" if o.line else ""
-            say(("✗", "red"), f" {o.key}{where}: {o.error}", err=True, soft_wrap=True)
-    s = report.summary()
-    parts = [f"{s.get(k, 0)} {k}" for k in ("copied", "recopied", "cached", "missing", "failed") if s.get(k)]
-    rate = f" ({human_rate(s['rate'])})" if s["bytes_copied"] else ""
-    say(f"warmup: {s['files']} files ({', '.join(parts) or 'nothing to do'}), "
-        f"{human_size(s['bytes_copied'])} copied in {report.seconds:.2f} s{rate}; "
-        f"page cache warmed: {human_size(report.warmed_bytes)}"
-        + (f" ({human_size(report.warming_bytes)} still being read in the background)"
-           if report.warming_bytes else ""))
-    if s["hash_pending"]:
-        say(f"warmup: first copy of {s['hash_pending']} file(s): their sha256 is computed in the background at low "
-            "priority and recorded on the volume, so the next warmup copies them without reading them back")
-    if report.setup is not None:
-        _print_setup(report.setup, paths)
 
 
 def _list(app: AppContext, paths: wr.WarmupPaths, plan: Plan, as_json: bool) -> int:
-    rows = wr.list_rows(plan, open_store(app, paths))
+    rows = wr.list_rows(plan, open_store(app.settings, paths))
     if as_json:
         for r in rows:
             emit_json(r.as_dict())
@@ -148,7 +56,7 @@ def _list(app: AppContext, paths: wr.WarmupPaths, plan: Plan, as_json: bool) -> 
 
 
 def _status(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
-    info = wr.status_info(open_store(app, paths), paths)
+    info = wr.status_info(open_store(app.settings, paths), paths)
     if as_json:
         emit_json(info)
         return 0
@@ -176,7 +84,7 @@ def _status(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
 
 
 def _clean(app: AppContext, paths: wr.WarmupPaths, as_json: bool) -> int:
-    res = wr.clean(open_store(app, paths), paths)
+    res = wr.clean(open_store(app.settings, paths), paths)
     if as_json:
         emit_json({"removed": [e.key for e in res.removed], "bytes_freed": res.bytes_freed,
                    "kept": [{"key": e.key, "reason": why} for e, why in res.kept]})
@@ -206,7 +114,7 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
         emit_json({"background": job, "setup": setup_res.as_dict() if setup_res else None})
         return 0
     if setup_res is not None:
-        _print_setup(setup_res, paths)
+        print_setup(setup_res, paths)
     from rich.markup import escape
 
     console = output.console
@@ -230,7 +138,7 @@ def _background(app: AppContext, paths: wr.WarmupPaths, conf: Path, *, parallel:
               help="ComfyUI on the volume [env COMFYUI_PATH; default /workspace/ComfyUI].")
 @click.option("--cache-path", metavar="DIR", default=None,
               help="Local fast cache [env CACHE_PATH; default /root/fast_cache].")
-@click.option("--parallel", "-p", type=click.IntRange(1, 32), default=4, show_default=True,
+@click.option("--parallel", "-p", type=click.IntRange(*PARALLEL_RANGE), default=4, show_default=True,
               help="Files copied at the same time.")
 @click.option("--no-setup", is_flag=True, help="Copy only; leave extra_model_paths.yaml alone.")
 @click.option("--no-page-cache", is_flag=True, help="Do not warm the page cache after copying.")
@@ -292,7 +200,7 @@ def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: 
         if as_json:
             emit_json(res.as_dict())
         else:
-            _print_setup(res, paths)
+            print_setup(res, paths)
         return 0
     durability = wr.durability_from(None) if durability is None else durability
     hashing = wr.hashing_from(None) if hashing is None else hashing
@@ -303,8 +211,8 @@ def run_mode(app: AppContext, paths: wr.WarmupPaths, conf: str | None, *, mode: 
     if background:
         return _background(app, paths, conf_path, parallel=parallel, setup=setup, page_cache=page_cache, plan=plan,
                            as_json=as_json, durability=durability, hashing=hashing)
-    return perform_copy(app, paths, plan, parallel=parallel, as_json=as_json, setup=setup, page_cache=page_cache,
-                        durability=durability, hashing=hashing)
+    return perform_copy(app.settings, paths, plan, parallel=parallel, as_json=as_json, setup=setup,
+                        page_cache=page_cache, durability=durability, hashing=hashing)
 
 
 def run_standalone(cmd: click.Command, argv: list[str] | None = None) -> int:
