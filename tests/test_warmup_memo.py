@@ -193,8 +193,10 @@ def test_a_damaged_memo_proves_nothing(menv: Env) -> None:
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-def _cli(menv: Env, *args: str, env: dict[str, str] | None = None) -> tuple[list[dict], set[str]]:
-    """`autocloud ARGS` as its script runs it (a new process that ends at once); JSON lines and modules."""
+def run_script(menv: Env, *args: str, env: dict[str, str] | None = None,
+               call: str = "m.main()") -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """`autocloud ARGS` as its script runs it (a new process that ends at once, without closing the index):
+    the process and the top-level modules it imported. `call` runs the command (`m` is cli.main)."""
     code = ("import json, os, sys\n"
             "from comfy_autocloud.cli import main as m\n"
             "real_exit = os._exit\n"
@@ -204,12 +206,19 @@ def _cli(menv: Env, *args: str, env: dict[str, str] | None = None) -> tuple[list
             "    real_exit(rc)\n"
             "os._exit = report\n"
             f"sys.argv = ['autocloud', *{list(args)!r}]\n"
-            "m.main()\n")
+            f"{call}\n")
     env = {**menv.subprocess_env(), "PYTHONPATH": SRC, "AUTOCLOUD_SETTLE_DELAY": "3600", **(env or {})}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    assert proc.returncode == 0, proc.stderr
     _, _, line = proc.stderr.rpartition("MODULES ")
-    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")], set(json.loads(line))
+    assert line, proc.stderr
+    return proc, set(json.loads(line))
+
+
+def _cli(menv: Env, *args: str, env: dict[str, str] | None = None) -> tuple[list[dict], set[str]]:
+    """`autocloud ARGS` as its script runs it; JSON lines and modules."""
+    proc, modules = run_script(menv, *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")], modules
 
 
 def _hits(menv: Env) -> list[int]:

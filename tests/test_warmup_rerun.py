@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from comfy_autocloud.store.durability import DURABILITIES
 from comfy_autocloud.warmup import run as run_module
 from comfy_autocloud.warmup.run import HASHINGS
 from test_warmup import Env
-from test_warmup_memo import KEYS, _proven, two_models
+from test_warmup_memo import KEYS, _proven, run_script, two_models
 
 PLAIN = [
     [],
@@ -92,28 +90,14 @@ def test_every_option_of_the_command_is_either_read_here_or_left_to_it() -> None
 
 
 def _run(menv: Env, via: str, *args: str) -> tuple[int, str, set[str]]:
-    """`autocloud warmup ARGS` as its script runs it (a new process that ends without closing the index),
-    through the entry point (`main`) or straight through the click group (`click`); (exit code, stdout,
-    top-level modules imported)."""
+    """`autocloud warmup ARGS` as its script runs it, through the entry point (`main`) or straight through the
+    click group (`click`); (exit code, stdout, top-level modules imported)."""
     call = ("m.main()" if via == "main" else
             "from comfy_autocloud.cli.output import exit_code_of\n"
             "from comfy_autocloud.cli.group import cli\n"
             "m.end_process(exit_code_of(lambda: cli.main(prog_name='autocloud', standalone_mode=False), ''))")
-    code = ("import json, os, sys\n"
-            "from comfy_autocloud.cli import main as m\n"
-            "real_exit = os._exit\n"
-            "def report(rc):\n"
-            "    sys.stderr.write('\\nMODULES ' + json.dumps(sorted({n.partition('.')[0] for n in sys.modules})))\n"
-            "    sys.stderr.flush()\n"
-            "    real_exit(rc)\n"
-            "os._exit = report\n"
-            f"sys.argv = ['autocloud', 'warmup', *{list(args)!r}]\n"
-            f"{call}\n")
-    env = {**menv.subprocess_env(), "AUTOCLOUD_SETTLE_DELAY": "3600"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    _, _, line = proc.stderr.rpartition("MODULES ")
-    assert line, proc.stderr
-    return proc.returncode, proc.stdout, set(json.loads(line))
+    proc, modules = run_script(menv, "warmup", *args, call=call)
+    return proc.returncode, proc.stdout, modules
 
 
 def _until_proven(menv: Env) -> None:
